@@ -1,0 +1,112 @@
+"""tf.data input pipelines that yield global, mesh-sharded `jax.Array` batches.
+
+Training order is a pure function of `(seed, step)`: epoch `e` visits the examples in
+`default_rng([seed, e]).permutation(N)`, and step `s` takes the next `global_batch_size` of that
+stream. A resumed run therefore sees exactly the batches an uninterrupted run would, and every
+process computes the same global batch and feeds its own rows of it.
+
+Evaluation visits every example once; the last batch is padded and carries a boolean `_mask`
+(False on padding), so every host runs the same number of steps and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from medjax.train import parallel
+
+MASK_KEY = "_mask"
+
+
+def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
+    if not arrays:
+        raise ValueError("the dataset has no arrays")
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"dataset arrays disagree on the number of examples: {sizes}")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    return n
+
+
+def step_indices(step: int, *, num_examples: int, global_batch_size: int, seed: int) -> np.ndarray:
+    """Example indices of global batch `step` (an int64 array of length `global_batch_size`)."""
+    start = int(step) * global_batch_size
+    out = np.empty(global_batch_size, np.int64)
+    filled = 0
+    while filled < global_batch_size:
+        epoch, offset = divmod(start + filled, num_examples)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        take = min(global_batch_size - filled, num_examples - offset)
+        out[filled : filled + take] = perm[offset : offset + take]
+        filled += take
+    return out
+
+
+def make_train_iter(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    global_batch_size: int,
+    mesh: Mesh,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields the global batches for steps `start_step, start_step + 1, ...` (endless if None).
+
+    Args:
+      arrays: in-memory dataset, `{name: [N, ...]}` with equal N (held by every process).
+      global_batch_size: rows per step summed over all devices and processes.
+      mesh: batches are sharded over its data axis.
+      seed: data-order seed.
+    """
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    n = _check_arrays(arrays)
+    parallel.check_batch_size(global_batch_size, mesh)
+    rows = parallel.process_slice(global_batch_size)
+
+    def indices(step: np.int64) -> np.ndarray:
+        idx = step_indices(int(step), num_examples=n, global_batch_size=global_batch_size, seed=seed)
+        return idx[rows]
+
+    tensors = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}
+    stop = np.iinfo(np.int64).max if num_steps is None else start_step + num_steps
+    ds = tf.data.Dataset.range(start_step, stop)
+    ds = ds.map(lambda s: tf.numpy_function(indices, [s], tf.int64, stateful=False))
+    ds = ds.map(
+        lambda idx: {k: tf.gather(t, idx) for k, t in tensors.items()},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.prefetch(prefetch)
+    for local in ds.as_numpy_iterator():
+        yield parallel.global_batch(local, mesh)
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    return -(-num_examples // global_batch_size)
+
+
+def make_eval_iter(
+    arrays: Mapping[str, np.ndarray], *, global_batch_size: int, mesh: Mesh
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields every example once, in order; the last batch is padded (rows repeat example 0)
+    and `batch["_mask"]` is False on the padding."""
+    n = _check_arrays(arrays)
+    parallel.check_batch_size(global_batch_size, mesh, "eval_batch_size")
+    rows = parallel.process_slice(global_batch_size)
+    for b in range(num_eval_batches(n, global_batch_size)):
+        idx = np.arange(b * global_batch_size, (b + 1) * global_batch_size)
+        valid = idx < n
+        idx = np.where(valid, idx, 0)[rows]
+        local = {k: np.asarray(v)[idx] for k, v in arrays.items()}
+        local[MASK_KEY] = valid[rows]
+        yield parallel.global_batch(local, mesh)

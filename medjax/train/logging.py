@@ -1,0 +1,117 @@
+"""Run logs: a JSONL metrics file, TensorBoard scalars and images, PNGs, and a progress line.
+
+Only process 0 writes. TensorBoard events go through `tf.summary` (TensorFlow is part of the `data`
+extra); pass `tensorboard=False` to skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+from medjax import visualize
+
+
+def _scalar(v: Any) -> float:
+    return float(np.asarray(v))
+
+
+class MetricWriter:
+    """Writes `{"step": s, "split": ..., **scalars}` lines to `workdir/metrics.jsonl` and TensorBoard."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+        self.workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        self._jsonl = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            import tensorflow as tf
+
+            tf.config.set_visible_devices([], "GPU")
+            self._tb = tf.summary.create_file_writer(str(self.workdir / "tensorboard"))
+
+    def scalars(self, step: int, values: Mapping[str, Any], *, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        vals = {k: _scalar(v) for k, v in values.items()}
+        row = {"step": int(step), "split": split, **{k: v if math.isfinite(v) else None for k, v in vals.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                for k, v in vals.items():
+                    tf.summary.scalar(f"{split}/{k}", v)
+
+    def image(self, step: int, name: str, rgb: np.ndarray, *, png_dir: str | None = "images") -> Path | None:
+        """Logs an RGB uint8 image to TensorBoard and writes `workdir/<png_dir>/<name>_<step>.png`."""
+        if not self.enabled:
+            return None
+        path = None
+        if png_dir:
+            path = visualize.save_png(self.workdir / png_dir / f"{name}_{int(step):06d}.png", rgb)
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                tf.summary.image(name, np.asarray(rgb, np.uint8)[None], max_outputs=1)
+        return path
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class Progress:
+    """One log line every `every` steps: step/total, it/s over the last window, ETA, and metrics."""
+
+    def __init__(self, total: int, *, start: int = 0, every: int = 10, stream: TextIO | None = None):
+        self.total, self.every = total, max(1, every)
+        self.stream = stream or sys.stdout
+        self.enabled = jax.process_index() == 0
+        self._t0 = self._tw = time.perf_counter()
+        self._start = self._sw = start
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
+        if not self.enabled or not (force or step % self.every == 0 or step == self.total):
+            return
+        now = time.perf_counter()
+        rate = (step - self._sw) / max(now - self._tw, 1e-9)
+        self._tw, self._sw = now, step
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        parts = [f"step {step}/{self.total}", f"{rate:.2f} it/s", f"ETA {_fmt_time(eta)}"]
+        parts += [f"{k} {_scalar(v):.4f}" for k, v in (metrics or {}).items()]
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0

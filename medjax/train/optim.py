@@ -1,0 +1,57 @@
+"""Optimizers and learning-rate schedules from a config block (shared by every task)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+_OPTIMIZERS = ("adam", "adamw", "sgd")
+_SCHEDULES = ("constant", "cosine", "linear_decay", "poly")
+
+
+def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
+    """`cfg.schedule` in constant | cosine | linear_decay | poly, with `warmup_steps` linear warm-up.
+
+    linear_decay keeps the rate for `decay_start` steps then decays linearly to 0 (CycleGAN);
+    poly is nnU-Net's `lr * (1 - t/T)^0.9`.
+    """
+    lr = float(cfg["learning_rate"])
+    name = cfg.get("schedule", "constant")
+    warmup = int(cfg.get("warmup_steps", 0))
+    rest = max(num_steps - warmup, 1)
+    if name == "constant":
+        main = optax.constant_schedule(lr)
+    elif name == "cosine":
+        main = optax.cosine_decay_schedule(lr, rest, alpha=float(cfg.get("final_lr_fraction", 0.0)))
+    elif name == "linear_decay":
+        start = int(cfg.get("decay_start", rest // 2))
+        main = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(rest - start, 1))],
+            [start],
+        )
+    elif name == "poly":
+        main = optax.polynomial_schedule(lr, 0.0, power=0.9, transition_steps=rest)
+    else:
+        raise ValueError(f"config.optimizer.schedule={name!r} is not one of {_SCHEDULES}")
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+    return main
+
+
+def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTransformation:
+    """adam | adamw | sgd (nesterov momentum) with optional global-norm clipping."""
+    name = cfg.get("name", "adam")
+    sched = make_schedule(cfg, num_steps)
+    b1, b2 = float(cfg.get("b1", 0.9)), float(cfg.get("b2", 0.999))
+    if name == "adam":
+        opt = optax.adam(sched, b1=b1, b2=b2)
+    elif name == "adamw":
+        opt = optax.adamw(sched, b1=b1, b2=b2, weight_decay=float(cfg.get("weight_decay", 1e-4)))
+    elif name == "sgd":
+        opt = optax.sgd(sched, momentum=float(cfg.get("momentum", 0.99)), nesterov=True)
+    else:
+        raise ValueError(f"config.optimizer.name={name!r} is not one of {_OPTIMIZERS}")
+    clip = cfg.get("grad_clip_norm")
+    return optax.chain(optax.clip_by_global_norm(float(clip)), opt) if clip else opt

@@ -1,0 +1,105 @@
+"""Pictures for notebooks and logs: label overlays, slice montages, sample grids (numpy + Pillow).
+
+Everything returns uint8 RGB arrays `[H, W, 3]`; `save_png` writes one. No TensorFlow, no JAX needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Class colours: 0 is transparent in overlays; 1.. are distinct and colour-blind friendly-ish.
+PALETTE = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+    ],
+    dtype=np.uint8,
+)
+
+
+def to_uint8(image: np.ndarray, *, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Min-max (or `lo`/`hi`) scales a `[H, W]` or `[H, W, C]` image to uint8 RGB `[H, W, 3]`."""
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    lo = float(np.nanmin(x)) if lo is None else lo
+    hi = float(np.nanmax(x)) if hi is None else hi
+    x = np.clip((x - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    x = np.nan_to_num(x)
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    elif x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got image of shape {image.shape}")
+    return (x * 255 + 0.5).astype(np.uint8)
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """Integer class map `[H, W]` -> RGB `[H, W, 3]` (class 0 black)."""
+    lab = np.asarray(label).astype(np.int64)
+    return PALETTE[lab % len(PALETTE)]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """Image with non-zero classes blended in colour; `[H, W(, C)]` + `[H, W]` -> RGB uint8."""
+    base = to_uint8(image).astype(np.float32)
+    lab = np.asarray(label)
+    if lab.shape != base.shape[:2]:
+        raise ValueError(f"label shape {lab.shape} does not match image shape {base.shape[:2]}")
+    col = colorize(lab).astype(np.float32)
+    fg = (lab > 0)[..., None]
+    out = np.where(fg, (1 - alpha) * base + alpha * col, base)
+    return out.astype(np.uint8)
+
+
+def hstack(panels: Sequence[np.ndarray], *, pad: int = 2) -> np.ndarray:
+    """Panels of equal height side by side with a white gutter."""
+    h = max(p.shape[0] for p in panels)
+    out = []
+    for i, p in enumerate(panels):
+        if p.shape[0] != h:
+            p = np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)))
+        out.append(p)
+        if i < len(panels) - 1:
+            out.append(np.full((h, pad, 3), 255, np.uint8))
+    return np.concatenate(out, axis=1)
+
+
+def grid(images: Sequence[np.ndarray], *, cols: int = 8, pad: int = 2) -> np.ndarray:
+    """Tiles RGB uint8 images `[H, W, 3]` (same size) into a grid with white gutters."""
+    if not len(images):
+        raise ValueError("grid() needs at least one image")
+    shapes = sorted({tuple(np.shape(im)) for im in images})
+    if len(shapes) != 1:  # numpy would silently broadcast a smaller image into its tile
+        raise ValueError(f"grid() needs images of one shape, got {shapes}")
+    h, w = images[0].shape[:2]
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = im
+    return out
+
+
+def segmentation_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """image | truth overlay | prediction overlay, one RGB uint8 strip."""
+    return hstack([to_uint8(image), overlay(image, truth), overlay(image, pred)])
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Writes an RGB/greyscale uint8 array as PNG, creating parent folders."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
+    return path

@@ -1,0 +1,351 @@
+"""Tests of medjax.models.layers against independent references (plain lax/Linen ops, numpy)."""
+
+from __future__ import annotations
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from medjax.models.layers import (
+    AttentionGate,
+    Conv,
+    ConvNormAct,
+    ConvTranspose4,
+    DownSample,
+    Norm,
+    ResidualBlock,
+    StridedConv4,
+    UpSample,
+    conv_nd,
+    depth_to_space,
+    get_activation,
+    match_spatial,
+    space_to_depth,
+)
+
+ATOL = 1e-5
+
+
+def _rand(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _init(module: nn.Module, *args, seed: int = 0, **kwargs):
+    """Variables of ``module`` filled from numpy (``jax.random`` compiles slowly on this CPU).
+
+    Kernels ~ N(0, 1/fan_in), biases and norm scales/offsets random, batch statistics
+    ``mean=0, var=1``.
+    """
+    shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "mean":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        if name == "var":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        z = rng.standard_normal(leaf.shape)
+        if name == "kernel":
+            z = z / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            z = 1.0 + 0.1 * z
+        else:
+            z = 0.1 * z
+        return jnp.asarray(z, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _dn(d):
+    sp = "DHW"[-d:]
+    return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+
+
+def _assert_same_fn(fast: nn.Module, plain: nn.Module, x: jax.Array, grads: bool = False):
+    """Same params -> same outputs (and gradients w.r.t. params and input)."""
+    v = _init(fast, x)
+    y_fast, y_plain = fast.apply(v, x), plain.apply(v, x)
+    assert y_fast.shape == y_plain.shape
+    np.testing.assert_allclose(y_fast, y_plain, atol=ATOL, rtol=1e-5)
+    if grads:
+        w = _rand(y_plain.shape, 7)
+
+        def loss(m):
+            return lambda v, x: jnp.sum(m.apply(v, x) * w)
+
+        g_fast = jax.grad(loss(fast), argnums=(0, 1))(v, x)
+        g_plain = jax.grad(loss(plain), argnums=(0, 1))(v, x)
+        for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    return v, y_fast
+
+
+# ------------------------------------------------------------------ fast formulations
+
+
+@pytest.mark.parametrize("d,spatial", [(2, (5, 7)), (3, (3, 4, 5))])
+def test_upsample_equals_linen_conv_transpose(d, spatial):
+    x = _rand((2, *spatial, 3))
+    plain = nn.ConvTranspose(4, (2,) * d, strides=(2,) * d, padding="SAME")
+    v, y = _assert_same_fn(UpSample(4, d), plain, x, grads=True)
+    assert y.shape == (2, *(2 * s for s in spatial), 4)
+    assert v["params"]["kernel"].shape == (2,) * d + (3, 4)
+    # and equal to the module's own plain path
+    np.testing.assert_allclose(UpSample(4, d, fast=False).apply(v, x), y, atol=ATOL, rtol=1e-5)
+
+
+def test_upsample_hand_computation_1d():
+    # Flax/lax transposed conv with kernel 2, stride 2: out[2i + r] = x[i] @ K[1 - r] + b.
+    x = _rand((1, 3, 2))
+    m = UpSample(3, spatial_dims=1)
+    v = {"params": {"kernel": _rand((2, 2, 3), 2), "bias": _rand((3,), 4)}}
+    y = np.asarray(m.apply(v, x))
+    k, b, xn = np.asarray(v["params"]["kernel"]), np.asarray(v["params"]["bias"]), np.asarray(x)
+    ref = np.zeros((1, 6, 3), np.float32)
+    for i in range(3):
+        for r in range(2):
+            ref[0, 2 * i + r] = xn[0, i] @ k[1 - r] + b
+    np.testing.assert_allclose(y, ref, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "d,spatial,ksize,stride",
+    [
+        (2, (7, 6), 3, 1),
+        (2, (7, 6), 3, 2),
+        (2, (7, 6), 1, 1),
+        (2, (7, 6), 1, 2),
+        (3, (5, 6, 7), 3, 1),
+        (3, (5, 6, 7), 3, 2),
+        (3, (5, 6, 7), 1, 1),
+        (3, (5, 6, 7), 2, 2),
+        (3, (4, 5, 3), (3, 1, 3), (2, 1, 1)),
+    ],
+)
+def test_conv_equals_linen_conv(d, spatial, ksize, stride):
+    x = _rand((2, *spatial, 3))
+    ks = (ksize,) * d if isinstance(ksize, int) else ksize
+    st = (stride,) * d if isinstance(stride, int) else stride
+    plain = nn.Conv(4, ks, strides=st, padding="SAME")
+    v, _ = _assert_same_fn(Conv(4, ksize, stride, d), plain, x, grads=(d == 3 and ks[0] == 3))
+    assert v["params"]["kernel"].shape == ks + (3, 4)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", [(2, 0), (1, 1), (0, 2)]])
+def test_conv_nd_depth_fold_equals_lax(padding):
+    x = _rand((2, 6, 5, 4, 3))
+    k = _rand((3, 3, 3, 3, 5), 1)
+    for strides in [(1, 1, 1), (2, 1, 2)]:
+        ref = lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_dn(3))
+        got = conv_nd(x, k, strides, padding, fast=True)
+        np.testing.assert_allclose(got, ref, atol=ATOL, rtol=1e-5)
+
+
+def test_conv_nd_depth_fold_gradient():
+    x = _rand((1, 5, 4, 6, 2))
+    k = _rand((3, 3, 3, 2, 3), 1)
+    w = _rand((1, 5, 4, 6, 3), 2)
+
+    def loss(fast):
+        return lambda x, k: jnp.sum(conv_nd(x, k, 1, "SAME", fast=fast) * w)
+
+    for a, b in zip(
+        jax.grad(loss(True), (0, 1))(x, k), jax.grad(loss(False), (0, 1))(x, k), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d,spatial", [(2, (8, 6)), (2, (7, 9)), (3, (4, 5, 6))])
+def test_strided_conv4_equals_linen_conv(d, spatial):
+    x = _rand((2, *spatial, 3))
+    plain = nn.Conv(5, (4,) * d, strides=(2,) * d, padding="SAME")
+    v, y = _assert_same_fn(StridedConv4(5, d), plain, x, grads=True)
+    assert y.shape == (2, *(-(-s // 2) for s in spatial), 5)
+    assert v["params"]["kernel"].shape == (4,) * d + (3, 5)
+
+
+def test_strided_conv4_is_pytorch_k4_s2_p1_for_even_sizes():
+    x = _rand((2, 8, 10, 3))
+    m = StridedConv4(4, 2, use_bias=False)
+    v = _init(m, x)
+    ref = lax.conv_general_dilated(
+        x, v["params"]["kernel"], (2, 2), [(1, 1), (1, 1)], dimension_numbers=_dn(2)
+    )
+    np.testing.assert_allclose(m.apply(v, x), ref, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d,spatial", [(2, (5, 6)), (3, (3, 4, 5))])
+def test_conv_transpose4_equals_linen_conv_transpose(d, spatial):
+    x = _rand((2, *spatial, 3))
+    plain = nn.ConvTranspose(4, (4,) * d, strides=(2,) * d, padding="SAME")
+    v, y = _assert_same_fn(ConvTranspose4(4, d), plain, x, grads=True)
+    assert y.shape == (2, *(2 * s for s in spatial), 4)
+    assert v["params"]["kernel"].shape == (4,) * d + (3, 4)
+
+
+def test_conv_transpose4_hand_scatter_2d():
+    # Scatter definition: every input pixel i adds x[i] @ K[j] at output 2i + 2 - j (per axis),
+    # cropped to [0, 2n) -- lax's 'SAME' transposed convolution, written as loops.
+    h, w, cin, cout = 3, 4, 2, 3
+    x = np.asarray(_rand((1, h, w, cin)))
+    k = np.asarray(_rand((4, 4, cin, cout), 1))
+    ref = np.zeros((1, 2 * h, 2 * w, cout), np.float32)
+    for i, j, a, b in itertools.product(range(h), range(w), range(4), range(4)):
+        oi, oj = 2 * i + 2 - a, 2 * j + 2 - b
+        if 0 <= oi < 2 * h and 0 <= oj < 2 * w:
+            ref[0, oi, oj] += x[0, i, j] @ k[a, b]
+    m = ConvTranspose4(cout, 2, use_bias=False)
+    y = m.apply({"params": {"kernel": jnp.asarray(k)}}, jnp.asarray(x))
+    np.testing.assert_allclose(y, ref, atol=ATOL, rtol=1e-5)
+
+
+def test_space_depth_roundtrip_and_layout():
+    x = _rand((2, 4, 6, 3))
+    s = space_to_depth(x, 2)
+    assert s.shape == (2, 2, 3, 12)
+    # channel (p_h, p_w, c): block (1, 2), p = (1, 0), c = 2
+    assert s[1, 1, 2, (1 * 2 + 0) * 3 + 2] == x[1, 3, 4, 2]
+    np.testing.assert_array_equal(depth_to_space(s, 2), x)
+    x3 = _rand((1, 2, 4, 2, 5))
+    np.testing.assert_array_equal(depth_to_space(space_to_depth(x3, 2), 2), x3)
+
+
+def test_match_spatial_pads_edge_and_crops():
+    x = jnp.arange(12.0).reshape(1, 3, 4, 1)
+    y = match_spatial(x, (4, 3))
+    assert y.shape == (1, 4, 3, 1)
+    np.testing.assert_array_equal(y[0, :3, :, 0], x[0, :, :3, 0])
+    np.testing.assert_array_equal(y[0, 3, :, 0], x[0, 2, :3, 0])  # replicated last row
+
+
+# ------------------------------------------------------------------ blocks
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "batch"])
+def test_conv_before_norm_has_no_bias(norm):
+    x = _rand((2, 6, 6, 3))
+    v = _init(ConvNormAct(8, norm=norm), x)
+    assert set(v["params"]["conv"]) == {"kernel"}
+    assert v["params"]["conv"]["kernel"].shape == (3, 3, 3, 8)
+
+
+def test_conv_without_norm_has_bias():
+    x = _rand((2, 5, 5, 5, 3))
+    v = _init(ConvNormAct(8, spatial_dims=3, norm="none"), x)
+    assert set(v["params"]["conv"]) == {"kernel", "bias"}
+    assert v["params"]["conv"]["kernel"].shape == (3, 3, 3, 3, 8)
+    assert "norm" not in v["params"]
+
+
+def test_conv_norm_act_equals_manual_composition():
+    x = _rand((2, 7, 5, 3))
+    m = ConvNormAct(4, norm="instance", activation="relu")
+    v = _init(m, x)
+    y = lax.conv_general_dilated(
+        x, v["params"]["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=_dn(2)
+    )
+    mu = y.mean(axis=(1, 2), keepdims=True)
+    var = y.var(axis=(1, 2), keepdims=True)
+    nv = v["params"]["norm"]["norm"]
+    ref = jnp.maximum((y - mu) / jnp.sqrt(var + 1e-5) * nv["scale"] + nv["bias"], 0.0)
+    np.testing.assert_allclose(m.apply(v, x), ref, atol=1e-4)
+
+
+def test_batch_norm_uses_batch_stats():
+    x = _rand((4, 5, 5, 2)) * 3 + 1
+    m = Norm("batch")
+    v = _init(m, x)
+    assert "batch_stats" in v
+    y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+    scale, bias = v["params"]["norm"]["scale"], v["params"]["norm"]["bias"]
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), bias, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=(0, 1, 2)), jnp.abs(scale), rtol=1e-3)
+    mean = upd["batch_stats"]["norm"]["mean"]
+    np.testing.assert_allclose(mean, 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    # eval uses the running statistics (here mean 0, var 1): affine map of x
+    ref = x / np.sqrt(1 + 1e-5) * scale + bias
+    np.testing.assert_allclose(m.apply(v, x, train=False), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_groups_divide_channels():
+    x = _rand((1, 4, 4, 12))
+    v = _init(Norm("group"), x)
+    p = v["params"]["norm"]
+    y = (Norm("group").apply(v, x) - p["bias"]) / p["scale"]
+    # 12 channels -> 6 groups of 2: each group normalised over space and its 2 channels
+    g = np.asarray(y).reshape(1, 4, 4, 6, 2)
+    np.testing.assert_allclose(g.mean(axis=(1, 2, 4)), 0.0, atol=1e-5)
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError):
+        get_activation("swish2")
+    with pytest.raises(ValueError):
+        _init(Norm("layer"), _rand((1, 4, 4, 2)))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_residual_block(d):
+    x = _rand((2,) + (5,) * d + (3,))
+    m = ResidualBlock(6, spatial_dims=d)
+    v = _init(m, x)
+    assert "shortcut" in v["params"]
+    assert m.apply(v, x).shape == (2,) + (5,) * d + (6,)
+    # identity shortcut when channels match: zeroing the last norm's scale and bias leaves
+    # act(x)
+    m2 = ResidualBlock(3, spatial_dims=d, activation="relu")
+    v2 = _init(m2, x)
+    assert "shortcut" not in v2["params"]
+    p = jax.tree.map(lambda a: a, v2["params"])
+    p["conv1"]["norm"]["norm"]["scale"] = jnp.zeros(3)
+    p["conv1"]["norm"]["norm"]["bias"] = jnp.zeros(3)
+    np.testing.assert_allclose(m2.apply({"params": p}, x), jnp.maximum(x, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["maxpool", "conv"])
+def test_downsample(mode):
+    x = _rand((1, 7, 6, 3))
+    m = DownSample(mode, features=5 if mode == "conv" else None)
+    v = _init(m, x)
+    y = m.apply(v, x)
+    if mode == "maxpool":
+        ref = np.asarray(x)[:, :6, :6].reshape(1, 3, 2, 3, 2, 3).max(axis=(2, 4))
+        np.testing.assert_array_equal(y, ref)
+    else:
+        assert y.shape == (1, 4, 3, 5)
+
+
+@pytest.mark.parametrize("d,spatial,coarse", [(2, (9, 8), (4, 4)), (3, (5, 6, 4), (2, 3, 2))])
+def test_attention_gate(d, spatial, coarse):
+    x = _rand((2, *spatial, 4))
+    g = _rand((2, *coarse, 6), 1)
+    m = AttentionGate(spatial_dims=d)
+    v = _init(m, x, g)
+    y, st = m.apply(v, x, g, mutable=["intermediates"])
+    assert y.shape == x.shape
+    alpha = st["intermediates"]["alpha"][0]
+    assert alpha.shape == (2, *spatial, 1)
+    assert float(alpha.min()) > 0.0 and float(alpha.max()) < 1.0
+    # the output only depends on x * alpha: a zero skip gives norm(0) = the norm's offset
+    y0 = m.apply(v, jnp.zeros_like(x), g)
+    offset = v["params"]["out_norm"]["norm"]["bias"]
+    np.testing.assert_allclose(y0, jnp.broadcast_to(offset, y0.shape), atol=1e-6)
+
+
+def test_bf16_compute_dtype():
+    x = _rand((1, 6, 6, 6, 2))
+    for m in [
+        ConvNormAct(4, spatial_dims=3, dtype=jnp.bfloat16),
+        UpSample(4, 3, dtype=jnp.bfloat16),
+    ]:
+        v = _init(m, x)
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
+        y = m.apply(v, x)
+        assert y.dtype == jnp.bfloat16
+        assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))

@@ -1,0 +1,270 @@
+"""tf.data pipelines (medjax.data.pipeline) and the mesh helpers they use (medjax.train.parallel).
+
+References are written out here from the documented contract -- epoch `e` visits
+`default_rng([seed, e]).permutation(N)` and step `s` takes the next `global_batch_size` of that
+stream -- and from plain numpy, never from the pipeline's own earlier output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medjax.data import pipeline
+from medjax.train import parallel
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return parallel.make_mesh(1)
+
+
+def _fake_mesh(num_devices: int):
+    """Stands in for a mesh of `num_devices` devices (only `devices.size` is read by the checks)."""
+    return types.SimpleNamespace(devices=np.empty(num_devices, dtype=object))
+
+
+def _reference_stream(n: int, seed: int, num_epochs: int) -> np.ndarray:
+    """The documented visiting order, epoch after epoch."""
+    return np.concatenate(
+        [np.random.default_rng([seed, e]).permutation(n) for e in range(num_epochs)]
+    )
+
+
+def _dataset(n: int) -> dict[str, np.ndarray]:
+    """Row i is recognisable in every array: x = i, image filled with i / 2, label = 3 i."""
+    x = np.arange(n, dtype=np.int32)
+    return {
+        "x": x,
+        "image": np.broadcast_to((x / 2).astype(np.float32)[:, None, None], (n, 2, 3)).copy(),
+        "label": (3 * x).astype(np.int32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# step_indices
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 10, 13, 25])
+def test_every_epoch_visits_every_example_once(batch):
+    n, seed, epochs = 10, 7, 4
+    steps = -(-epochs * n // batch)
+    stream = np.concatenate(
+        [
+            pipeline.step_indices(s, num_examples=n, global_batch_size=batch, seed=seed)
+            for s in range(steps)
+        ]
+    )
+    assert stream.dtype == np.int64
+    assert len(stream) == steps * batch
+    for e in range(epochs):
+        assert sorted(stream[e * n : (e + 1) * n].tolist()) == list(range(n)), f"epoch {e}"
+    np.testing.assert_array_equal(stream, _reference_stream(n, seed, epochs + 3)[: len(stream)])
+
+
+def test_batch_straddling_epochs_is_end_of_one_and_start_of_next():
+    n, seed = 10, 3
+    perm0 = np.random.default_rng([seed, 0]).permutation(n)
+    perm1 = np.random.default_rng([seed, 1]).permutation(n)
+    # Batch size 4: step 2 covers stream positions 8..11 = perm0[8:10] then perm1[0:2].
+    got = pipeline.step_indices(2, num_examples=n, global_batch_size=4, seed=seed)
+    np.testing.assert_array_equal(got, np.concatenate([perm0[8:], perm1[:2]]))
+
+
+def test_step_indices_is_a_pure_function_of_seed_and_step():
+    kw = dict(num_examples=17, global_batch_size=6)
+    a = pipeline.step_indices(11, seed=5, **kw)
+    # Computing other steps in between changes nothing.
+    for s in (0, 3, 100):
+        pipeline.step_indices(s, seed=5, **kw)
+    np.testing.assert_array_equal(pipeline.step_indices(11, seed=5, **kw), a)
+    assert not np.array_equal(pipeline.step_indices(11, seed=6, **kw), a)
+    # Epochs are reshuffled: epoch 0 and epoch 1 differ.
+    e0 = pipeline.step_indices(0, num_examples=50, global_batch_size=50, seed=0)
+    e1 = pipeline.step_indices(1, num_examples=50, global_batch_size=50, seed=0)
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) and not np.array_equal(e0, e1)
+
+
+def test_step_indices_batch_larger_than_dataset():
+    # Batch 7 of a 3-example set spans 3 epochs in a single step; each epoch is complete.
+    got = pipeline.step_indices(0, num_examples=3, global_batch_size=7, seed=1)
+    np.testing.assert_array_equal(got, _reference_stream(3, 1, 3)[:7])
+    assert sorted(got[:3].tolist()) == [0, 1, 2] and sorted(got[3:6].tolist()) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# make_train_iter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_iter_batches_follow_the_documented_order(mesh):
+    n, batch, seed, steps = 10, 4, 2, 8
+    data = _dataset(n)
+    batches = list(
+        pipeline.make_train_iter(
+            data, global_batch_size=batch, mesh=mesh, seed=seed, num_steps=steps
+        )
+    )
+    assert len(batches) == steps
+    ref = _reference_stream(n, seed, 4)
+    for s, b in enumerate(batches):
+        assert set(b) == {"x", "image", "label"}
+        want = ref[s * batch : (s + 1) * batch]
+        np.testing.assert_array_equal(np.asarray(b["x"]), want)
+        # Every array is gathered with the same rows, and dtypes/shapes survive tf.data.
+        assert b["image"].shape == (batch, 2, 3) and b["image"].dtype == np.float32
+        assert b["label"].dtype == np.int32 and b["x"].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(b["image"]), data["image"][want])
+        np.testing.assert_array_equal(np.asarray(b["label"]), 3 * want)
+    # 8 steps x 4 = 32 rows: the first three epochs are each complete.
+    seen = np.concatenate([np.asarray(b["x"]) for b in batches])
+    for e in range(3):
+        assert sorted(seen[e * n : (e + 1) * n].tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("batch", [3, 5])
+def test_train_iter_resume_matches_uninterrupted_run(mesh, batch):
+    data = _dataset(10)
+    full = [
+        np.asarray(b["x"])
+        for b in pipeline.make_train_iter(
+            data, global_batch_size=batch, mesh=mesh, seed=9, num_steps=9
+        )
+    ]
+    for k in (1, 4, 7):
+        resumed = [
+            np.asarray(b["x"])
+            for b in pipeline.make_train_iter(
+                data, global_batch_size=batch, mesh=mesh, seed=9, start_step=k, num_steps=9 - k
+            )
+        ]
+        assert len(resumed) == 9 - k
+        for got, want in zip(resumed, full[k:], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_train_iter_is_endless_without_num_steps(mesh):
+    it = pipeline.make_train_iter(_dataset(3), global_batch_size=2, mesh=mesh, seed=0)
+    got = [np.asarray(b["x"]) for b in itertools.islice(it, 12)]  # 8 epochs of 3
+    assert len(got) == 12
+    np.testing.assert_array_equal(np.concatenate(got), _reference_stream(3, 0, 8))
+
+
+def test_train_iter_yields_global_arrays_sharded_over_data_axis(mesh):
+    b = next(pipeline.make_train_iter(_dataset(6), global_batch_size=4, mesh=mesh, seed=0))
+    for v in b.values():
+        assert isinstance(v, jax.Array)
+        assert isinstance(v.sharding, NamedSharding)
+        assert v.sharding.mesh == mesh
+        assert v.sharding.spec == P(parallel.DATA_AXIS)
+        assert v.sharding == parallel.data_sharding(mesh)
+        assert v.shape[0] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# make_eval_iter
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "batch"), [(7, 3), (6, 3), (2, 5), (1, 1)])
+def test_eval_iter_covers_each_example_once(mesh, n, batch):
+    data = _dataset(n)
+    batches = list(pipeline.make_eval_iter(data, global_batch_size=batch, mesh=mesh))
+    assert len(batches) == -(-n // batch) == pipeline.num_eval_batches(n, batch)
+    xs = np.concatenate([np.asarray(b["x"]) for b in batches])
+    mask = np.concatenate([np.asarray(b[pipeline.MASK_KEY]) for b in batches])
+    assert mask.dtype == np.bool_
+    assert len(xs) == len(batches) * batch
+    # In order, each example exactly once where the mask is True ...
+    np.testing.assert_array_equal(xs[mask], np.arange(n))
+    # ... the mask is False exactly on the trailing padding, which repeats example 0.
+    np.testing.assert_array_equal(mask, np.arange(len(xs)) < n)
+    np.testing.assert_array_equal(xs[~mask], np.zeros(len(xs) - n))
+    for b in batches:
+        rows = np.asarray(b["x"])
+        np.testing.assert_array_equal(np.asarray(b["label"]), 3 * rows)
+        np.testing.assert_array_equal(np.asarray(b["image"]), data["image"][rows])
+        for v in b.values():
+            assert isinstance(v, jax.Array) and v.sharding == parallel.data_sharding(mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_train(arrays, mesh, batch=2):
+    return next(pipeline.make_train_iter(arrays, global_batch_size=batch, mesh=mesh, seed=0))
+
+
+def _first_eval(arrays, mesh, batch=2):
+    return next(pipeline.make_eval_iter(arrays, global_batch_size=batch, mesh=mesh))
+
+
+@pytest.mark.parametrize("first", [_first_train, _first_eval])
+def test_arrays_of_different_lengths_raise(mesh, first):
+    bad = {"image": np.zeros((5, 2)), "label": np.zeros(4)}
+    with pytest.raises(ValueError, match=r"disagree.*'image': 5.*'label': 4"):
+        first(bad, mesh)
+
+
+@pytest.mark.parametrize("first", [_first_train, _first_eval])
+def test_empty_dataset_raises(mesh, first):
+    with pytest.raises(ValueError, match="empty"):
+        first({"image": np.zeros((0, 2)), "label": np.zeros(0)}, mesh)
+    with pytest.raises(ValueError, match="no arrays"):
+        first({}, mesh)
+
+
+def test_batch_size_not_divisible_by_devices_raises():
+    data = _dataset(8)
+    with pytest.raises(ValueError, match=r"config\.batch_size=5 .*multiple of the 2 devices"):
+        _first_train(data, _fake_mesh(2), batch=5)
+    with pytest.raises(ValueError, match=r"config\.eval_batch_size=4 .*multiple of the 3 devices"):
+        _first_eval(data, _fake_mesh(3), batch=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel
+# ---------------------------------------------------------------------------------------------
+
+
+def test_make_mesh():
+    m = parallel.make_mesh(1)
+    assert m.axis_names == (parallel.DATA_AXIS,)
+    assert m.devices.size == 1 and m.devices.flat[0] == jax.devices()[0]
+    assert parallel.make_mesh().devices.size == len(jax.devices())
+    assert parallel.make_mesh(0).devices.size == len(jax.devices())
+    too_many = len(jax.devices()) + 1
+    with pytest.raises(ValueError, match=f"asks for {too_many} devices"):
+        parallel.make_mesh(too_many)
+
+
+def test_shardings_and_check_batch_size(mesh):
+    assert parallel.replicated(mesh).spec == P()
+    assert parallel.data_sharding(mesh).spec == P(parallel.DATA_AXIS)
+    assert parallel.check_batch_size(6, mesh) == 6 // jax.process_count()
+    assert parallel.check_batch_size(8, _fake_mesh(4)) == 8 // jax.process_count()
+    with pytest.raises(ValueError, match=r"config\.batch_size=6 .*4 devices"):
+        parallel.check_batch_size(6, _fake_mesh(4))
+    assert parallel.process_slice(6) == slice(0, 6)  # one process feeds every row
+    state = {"w": np.zeros((2, 2)), "step": np.int32(0)}
+    shardings = parallel.state_sharding(state, mesh)
+    assert shardings["w"] == parallel.replicated(mesh) == shardings["step"]
+
+
+def test_global_batch(mesh):
+    local = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "m": np.array([1, 0, 1, 1], bool)}
+    out = parallel.global_batch(local, mesh)
+    for k, v in local.items():
+        assert isinstance(out[k], jax.Array)
+        assert out[k].sharding == parallel.data_sharding(mesh)
+        assert out[k].dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(out[k]), v)
