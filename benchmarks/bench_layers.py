@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_layers.py                 # default XLA flags
     python benchmarks/bench_layers.py --xla-flag      # + the YNN_FLAG below
-    python benchmarks/bench_layers.py --quick         # smaller shapes, fewer repeats
+    python benchmarks/bench_layers.py --full          # larger shapes (UNet2D [8,256,256,1]); slow
 
 Every timing is the median wall time of ``--repeats`` calls of a jitted function after a
 compile + warm-up call, with ``block_until_ready``. Not a test; prints a table.
@@ -25,8 +25,8 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--xla-flag", action="store_true", help=f"append {YNN_FLAG} to XLA_FLAGS")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per case (median)")
-    p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median)")
+    p.add_argument("--full", action="store_true", help="larger shapes (several minutes on 2 cores)")
     p.add_argument("--skip-unet", action="store_true", help="only the layer micro-benchmarks")
     return p.parse_args()
 
@@ -155,7 +155,7 @@ def main() -> None:
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print()
     t0 = time.perf_counter()
-    q = ARGS.quick
+    q = not ARGS.full
     rng = np.random.default_rng(0)
     rnd = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
 
@@ -174,15 +174,21 @@ def main() -> None:
         f"conv k4s2 2D [8,{s2}^2,32]->64", lambda f: StridedConv4(64, 2, fast=f), rnd(8, s2, s2, 32)
     )
     bench_module(
+        f"conv k4s2 3D [2,{s3 // 2}^3,16]->32",
+        lambda f: StridedConv4(32, 3, fast=f),
+        rnd(2, s3 // 2, s3 // 2, s3 // 2, 16),
+    )
+    bench_module(
         f"convT k4s2 2D [8,{s2 // 2}^2,64]->32",
         lambda f: ConvTranspose4(32, 2, fast=f),
         rnd(8, s2 // 2, s2 // 2, 64),
     )
     if not ARGS.skip_unet:
         s = 128 if q else 256
+        b = 4 if q else 8
         bench_unet(
-            f"UNet2D [8,{s},{s},1] f=(32,64,128,256)",
-            rnd(8, s, s, 1),
+            f"UNet2D [{b},{s},{s},1] f=(32,64,128,256)",
+            rnd(b, s, s, 1),
             features=(32, 64, 128, 256),
             spatial_dims=2,
         )

@@ -1,6 +1,6 @@
 """Pictures for notebooks and logs: label overlays, slice montages, sample grids (numpy + Pillow).
 
-Everything returns uint8 RGB arrays `[H, W, 3]`; `save_png` writes one. No TensorFlow, no JAX needed.
+Everything returns uint8 RGB arrays `[H, W, 3]`; `save_png` writes one. No TensorFlow or JAX.
 """
 
 from __future__ import annotations

@@ -34,11 +34,20 @@ def main(argv: list[str]) -> None:
     from medjax.train.evaluate import evaluate_workdir
 
     rows, summary = evaluate_workdir(
-        FLAGS.workdir, data_dir=FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
-        out_dir=FLAGS.out_dir, pictures=FLAGS.pictures,
+        FLAGS.workdir,
+        data_dir=FLAGS.data_dir,
+        checkpoint=FLAGS.checkpoint,
+        out_dir=FLAGS.out_dir,
+        pictures=FLAGS.pictures,
     )
-    cols = [c for c in rows[0] if c == "id" or c.startswith(("dice_", "hd95_", "hc_", "accuracy"))
-            and "background" not in c and "interior" not in c]
+    cols = [
+        c
+        for c in rows[0]
+        if c == "id"
+        or c.startswith(("dice_", "hd95_", "hc_", "accuracy"))
+        and "background" not in c
+        and "interior" not in c
+    ]
     print("  ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print("  ".join(f"{_fmt(r[c]):>14}" for c in cols))

@@ -84,7 +84,9 @@ def split(
         want = [str(i) for i in cfg["val_ids"]]
         missing = sorted(set(want) - set(ids))
         if missing:
-            raise ValueError(f"config.data.val_ids {missing} are not in the dataset (ids: {ids[:8]}...)")
+            raise ValueError(
+                f"config.data.val_ids {missing} are not in the dataset (ids: {ids[:8]}...)"
+            )
         val = [ex for ex in examples if ex["id"] in want]
         return [ex for ex in examples if ex["id"] not in want], val
     if cfg.get("val_slices"):

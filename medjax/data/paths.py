@@ -1,7 +1,7 @@
 """The one place that knows where the shared real data lives.
 
 Tests, benchmarks and configs call `data_dir("isbi2012_em_membrane")`. The root is
-`$MEDJAX_DATA_DIR` when set, else `<repo>/../shared/data` (the layout of a developer checkout and CI).
+`$MEDJAX_DATA_DIR` when set, else `<repo>/../shared/data` (a developer checkout and CI).
 """
 
 from __future__ import annotations

@@ -74,7 +74,9 @@ def make_train_iter(
     rows = parallel.process_slice(global_batch_size)
 
     def indices(step: np.int64) -> np.ndarray:
-        idx = step_indices(int(step), num_examples=n, global_batch_size=global_batch_size, seed=seed)
+        idx = step_indices(
+            int(step), num_examples=n, global_batch_size=global_batch_size, seed=seed
+        )
         return idx[rows]
 
     tensors = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}

@@ -89,7 +89,7 @@ class Checkpointer:
         return self._latest.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
-        """Offers `state` to `best/`; it is kept only if `metrics[best_metric]` beats the best so far."""
+        """Offers `state` to `best/`: kept only if `metrics[best_metric]` beats the best so far."""
         if self._best is None:
             return False
         if self.best_metric not in metrics:

@@ -85,18 +85,25 @@ def evaluate_workdir(
     if data_dir:
         cases = raw
     else:
-        _, val = datasets.split([datasets.preprocess(ex, config.data) for ex in raw], config.data,
-                                int(config.seed))
+        _, val = datasets.split(
+            [datasets.preprocess(ex, config.data) for ex in raw], config.data, int(config.seed)
+        )
         keep = {ex["id"] for ex in val}
         cases = [ex for ex in raw if ex["id"] in keep]
-    inputs = datasets.stack_examples([datasets.preprocess(ex, config.data) for ex in cases],
-                                     keys=("image",))
+    inputs = datasets.stack_examples(
+        [datasets.preprocess(ex, config.data) for ex in cases], keys=("image",)
+    )
     gb = int(config.get("eval_batch_size") or config.batch_size)
     spec = {"image": jax.ShapeDtypeStruct((gb, *inputs["image"].shape[1:]), np.float32)}
-    trainer, state = loop.restore(config, workdir, best=checkpoint == "best", trainer=trainer,
-                                  batch_spec=spec)
+    trainer, state = loop.restore(
+        config, workdir, best=checkpoint == "best", trainer=trainer, batch_spec=spec
+    )
     logits = trainer.predict_all(state, inputs["image"])
-    out = Path(out_dir) if out_dir else workdir / "eval" / f"{checkpoint}-{Path(directory or 'embedded').name}"
+    out = (
+        Path(out_dir)
+        if out_dir
+        else workdir / "eval" / f"{checkpoint}-{Path(directory or 'embedded').name}"
+    )
     rows = []
     for i, (ex, lg) in enumerate(zip(cases, logits, strict=True)):
         row, pred = task.case_metrics(ex, lg)

@@ -25,7 +25,7 @@ def _scalar(v: Any) -> float:
 
 
 class MetricWriter:
-    """Writes `{"step": s, "split": ..., **scalars}` lines to `workdir/metrics.jsonl` and TensorBoard."""
+    """Writes `{"step": s, "split": ..., **scalars}` to `workdir/metrics.jsonl` and TensorBoard."""
 
     def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
         self.workdir = Path(workdir)
@@ -46,7 +46,11 @@ class MetricWriter:
         if not self.enabled:
             return
         vals = {k: _scalar(v) for k, v in values.items()}
-        row = {"step": int(step), "split": split, **{k: v if math.isfinite(v) else None for k, v in vals.items()}}
+        row = {
+            "step": int(step),
+            "split": split,
+            **{k: v if math.isfinite(v) else None for k, v in vals.items()},
+        }
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -56,8 +60,10 @@ class MetricWriter:
                 for k, v in vals.items():
                     tf.summary.scalar(f"{split}/{k}", v)
 
-    def image(self, step: int, name: str, rgb: np.ndarray, *, png_dir: str | None = "images") -> Path | None:
-        """Logs an RGB uint8 image to TensorBoard and writes `workdir/<png_dir>/<name>_<step>.png`."""
+    def image(
+        self, step: int, name: str, rgb: np.ndarray, *, png_dir: str | None = "images"
+    ) -> Path | None:
+        """Logs an RGB uint8 image to TensorBoard and to `workdir/<png_dir>/<name>_<step>.png`."""
         if not self.enabled:
             return None
         path = None
@@ -95,14 +101,18 @@ def _fmt_time(seconds: float) -> str:
 class Progress:
     """One log line every `every` steps: step/total, it/s over the last window, ETA, and metrics."""
 
-    def __init__(self, total: int, *, start: int = 0, every: int = 10, stream: TextIO | None = None):
+    def __init__(
+        self, total: int, *, start: int = 0, every: int = 10, stream: TextIO | None = None
+    ):
         self.total, self.every = total, max(1, every)
         self.stream = stream or sys.stdout
         self.enabled = jax.process_index() == 0
         self._t0 = self._tw = time.perf_counter()
         self._start = self._sw = start
 
-    def update(self, step: int, metrics: Mapping[str, Any] | None = None, *, force: bool = False) -> None:
+    def update(
+        self, step: int, metrics: Mapping[str, Any] | None = None, *, force: bool = False
+    ) -> None:
         if not self.enabled or not (force or step % self.every == 0 or step == self.total):
             return
         now = time.perf_counter()

@@ -62,7 +62,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
-    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+    return (
+        json.loads(config.to_json_best_effort())
+        if hasattr(config, "to_json_best_effort")
+        else dict(config)
+    )
 
 
 def check_workdir_config(config: Any, workdir: Path) -> None:
@@ -134,7 +138,9 @@ class Trainer:
         for batch in pipeline.make_eval_iter(arrays, global_batch_size=gb, mesh=self.mesh):
             out = self.eval_step(state, batch)
             mask = to_host(batch[pipeline.MASK_KEY])
-            host = {k: to_host(v) for k, v in out.items() if k != "pred" or k in keep or first is None}
+            host = {
+                k: to_host(v) for k, v in out.items() if k != "pred" or k in keep or first is None
+            }
             if first is None:
                 first = ({k: to_host(v) for k, v in batch.items()}, host)
             for k, v in host.items():
@@ -146,14 +152,16 @@ class Trainer:
         """Float32 logits for every row of `images` `[N, *spatial, C]`, batched and padded."""
         gb = int(self.config.get("eval_batch_size") or self.config.batch_size)
         out = []
-        for batch in pipeline.make_eval_iter({"image": images}, global_batch_size=gb, mesh=self.mesh):
+        for batch in pipeline.make_eval_iter(
+            {"image": images}, global_batch_size=gb, mesh=self.mesh
+        ):
             logits = to_host(self.predict(state, batch["image"]))
             out.append(logits[to_host(batch[pipeline.MASK_KEY])])
         return np.concatenate(out)
 
 
 def run(config: Any, workdir: str | Path) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final eval metrics."""
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
     parallel.initialize_distributed()
     workdir = Path(workdir).resolve()
     check_workdir_config(config, workdir)
@@ -182,7 +190,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     writer = MetricWriter(workdir, tensorboard=bool(config.get("tensorboard", True)))
     if jax.process_index() == 0:
         print(
-            f"medjax: task={config.task} devices={mesh.devices.size} processes={jax.process_count()} "
+            f"medjax: task={config.task} devices={mesh.devices.size} "
+            f"processes={jax.process_count()} "
             f"params={n_params:,} train={len(next(iter(train_arrays.values())))} "
             f"eval={len(next(iter(eval_arrays.values())))} "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {num_steps}",
@@ -207,8 +216,12 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
     it = pipeline.make_train_iter(
-        train_arrays, global_batch_size=gb, mesh=mesh, seed=int(config.seed),
-        start_step=start, num_steps=num_steps - start,
+        train_arrays,
+        global_batch_size=gb,
+        mesh=mesh,
+        seed=int(config.seed),
+        start_step=start,
+        num_steps=num_steps - start,
     )
     t_last = time.perf_counter()
     try:
@@ -227,15 +240,20 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                 if not np.isfinite(host["loss"]):  # never checkpoint a diverged state
                     raise FloatingPointError(
                         f"training loss became {host['loss']} at step {step}; the last good "
-                        f"checkpoint in {workdir / 'checkpoints'} is kept (lower the learning rate?)"
+                        f"checkpoint in {workdir / 'checkpoints'} is kept (lower the learning "
+                        "rate?)"
                     )
                 t_last = time.perf_counter()
             if step % eval_every == 0 or step == num_steps:
                 summary = do_eval(step)
                 if jax.process_index() == 0:
-                    shown = {k: v for k, v in summary.items() if k.endswith("_mean") or k == "accuracy"}
-                    print(f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-                          flush=True)
+                    shown = {
+                        k: v for k, v in summary.items() if k.endswith("_mean") or k == "accuracy"
+                    }
+                    print(
+                        f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+                        flush=True,
+                    )
                 t_last = time.perf_counter()
             preempted = ckpt.reached_preemption(step)
             if save_now or preempted:
@@ -256,8 +274,14 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     return final
 
 
-def restore(config: Any, workdir: str | Path, *, best: bool = True, trainer: Trainer | None = None,
-            batch_spec: Mapping[str, jax.ShapeDtypeStruct] | None = None) -> tuple[Trainer, Any]:
+def restore(
+    config: Any,
+    workdir: str | Path,
+    *,
+    best: bool = True,
+    trainer: Trainer | None = None,
+    batch_spec: Mapping[str, jax.ShapeDtypeStruct] | None = None,
+) -> tuple[Trainer, Any]:
     """(trainer, state) restored from `workdir`'s best checkpoint (or latest when `best=False`,
     or when no best one was kept), for evaluation and prediction."""
     trainer = trainer or Trainer(config)

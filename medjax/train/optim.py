@@ -12,7 +12,7 @@ _SCHEDULES = ("constant", "cosine", "linear_decay", "poly")
 
 
 def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
-    """`cfg.schedule` in constant | cosine | linear_decay | poly, with `warmup_steps` linear warm-up.
+    """`cfg.schedule`: constant | cosine | linear_decay | poly, after `warmup_steps` linear warm-up.
 
     linear_decay keeps the rate for `decay_start` steps then decays linearly to 0 (CycleGAN);
     poly is nnU-Net's `lr * (1 - t/T)^0.9`.

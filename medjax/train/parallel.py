@@ -25,7 +25,12 @@ def initialize_distributed() -> None:
     Cloud TPU pods and SLURM/Open MPI clusters are detected by JAX itself; `JAX_COORDINATOR_ADDRESS`
     (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`) covers hand-made clusters. One process: no-op.
     """
-    markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+    markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+    )
     if any(os.environ.get(m) for m in markers) and not jax.distributed.is_initialized():
         jax.distributed.initialize()
 
@@ -33,7 +38,7 @@ def initialize_distributed() -> None:
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D data-parallel mesh over the first `num_devices` devices (all when None).
 
-    The axis is `AxisType.Auto` on purpose: jit with explicit in/out shardings, GSPMD propagation inside.
+    The axis is `AxisType.Auto` on purpose: jit with explicit in/out shardings, GSPMD inside.
     """
     devices = jax.devices()
     n = len(devices) if not num_devices else int(num_devices)
@@ -57,7 +62,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size
     n_dev = mesh.devices.size
     if global_batch_size % n_dev:
         raise ValueError(
-            f"config.{what}={global_batch_size} must be a multiple of the {n_dev} devices in the mesh"
+            f"config.{what}={global_batch_size} must be a multiple of the {n_dev} devices "
+            "in the mesh"
         )
     return global_batch_size // jax.process_count()
 

@@ -38,16 +38,28 @@ def main(root: str) -> None:
         spec = {"image": jax.ShapeDtypeStruct((8, 49, 58, 1), np.float32)}
         trainer, state = loop.restore(cfg, f"{root}/dev{n}", best=False, batch_spec=spec)
         leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-        out[n] = {"losses": losses, "dice_mean": final["dice_mean"], "params": leaves,
-                  "devices": int(trainer.mesh.devices.size)}
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(out[1]["params"], out[8]["params"]))
+        out[n] = {
+            "losses": losses,
+            "dice_mean": final["dice_mean"],
+            "params": leaves,
+            "devices": int(trainer.mesh.devices.size),
+        }
+    pairs = zip(out[1]["params"], out[8]["params"], strict=True)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in pairs)
     scale = max(float(np.max(np.abs(a))) for a in out[1]["params"])
-    print(json.dumps({
-        "devices": [out[1]["devices"], out[8]["devices"]],
-        "losses_1": out[1]["losses"], "losses_8": out[8]["losses"],
-        "dice_1": out[1]["dice_mean"], "dice_8": out[8]["dice_mean"],
-        "max_param_diff": diff, "param_scale": scale,
-    }))
+    print(
+        json.dumps(
+            {
+                "devices": [out[1]["devices"], out[8]["devices"]],
+                "losses_1": out[1]["losses"],
+                "losses_8": out[8]["losses"],
+                "dice_1": out[1]["dice_mean"],
+                "dice_8": out[8]["dice_mean"],
+                "max_param_diff": diff,
+                "param_scale": scale,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def test_crash_and_resume_matches_uninterrupted_run_bitwise(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.run(cfg, tmp_path / "resumed")
     monkeypatch.setattr(pipeline, "make_train_iter", real_iter)
-    ckpts = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()
-                   if p.name.isdigit())
+    ckpts = sorted(
+        int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.isdigit()
+    )
     assert max(ckpts) == 4, ckpts  # the crash lost steps 5..6, not the saved state
     final = loop.run(cfg, tmp_path / "resumed")
     assert final["step"] == 8
@@ -64,8 +65,11 @@ def test_crash_and_resume_matches_uninterrupted_run_bitwise(tmp_path, monkeypatc
         np.testing.assert_array_equal(x, y)
     # The resumed run logged steps 5..8 again, with the same losses as the straight run.
     rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
-    ref = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))
-           if r["split"] == "train"}
+    ref = {
+        r["step"]: r["loss"]
+        for r in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))
+        if r["split"] == "train"
+    }
     last = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
     assert last == ref
 
@@ -87,11 +91,16 @@ def test_unknown_task_is_named():
 
 def test_one_and_eight_devices_agree(tmp_path):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("equivalence_script.py")), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -107,10 +116,20 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
     work = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     train = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"),
-         "--config", str(ROOT / "medjax" / "configs" / "mni152_demo.py") + ":smoke",
-         "--workdir", str(work), "--config.num_steps=4", "--config.eval_every=2"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--config",
+            str(ROOT / "medjax" / "configs" / "mni152_demo.py") + ":smoke",
+            "--workdir",
+            str(work),
+            "--config.num_steps=4",
+            "--config.eval_every=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "step 4/4" in train.stdout and "eval @ 4" in train.stdout
@@ -119,9 +138,20 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert {r["split"] for r in rows} == {"train", "eval"}
     ev = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", str(work),
-         "--checkpoint", "latest", "--pictures", "2"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            "--workdir",
+            str(work),
+            "--checkpoint",
+            "latest",
+            "--pictures",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     out = work / "eval" / "latest-embedded"

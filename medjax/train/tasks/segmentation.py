@@ -185,8 +185,9 @@ class Task:
             out[f"{k}_mean"] = float(np.mean(fg)) if fg else float("nan")
         return out
 
-    def visualize(self, batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-                  max_rows: int = 4) -> np.ndarray:
+    def visualize(
+        self, batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], max_rows: int = 4
+    ) -> np.ndarray:
         """image | truth | prediction strips for the first rows of an eval batch (RGB uint8).
         3D inputs show their middle slice along the first spatial axis."""
         rows = []
