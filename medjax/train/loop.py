@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -89,6 +91,33 @@ def check_workdir_config(config: Any, workdir: Path) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(new, indent=2, sort_keys=True))
+
+
+class StopSignal:
+    """Turns SIGTERM (a preemption notice, `kill`, a scheduler's time limit) into a flag.
+
+    Single-process runs check the flag after each step, save and exit cleanly. Multi-process runs
+    rely on Orbax's preemption sync point instead, so every host stops at the same step.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def stop_now(self, ckpt: Checkpointer, step: int) -> bool:
+        if jax.process_count() > 1:
+            return ckpt.reached_preemption(step)
+        return self.received or ckpt.reached_preemption(step)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 class Trainer:
@@ -224,6 +253,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         num_steps=num_steps - start,
     )
     t_last = time.perf_counter()
+    stop = StopSignal()
+    preempted = False
     try:
         for step in range(start + 1, num_steps + 1):
             batch = next(it)
@@ -255,15 +286,16 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                         flush=True,
                     )
                 t_last = time.perf_counter()
-            preempted = ckpt.reached_preemption(step)
+            preempted = stop.stop_now(ckpt, step)
             if save_now or preempted:
                 ckpt.save(step, state, force=True)
             if preempted:
-                print(f"preempted at step {step}; checkpoint saved", flush=True)
+                print(f"stopped by SIGTERM/preemption at step {step}; checkpoint saved", flush=True)
                 break
-        if not summary:
+        if not summary and not preempted:
             summary = do_eval(int(state.step))
     finally:
+        stop.close()
         # On any exit, finish the saves already started: a crash loses unsaved steps, never a
         # checkpoint that was being written.
         ckpt.close()

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,13 @@ from medjax.data import pipeline
 from medjax.train import loop
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train_cmd(workdir, *overrides):
+    """`scripts/train.py` on the smoke demo config, as a subprocess argv."""
+    config = str(ROOT / "medjax" / "configs" / "mni152_demo.py") + ":smoke"
+    script = str(ROOT / "scripts" / "train.py")
+    return [sys.executable, script, "--config", config, "--workdir", str(workdir), *overrides]
 
 
 def _tiny_config(num_steps=8):
@@ -116,16 +125,7 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
     work = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     train = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "train.py"),
-            "--config",
-            str(ROOT / "medjax" / "configs" / "mni152_demo.py") + ":smoke",
-            "--workdir",
-            str(work),
-            "--config.num_steps=4",
-            "--config.eval_every=2",
-        ],
+        _train_cmd(work, "--config.num_steps=4", "--config.eval_every=2"),
         capture_output=True,
         text=True,
         env=env,
@@ -161,3 +161,33 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
     assert len(list((out / "overlays").glob("*.png"))) == 2
     header = (out / "metrics.csv").read_text().splitlines()[0]
     assert "hd95_white_matter" in header
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    work = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        _train_cmd(
+            work,
+            "--config.num_steps=100000",
+            "--config.log_every=1",
+            "--config.eval_every=100000",
+            "--config.checkpoint_every=100000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, out[-2000:]
+    match = re.search(r"stopped by SIGTERM/preemption at step (\d+)", out)
+    assert match, out[-2000:]
+    saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == [int(match.group(1))]
