@@ -90,16 +90,23 @@ def evaluate_workdir(
         )
         keep = {ex["id"] for ex in val}
         cases = [ex for ex in raw if ex["id"] in keep]
-    inputs = datasets.stack_examples(
-        [datasets.preprocess(ex, config.data) for ex in cases], keys=("image",)
-    )
+    images = [datasets.preprocess(ex, config.data)["image"] for ex in cases]
     gb = int(config.get("eval_batch_size") or config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct((gb, *inputs["image"].shape[1:]), np.float32)}
+    spec = {"image": jax.ShapeDtypeStruct((gb, *images[0].shape), np.float32)}
     trainer, state = loop.restore(
         config, workdir, best=checkpoint == "best", trainer=trainer, batch_spec=spec
     )
-    logits = trainer.predict_all(state, inputs["image"])
-    out = (
+    # Cases of another size than the training data (a user's own folder) are predicted in
+    # groups of equal input shape: the network is fully convolutional.
+    logits: list[np.ndarray] = [np.empty(0)] * len(cases)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(i)
+    for idx in groups.values():
+        pred = trainer.predict_all(state, np.stack([images[i] for i in idx]))
+        for i, lg in zip(idx, pred, strict=True):
+            logits[i] = lg
+    out_path = (
         Path(out_dir)
         if out_dir
         else workdir / "eval" / f"{checkpoint}-{Path(directory or 'embedded').name}"
@@ -110,9 +117,9 @@ def evaluate_workdir(
         rows.append(row)
         if i < pictures:
             panel = visualize.segmentation_panel(ex["image"], ex["label"], pred)
-            visualize.save_png(out / "overlays" / f"{ex['id']}.png", panel)
+            visualize.save_png(out_path / "overlays" / f"{ex['id']}.png", panel)
     summary = summarize_rows(rows)
     summary["step"] = int(state.step)
-    write_csv(out / "metrics.csv", rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    write_csv(out_path / "metrics.csv", rows)
+    (out_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return rows, summary
