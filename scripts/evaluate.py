@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla()
     if FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)
     from medjax.train.evaluate import evaluate_workdir
 
     rows, summary = evaluate_workdir(
