@@ -85,14 +85,10 @@ def evaluate_workdir(
     if data_dir:
         cases = raw
     else:
-        _, val = datasets.split(
-            [datasets.preprocess(ex, config.data) for ex in raw], config.data, int(config.seed)
-        )
-        keep = {ex["id"] for ex in val}
-        cases = [ex for ex in raw if ex["id"] in keep]
+        # The split reads only ids, slice indices and order: the same split as in training.
+        _, cases = datasets.split(raw, config.data, int(config.seed))
     images = [datasets.preprocess(ex, config.data)["image"] for ex in cases]
-    gb = int(config.get("eval_batch_size") or config.batch_size)
-    spec = {"image": jax.ShapeDtypeStruct((gb, *images[0].shape), np.float32)}
+    spec = {"image": jax.ShapeDtypeStruct((trainer.eval_batch_size, *images[0].shape), np.float32)}
     trainer, state = loop.restore(
         config, workdir, best=checkpoint == "best", trainer=trainer, batch_spec=spec
     )

@@ -107,7 +107,7 @@ class Progress:
         self.total, self.every = total, max(1, every)
         self.stream = stream or sys.stdout
         self.enabled = jax.process_index() == 0
-        self._t0 = self._tw = time.perf_counter()
+        self._tw = time.perf_counter()
         self._start = self._sw = start
 
     def update(
@@ -122,6 +122,3 @@ class Progress:
         parts = [f"step {step}/{self.total}", f"{rate:.2f} it/s", f"ETA {_fmt_time(eta)}"]
         parts += [f"{k} {_scalar(v):.4f}" for k, v in (metrics or {}).items()]
         print(" | ".join(parts), file=self.stream, flush=True)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._t0

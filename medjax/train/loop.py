@@ -17,7 +17,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,34 +155,35 @@ class Trainer:
     def predict(self) -> Callable[..., Any]:
         return jax.jit(self.task.predict, in_shardings=(self.state_sh, self.data_sh))
 
+    @property
+    def eval_batch_size(self) -> int:
+        return int(self.config.get("eval_batch_size") or self.config.batch_size)
+
     def evaluate(
-        self, state: Any, arrays: Mapping[str, np.ndarray], *, keep: Iterable[str] = ()
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Per-example eval outputs over every example once (padding dropped), and the first
-        batch with its outputs (for pictures). Keys in `keep` (e.g. "pred") are kept for all."""
-        keep = set(keep)
-        gb = int(self.config.get("eval_batch_size") or self.config.batch_size)
+        self, state: Any, arrays: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None]:
+        """Per-example eval outputs over every example once (padding dropped; the bulky "pred"
+        maps are dropped too), and the first batch with all its outputs (for pictures)."""
         rows: dict[str, list[np.ndarray]] = {}
         first = None
-        for batch in pipeline.make_eval_iter(arrays, global_batch_size=gb, mesh=self.mesh):
+        for batch in pipeline.make_eval_iter(
+            arrays, global_batch_size=self.eval_batch_size, mesh=self.mesh
+        ):
             out = self.eval_step(state, batch)
             mask = to_host(batch[pipeline.MASK_KEY])
-            host = {
-                k: to_host(v) for k, v in out.items() if k != "pred" or k in keep or first is None
-            }
+            host = {k: to_host(v) for k, v in out.items() if k != "pred" or first is None}
             if first is None:
                 first = ({k: to_host(v) for k, v in batch.items()}, host)
             for k, v in host.items():
-                if k != "pred" or k in keep:
+                if k != "pred":
                     rows.setdefault(k, []).append(v[mask])
         return {k: np.concatenate(v) for k, v in rows.items()}, first
 
     def predict_all(self, state: Any, images: np.ndarray) -> np.ndarray:
         """Float32 logits for every row of `images` `[N, *spatial, C]`, batched and padded."""
-        gb = int(self.config.get("eval_batch_size") or self.config.batch_size)
         out = []
         for batch in pipeline.make_eval_iter(
-            {"image": images}, global_batch_size=gb, mesh=self.mesh
+            {"image": images}, global_batch_size=self.eval_batch_size, mesh=self.mesh
         ):
             logits = to_host(self.predict(state, batch["image"]))
             out.append(logits[to_host(batch[pipeline.MASK_KEY])])
