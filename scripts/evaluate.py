@@ -1,9 +1,11 @@
 """Evaluate a trained run on its validation cases or on any folder of the same layout.
 
     python scripts/evaluate.py --workdir runs/isbi2012 [--data_dir /path/isbi2012_em_membrane]
-        [--checkpoint best|latest] [--out_dir DIR]
+        [--checkpoint best|latest] [--out_dir DIR] [--set data.slice_crop= --set data.region=TC]
 
 Prints a per-case table and the means, and writes metrics.csv, summary.json and overlay PNGs.
+Volume runs (task volume_segmentation) are scored on whole volumes by sliding window, per BraTS
+region (WT, TC, ET): Dice, sensitivity, specificity, HD95 in mm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ flags.DEFINE_string("data_dir", None, "Evaluate every case of this folder (defau
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to restore.")
 flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/eval/...).")
 flags.DEFINE_integer("pictures", 8, "Number of overlay PNGs to write.")
+flags.DEFINE_multi_string(
+    "set", [], "key.sub=value change to the run's config for this evaluation (repeatable)."
+)
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -39,12 +44,13 @@ def main(argv: list[str]) -> None:
         checkpoint=FLAGS.checkpoint,
         out_dir=FLAGS.out_dir,
         pictures=FLAGS.pictures,
+        overrides=FLAGS.set,
     )
     cols = [
         c
         for c in rows[0]
         if c == "id"
-        or c.startswith(("dice_", "hd95_", "hc_", "accuracy"))
+        or c.startswith(("dice_", "sensitivity_", "hd95_", "hc_", "accuracy"))
         and "background" not in c
         and "interior" not in c
     ]

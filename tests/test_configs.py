@@ -16,9 +16,9 @@ from medjax.train.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "medjax" / "configs"
-EXPERIMENTS = sorted(
-    p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common")
-)
+ALL = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common"))
+VOLUME = ["unet3d_brats"]
+EXPERIMENTS = [n for n in ALL if n not in VOLUME]  # 2D segmentation configs
 
 
 def _get(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,7 +26,22 @@ def _get(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def test_every_experiment_file_is_listed():
-    assert {"mni152_demo", "isbi2012", "kvasir_seg", "hc18"} <= set(EXPERIMENTS)
+    assert {"mni152_demo", "isbi2012", "kvasir_seg", "hc18", "unet2d_brats_crops"} <= set(
+        EXPERIMENTS
+    )
+    assert set(VOLUME) <= set(ALL)
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+@pytest.mark.parametrize("name", VOLUME)
+def test_volume_config_is_consistent(name, arg):
+    c = _get(name, arg)
+    assert c.task == "volume_segmentation"
+    assert len(c.patch_size) == c.model.spatial_dims == 3
+    window = tuple(c.inference.window) or tuple(c.patch_size)
+    assert len(window) == 3 and 0 <= c.inference.overlap < 1
+    assert 0 <= c.data.fg_fraction <= 1 and c.data.num_classes == 4
+    assert 0 < c.optimizer.warmup_steps < c.num_steps
 
 
 @pytest.mark.parametrize("arg", [None, "", "smoke"])

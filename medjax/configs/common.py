@@ -72,6 +72,51 @@ def segmentation(source: str, num_classes: int) -> ml_collections.ConfigDict:
     return c
 
 
+def volume_segmentation(
+    layout: str = "deepmedic",
+    shared_folder: str = "brats2015_deepmedic_3d",
+    modalities: tuple[str, ...] = ("flair", "t1ce"),
+) -> ml_collections.ConfigDict:
+    """Defaults of a 3D U-Net trained on patches of multi-modal volumes and evaluated on whole
+    volumes by sliding window (task `volume_segmentation`, BraTS classes and regions)."""
+    c = segmentation("", num_classes=4)
+    c.task = "volume_segmentation"
+    del c["crop_size"]
+    c.patch_size = (48, 48, 48)
+    c.batch_size = 2
+    c.eval_batch_size = 1
+    c.num_pictures = 2
+    c.best_metric = "dice_mean"  # mean Dice over the regions WT, TC, ET
+
+    c.data = ml_collections.ConfigDict()
+    c.data.layout = layout  # brats | deepmedic | msd | generic (medjax.data.volumes)
+    c.data.shared_folder = shared_folder
+    c.data.train_split = "train"  # sub-folders of the shared folder...
+    c.data.val_split = "validation"
+    c.data.directory = ""  # ...or explicit training / validation folders
+    c.data.val_directory = ""
+    c.data.modalities = modalities
+    c.data.num_classes = 4  # background, NCR/NET, edema, enhancing tumour
+    c.data.spacing = ()  # () keeps the native spacing; (2, 2, 2) resamples to 2 mm
+    c.data.crop_margin = 4  # voxels kept around the brain mask's bounding box
+    c.data.clip_percentiles = (0.5, 99.5)  # inside the brain, before the z-score
+    c.data.fg_fraction = 0.33  # patches centred on a tumour voxel
+    c.data.max_examples = 0
+
+    c.model.spatial_dims = 3
+    c.model.features = (16, 32, 64, 128)
+    c.augment.flip_axes = (0, 1, 2)
+    c.augment.rotate_deg = 10.0
+
+    c.inference = ml_collections.ConfigDict()
+    c.inference.window = ()  # () -> patch_size
+    c.inference.overlap = 0.5
+    c.inference.window_batch = 2
+    c.inference.sigma_scale = 0.125
+    c.inference.mode = "gaussian"
+    return c
+
+
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The `smoke` argument: a seconds-long run that exercises every code path."""
     c.num_steps = 6

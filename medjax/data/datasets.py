@@ -21,32 +21,87 @@ from medjax.data.paths import data_dir
 class Source:
     """A dataset layout: `load(directory) -> examples`, its class names and its shared folder."""
 
-    load: Callable[[str | None], list[dict[str, Any]]]
+    load: Callable[[str | None, Mapping[str, Any]], list[dict[str, Any]]]
     class_names: tuple[str, ...]
     shared_folder: str | None
     channels: int
+    shared_val_folder: str | None = None  # a separate validation folder, when the data has one
 
 
 SOURCES: dict[str, Source] = {
     "mni152": Source(
-        lambda d: sources.load_mni152_slices(axis=2, directory=d),
+        lambda d, cfg: sources.load_mni152_slices(axis=2, directory=d),
         sources.MNI152_CLASSES,
         None,
         1,
     ),
     "isbi2012": Source(
-        lambda d: sources.load_isbi2012(d, "train"),
+        lambda d, cfg: sources.load_isbi2012(d, "train"),
         sources.ISBI2012_CLASSES,
         "isbi2012_em_membrane",
         1,
     ),
     "kvasir_seg": Source(
-        lambda d: sources.load_kvasir_seg(d), sources.KVASIR_CLASSES, "kvasir_seg_polyps", 3
+        lambda d, cfg: sources.load_kvasir_seg(d), sources.KVASIR_CLASSES, "kvasir_seg_polyps", 3
     ),
     "hc18": Source(
-        lambda d: sources.load_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
+        lambda d, cfg: sources.load_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
     ),
 }
+
+
+def load_brats_slices(directory: str | None, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Axial 2D slices of BraTS-like volumes, binary: `cfg.region` (WT, TC or ET) vs the rest.
+
+    Every case of `directory` (layout `cfg.layout`, see `medjax.data.volumes`) is z-scored inside
+    its brain mask (`cfg.clip_percentiles` clipping first), then cut into the axial slices that
+    contain the region. With `cfg.slice_crop=(h, w)` each slice is cropped to the h x w window
+    holding the most region pixels (the review recipe's "64x64 crops at the most tumour-dense
+    regions"; note the window is chosen from the ground truth, so this protocol scores a
+    detection-free task); with `()` whole slices are kept. Ids are `<case>_z<slice>`.
+    """
+    from medjax.data import patches, volumes
+
+    if directory is None:
+        raise ValueError("brats_slices needs config.data.directory (a folder of cases)")
+    modalities = tuple(cfg.get("modalities") or ("t1ce",))
+    classes = volumes.BRATS_REGIONS[str(cfg.get("region", "WT"))]
+    crop = tuple(int(v) for v in (cfg.get("slice_crop") or ()))
+    clip = tuple(cfg.get("clip_percentiles") or ()) or None
+    out = []
+    for case in volumes.find_cases(
+        directory, str(cfg.get("layout", "deepmedic")), modalities=modalities
+    ):
+        ex = volumes.load_case(case, modalities=modalities)
+        if "label" not in ex:
+            raise ValueError(f"case {case.id} in {directory} has no label map")
+        image = transforms.zscore_in_mask(ex["image"], ex["mask"], clip_percentiles=clip)
+        region = np.isin(ex["label"], classes).astype(np.int32)
+        spacing = np.asarray(ex["spacing"][:2], np.float32)
+        for z in np.flatnonzero(region.reshape(-1, region.shape[-1]).any(axis=0)):
+            img, lab = image[:, :, z], region[:, :, z]
+            if crop:
+                img, lab, _ = patches.tumour_dense_crops(img, lab, crop)
+            out.append(
+                {
+                    "id": f"{ex['id']}_z{int(z):03d}",
+                    "case": ex["id"],
+                    "slice_index": int(z),
+                    "image": img.astype(np.float32),
+                    "label": lab.astype(np.int32),
+                    "spacing": spacing,
+                }
+            )
+    return out
+
+
+SOURCES["brats_slices"] = Source(
+    load_brats_slices,
+    ("background", "tumour"),
+    "brats2015_deepmedic_3d/train",
+    1,
+    "brats2015_deepmedic_3d/validation",
+)
 
 
 def get_source(name: str) -> Source:
@@ -63,6 +118,15 @@ def resolve_directory(cfg: Mapping[str, Any]) -> str | None:
     return None if folder is None else str(data_dir(folder))
 
 
+def resolve_val_directory(cfg: Mapping[str, Any]) -> str | None:
+    """`cfg.val_directory`, else the source's shared validation folder, else None (the
+    validation split is then cut from the training folder by `split`)."""
+    if cfg.get("val_directory"):
+        return str(cfg["val_directory"])
+    folder = get_source(cfg["source"]).shared_val_folder
+    return None if folder is None or cfg.get("directory") else str(data_dir(folder))
+
+
 def preprocess(ex: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Resize (`image_size` (H, W) or `scale`) and normalise one example (host side, numpy)."""
     if cfg.get("image_size"):
@@ -77,8 +141,9 @@ def preprocess(ex: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
 def split(
     examples: list[dict[str, Any]], cfg: Mapping[str, Any], seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train/validation split: explicit `val_ids`, else a `val_slices=(lo, hi)` block (with
-    `val_gap` slices either side dropped from training), else a seeded `val_fraction`."""
+    """Train/validation split (when there is no validation folder): explicit `val_ids`, else a
+    `val_slices=(lo, hi)` block (with `val_gap` slices either side dropped from training), else
+    a seeded `val_fraction`."""
     ids = [ex["id"] for ex in examples]
     if cfg.get("val_ids"):
         want = [str(i) for i in cfg["val_ids"]]
@@ -110,8 +175,13 @@ def load_segmentation(cfg: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
     """
     src = get_source(cfg["source"])
     directory = resolve_directory(cfg)
-    examples = [preprocess(ex, cfg) for ex in src.load(directory)]
-    train, val = split(examples, cfg, seed)
+    examples = [preprocess(ex, cfg) for ex in src.load(directory, cfg)]
+    val_dir = resolve_val_directory(cfg)
+    if val_dir:  # validation cases live in their own folder
+        train = examples
+        val = [preprocess(ex, cfg) for ex in src.load(val_dir, cfg)]
+    else:
+        train, val = split(examples, cfg, seed)
     if cfg.get("max_examples"):  # smoke runs: cap each split after splitting
         train, val = train[: int(cfg["max_examples"])], val[: int(cfg["max_examples"])]
     if not train or not val:

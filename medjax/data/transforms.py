@@ -32,11 +32,16 @@ __all__ = [
     "augment_batch",
     "augment_example",
     "center_crop",
+    "crop_to_bbox",
+    "foreground_bbox",
     "normalize_image",
     "pad_or_crop_to",
+    "paste_into",
     "random_crop",
+    "resample_to_spacing",
     "resize_example",
     "warp_affine",
+    "zscore_in_mask",
 ]
 
 
@@ -181,6 +186,213 @@ def normalize_image(
         spread = pix.max(axis=0) - centre
     spread = np.where(spread < eps, 1.0, spread)
     return ((x - centre) / spread).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# host, N-D volumes (2D or 3D): masked z-score, foreground bounding boxes, spacing resampling.
+# These take bare arrays (not example dicts): image [*spatial, C], label / mask [*spatial].
+# --------------------------------------------------------------------------------------------
+
+
+def _check_mask(mask: np.ndarray | None, spatial: tuple[int, ...], what: str) -> np.ndarray:
+    """A boolean mask of shape ``spatial`` (all True when None) that selects at least one voxel."""
+    if mask is None:
+        return np.ones(spatial, bool)
+    m = np.asarray(mask)
+    if m.shape != spatial:
+        raise ValueError(f"{what}: mask shape {m.shape} != image spatial shape {spatial}")
+    m = m.astype(bool, copy=False)
+    if not m.any():
+        raise ValueError(f"{what}: mask of shape {m.shape} selects no voxels (empty mask)")
+    return m
+
+
+def zscore_in_mask(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    clip_percentiles: tuple[float, float] | None = (0.5, 99.5),
+    outside: float = 0.0,
+) -> np.ndarray:
+    """Per-channel percentile clipping + z-score of ``image [*spatial, C]`` inside ``mask``.
+
+    For each channel (nnU-Net / MONAI style): the intensities of the whole channel are clipped to
+    ``[percentile(lo), percentile(hi)]`` of the voxels inside ``mask`` (numpy's default linear
+    percentile; skipped when ``clip_percentiles`` is None), then z-scored with the mean and std of
+    the clipped voxels inside the mask (via :func:`normalize_image`, so a constant channel is only
+    shifted to 0). Voxels outside the mask are set to ``outside`` (e.g. 0 = the in-mask mean).
+    ``mask [*spatial]`` bool, or None for "every voxel". Returns float32 [*spatial, C].
+
+    Raises ValueError for an image without a channel axis, a mask of another spatial shape, an
+    empty mask, percentiles outside 0..100 or lo > hi, and NaN voxels (the message counts them).
+    """
+    x = np.asarray(image, np.float32)
+    if x.ndim < 2:
+        raise ValueError(f"zscore_in_mask: image must be [*spatial, C], got shape {x.shape}")
+    spatial = x.shape[:-1]
+    nan_voxels = int(np.isnan(x).any(axis=-1).sum())
+    if nan_voxels:
+        raise ValueError(
+            f"zscore_in_mask: image of shape {x.shape} has {nan_voxels} NaN voxel(s) "
+            f"(of {math.prod(spatial)}); fill or mask them before normalising"
+        )
+    m = _check_mask(mask, spatial, "zscore_in_mask")
+    if clip_percentiles is not None:
+        lo_p, hi_p = (float(p) for p in clip_percentiles)
+        if not 0.0 <= lo_p <= hi_p <= 100.0:
+            raise ValueError(
+                f"clip_percentiles must satisfy 0 <= lo <= hi <= 100, got {clip_percentiles!r}"
+            )
+        inside = x[m]  # [N, C]
+        lo, hi = np.percentile(inside.astype(np.float64), [lo_p, hi_p], axis=0)  # [C] each
+        x = np.clip(x, lo.astype(np.float32), hi.astype(np.float32))
+    out = normalize_image(x, "zscore", mask=m)
+    out[~m] = np.float32(outside)
+    return out
+
+
+def _as_margin(margin: int | Sequence[int], nd: int) -> tuple[int, ...]:
+    out = (int(margin),) * nd if np.isscalar(margin) else tuple(int(v) for v in margin)  # type: ignore[arg-type]
+    if len(out) != nd or min(out) < 0:
+        raise ValueError(f"margin must be an int >= 0 or one per axis ({nd}), got {margin!r}")
+    return out
+
+
+def foreground_bbox(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
+    """Bounding box of the non-zero voxels of ``mask [*spatial]``, one ``slice`` per axis.
+
+    The box is grown by ``margin`` voxels on both sides (an int, or one per axis) and clipped to
+    the array, so ``mask[bbox]`` is always valid. Raises ValueError on an all-zero mask.
+    """
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim == 0:
+        raise ValueError("foreground_bbox: mask must have at least one axis")
+    if not m.any():
+        raise ValueError(f"foreground_bbox: mask of shape {m.shape} has no foreground voxels")
+    pad = _as_margin(margin, m.ndim)
+    out = []
+    for axis, (n, g) in enumerate(zip(m.shape, pad, strict=True)):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+        out.append(slice(max(0, int(hit[0]) - g), min(n, int(hit[-1]) + 1 + g)))
+    return tuple(out)
+
+
+def _check_bbox(bbox: Sequence[slice], shape: tuple[int, ...], what: str) -> tuple[slice, ...]:
+    bbox = tuple(bbox)
+    if len(bbox) > len(shape):
+        raise ValueError(f"{what}: bbox has {len(bbox)} axes, array shape {shape} has fewer")
+    for s, n in zip(bbox, shape, strict=False):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise ValueError(f"{what}: bbox entries must be slices with step 1, got {s!r}")
+        if s.start is None or s.stop is None or not 0 <= s.start < s.stop <= n:
+            raise ValueError(f"{what}: bbox {bbox} does not fit inside shape {shape}")
+    return bbox
+
+
+def crop_to_bbox(array: np.ndarray, bbox: Sequence[slice]) -> np.ndarray:
+    """``array[bbox]`` as a new array: the leading ``len(bbox)`` axes are cropped, the rest kept.
+
+    ``bbox`` is e.g. :func:`foreground_bbox`'s output; it must lie inside the array.
+    """
+    a = np.asarray(array)
+    return a[_check_bbox(bbox, a.shape, "crop_to_bbox")].copy()
+
+
+def paste_into(
+    full_shape: Sequence[int], cropped: np.ndarray, bbox: Sequence[slice], fill: float = 0
+) -> np.ndarray:
+    """Inverse of :func:`crop_to_bbox`: a ``full_shape`` array of ``fill`` with ``cropped`` at bbox.
+
+    ``full_shape`` is the spatial shape (``len(bbox)`` entries; trailing axes of ``cropped`` such
+    as channels are appended) or the complete output shape. The result has ``cropped``'s dtype.
+    """
+    c = np.asarray(cropped)
+    full = tuple(int(n) for n in full_shape)
+    nd = len(tuple(bbox))
+    if len(full) == nd:
+        full = full + c.shape[nd:]
+    elif len(full) != c.ndim or full[nd:] != c.shape[nd:]:
+        raise ValueError(
+            f"paste_into: full_shape {tuple(full_shape)} must be the spatial shape ({nd} axes) "
+            f"or match the cropped array's trailing axes {c.shape[nd:]}"
+        )
+    bbox = _check_bbox(bbox, full, "paste_into")
+    box_shape = tuple(s.stop - s.start for s in bbox)
+    if c.shape[:nd] != box_shape:
+        raise ValueError(
+            f"paste_into: cropped spatial shape {c.shape[:nd]} != bbox size {box_shape}"
+        )
+    out = np.full(full, fill, dtype=c.dtype)
+    out[bbox] = c
+    return out
+
+
+def resample_to_spacing(
+    array: np.ndarray,
+    spacing: Sequence[float],
+    target_spacing: float | Sequence[float] | None,
+    *,
+    order: int,
+    shape: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an image ``[*spatial, C]`` or a label ``[*spatial]`` to a new voxel spacing.
+
+    ``spacing`` has one entry per spatial axis (its length says whether the last axis of
+    ``array`` is a channel axis). The output size is ``round(n * spacing / target_spacing)`` per
+    axis (at least 1), or exactly ``shape`` when given -- e.g. to undo a resample back onto the
+    original grid; ``target_spacing`` may then be None. Interpolation is ``scipy.ndimage.zoom``
+    with ``grid_mode=True`` (voxel areas align: the outer voxel edges of input and output
+    coincide, as in ``skimage.transform.resize``), ``mode="nearest"`` (edge values repeated) and
+    the given spline ``order``: 1 (or 3) for images, 0 (nearest) for labels, which keeps class ids.
+    Channels are resampled independently. There is no anti-alias pre-filter when shrinking.
+
+    Returns ``(array, new_spacing)``: float32 for order > 0, the input dtype for order 0, and the
+    actual spacing ``spacing * n_in / n_out`` (float32 [nd]).
+    """
+    a = np.asarray(array)
+    sp = np.asarray(spacing, np.float64).reshape(-1)
+    nd = sp.size
+    if a.ndim not in (nd, nd + 1) or nd == 0:
+        raise ValueError(
+            f"resample_to_spacing: spacing {tuple(sp)} has {nd} entries; array shape {a.shape} "
+            f"must be [*spatial] or [*spatial, C] with {nd} spatial axes"
+        )
+    if not np.all(sp > 0):
+        raise ValueError(f"resample_to_spacing: spacing must be positive, got {tuple(sp)}")
+    if not 0 <= int(order) <= 5:
+        raise ValueError(f"resample_to_spacing: order must be 0..5, got {order}")
+    spatial = a.shape[:nd]
+    if shape is not None:
+        out_shape = tuple(int(n) for n in shape)
+        if len(out_shape) != nd or min(out_shape) < 1:
+            raise ValueError(f"resample_to_spacing: shape must be {nd} positive ints, got {shape}")
+    else:
+        if target_spacing is None:
+            raise ValueError("resample_to_spacing: pass target_spacing or shape")
+        tgt = np.broadcast_to(np.asarray(target_spacing, np.float64), (nd,))
+        if not np.all(tgt > 0):
+            raise ValueError(f"resample_to_spacing: target_spacing must be positive, got {tgt}")
+        out_shape = tuple(
+            max(1, int(round(n * s / t))) for n, s, t in zip(spatial, sp, tgt, strict=True)
+        )
+    new_spacing = (sp * np.asarray(spatial) / np.asarray(out_shape)).astype(np.float32)
+    if out_shape == spatial:
+        out = a.copy() if order == 0 else a.astype(np.float32, copy=True)
+        return out, new_spacing
+    zoom = tuple(o / n for o, n in zip(out_shape, spatial, strict=True))
+    src = a if order == 0 else a.astype(np.float32, copy=False)
+
+    def one(x: np.ndarray) -> np.ndarray:
+        y = ndimage.zoom(x, zoom, order=int(order), mode="nearest", grid_mode=True)
+        if y.shape != out_shape:  # zoom rounds n * zoom; o / n * n may not round back to o
+            raise AssertionError(f"zoom produced {y.shape}, wanted {out_shape}")
+        return y
+
+    if a.ndim == nd:
+        out = one(src)
+    else:
+        out = np.stack([one(src[..., c]) for c in range(a.shape[-1])], axis=-1)
+    return out.astype(src.dtype, copy=False), new_spacing
 
 
 # ============================================================================================

@@ -8,6 +8,7 @@ each at its original resolution with the task's `case_metrics` and writes, under
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import math
@@ -53,6 +54,161 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"data.region=TC"` -> ("data.region", "TC"); values are Python literals when they parse
+    (`64`, `(64, 64)`, `True`), strings otherwise; an empty value is `()` (i.e. "off")."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    value = value.strip()
+    if not value:
+        return key.strip(), ()
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Sets `key.sub=value` entries on a run's config; an unknown key is an error naming it."""
+    for text in overrides:
+        key, value = parse_override(text)
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise KeyError(
+                    f"override {text!r}: the run config has no key {'.'.join(parents[: i + 1])!r}"
+                )
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"override {text!r}: the run config has no key {key!r}")
+        node[leaf] = value
+
+
+def _out_path(workdir: Path, checkpoint: str, directory: Any, out_dir: Any) -> Path:
+    if out_dir:
+        return Path(out_dir)
+    return workdir / "eval" / f"{checkpoint}-{Path(str(directory or 'embedded')).name}"
+
+
+def _restore_for(workdir: Path, config: Any, trainer: loop.Trainer, checkpoint: str, spec: Any):
+    if checkpoint not in ("best", "latest"):
+        raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
+    return loop.restore(
+        config, workdir, best=checkpoint == "best", trainer=trainer, batch_spec=spec
+    )
+
+
+def _volume_cases(task: Any, config: Any, inputs: Sequence[str | Path] | None) -> list[Any]:
+    """Cases of every input folder: a dataset folder in the run's layout, or one case folder."""
+    from medjax.train.tasks.volume_segmentation import resolve_split_dir
+
+    if not inputs:
+        return task.cases(resolve_split_dir(config.data, "val"))
+    out = []
+    for path in (Path(p) for p in inputs):
+        try:
+            out.extend(task.cases(path))
+        except FileNotFoundError as as_dataset:
+            # not a dataset folder: maybe ONE case folder of a dataset in this layout
+            try:
+                found = [c for c in task.cases(path.parent) if c.id == path.name]
+            except FileNotFoundError:
+                found = []
+            if not found:
+                raise FileNotFoundError(
+                    f"{path} is neither a {config.data.layout} dataset folder nor one of its case "
+                    f"folders ({as_dataset})"
+                ) from as_dataset
+            out.extend(found)
+    return out
+
+
+def evaluate_volumes(
+    workdir: Path,
+    config: Any,
+    *,
+    data_dir: str | None,
+    checkpoint: str,
+    out_dir: str | Path | None,
+    pictures: int,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """`evaluate_workdir` for volume runs: whole-volume sliding-window predictions scored on the
+    original grid per BraTS region."""
+    trainer = loop.Trainer(config)
+    task = trainer.task
+    cases = _volume_cases(task, config, [data_dir] if data_dir else None)
+    spec = task.batch_spec(int(config.batch_size))
+    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
+    from medjax.train.tasks.volume_segmentation import resolve_split_dir
+
+    directory = data_dir or resolve_split_dir(config.data, "val")
+    out_path = _out_path(workdir, checkpoint, directory, out_dir)
+    rows = []
+    for i, case in enumerate(cases):
+        if case.label is None:
+            raise ValueError(f"case {case.id} has no label map to score against ({case.images})")
+        prepared = task.prepare(case)
+        pred = task.predict_case(trainer, state, prepared)
+        rows.append(task.case_row(prepared, pred))
+        if i < pictures:
+            visualize.save_png(out_path / "overlays" / f"{case.id}.png", task.panel(prepared, pred))
+    summary = summarize_rows(rows)
+    summary["step"] = int(state.step)
+    write_csv(out_path / "metrics.csv", rows)
+    (out_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return rows, summary
+
+
+def predict_volumes(
+    workdir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    checkpoint: str = "best",
+    overwrite: bool = False,
+    suffix: str = ".nii.gz",
+) -> list[Path]:
+    """Writes one label-map NIfTI per case of `inputs` (dataset or case folders) to `out_dir`.
+
+    Labels are in the case's own convention (e.g. BraTS 0/1/2/4), on the input's grid, with the
+    input's affine and orientation: the file overlays the input exactly in any viewer. Existing
+    files are never replaced unless `overwrite`; the check happens before any computation.
+    """
+    from medjax.data import io, volumes
+
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    trainer = loop.Trainer(config)
+    task = trainer.task
+    if not hasattr(task, "predict_case"):
+        raise ValueError(f"{workdir} is a {config.task!r} run; predict.py needs a volume run")
+    cases = _volume_cases(task, config, inputs)
+    out_dir = Path(out_dir)
+    targets = [out_dir / f"{c.id}{suffix}" for c in cases]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{len(existing)} prediction(s) already exist, e.g. {existing[0]}; pass --overwrite "
+            "to replace them or choose another --output"
+        )
+    trainer, state = _restore_for(
+        workdir, config, trainer, checkpoint, task.batch_spec(int(config.batch_size))
+    )
+    written = []
+    for case, target in zip(cases, targets, strict=True):
+        prepared = task.prepare(case)
+        pred = task.predict_case(trainer, state, prepared)
+        native = volumes.to_native(pred, prepared["label_scheme"])
+        written.append(
+            io.write_nifti(
+                target, native, prepared["geometry"], dtype=np.uint8, overwrite=overwrite
+            )
+        )
+    return written
+
+
 def evaluate_workdir(
     workdir: str | Path,
     *,
@@ -60,38 +216,49 @@ def evaluate_workdir(
     checkpoint: str = "best",
     out_dir: str | Path | None = None,
     pictures: int = 8,
+    overrides: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Scores a run on its validation split, or on EVERY case of `data_dir` when given.
 
     Args:
       workdir: the run folder (holds `config.json` and checkpoints).
-      data_dir: a dataset folder in the layout of the run's `config.data.source`.
+      data_dir: a dataset folder in the layout of the run's data (`config.data.source` or
+        `config.data.layout`).
       checkpoint: "best" (by the run's `best_metric`; latest if none was kept) or "latest".
       out_dir: where to write; default `workdir/eval/<checkpoint>-<folder name>`.
       pictures: how many overlay PNGs to write.
+      overrides: `key.sub=value` changes to the run's config for this evaluation only, e.g.
+        `data.slice_crop=` to score a crop-trained 2D model on whole slices.
     """
     if checkpoint not in ("best", "latest"):
         raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
     workdir = Path(workdir)
     config = load_run_config(workdir)
+    apply_overrides(config, overrides)
+    if config.task == "volume_segmentation":
+        return evaluate_volumes(
+            workdir, config, data_dir=data_dir, checkpoint=checkpoint, out_dir=out_dir,
+            pictures=pictures,
+        )  # fmt: skip
     if data_dir:
         config.data.directory = str(data_dir)
     trainer = loop.Trainer(config)
     task = trainer.task
     source = datasets.get_source(config.data.source)
     directory = datasets.resolve_directory(config.data)
-    raw = source.load(directory)
     task.class_names = tuple(source.class_names)
     if data_dir:
-        cases = raw
+        cases = source.load(directory, config.data)
+    elif datasets.resolve_val_directory(config.data):
+        cases = source.load(datasets.resolve_val_directory(config.data), config.data)
     else:
         # The split reads only ids, slice indices and order: the same split as in training.
-        _, cases = datasets.split(raw, config.data, int(config.seed))
+        _, cases = datasets.split(
+            source.load(directory, config.data), config.data, int(config.seed)
+        )
     images = [datasets.preprocess(ex, config.data)["image"] for ex in cases]
     spec = {"image": jax.ShapeDtypeStruct((trainer.eval_batch_size, *images[0].shape), np.float32)}
-    trainer, state = loop.restore(
-        config, workdir, best=checkpoint == "best", trainer=trainer, batch_spec=spec
-    )
+    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
     # Cases of another size than the training data (a user's own folder) are predicted in
     # groups of equal input shape: the network is fully convolutional.
     logits: list[np.ndarray] = [np.empty(0)] * len(cases)
@@ -102,11 +269,7 @@ def evaluate_workdir(
         pred = trainer.predict_all(state, np.stack([images[i] for i in idx]))
         for i, lg in zip(idx, pred, strict=True):
             logits[i] = lg
-    out_path = (
-        Path(out_dir)
-        if out_dir
-        else workdir / "eval" / f"{checkpoint}-{Path(directory or 'embedded').name}"
-    )
+    out_path = _out_path(workdir, checkpoint, directory, out_dir)
     rows = []
     for i, (ex, lg) in enumerate(zip(cases, logits, strict=True)):
         row, pred = task.case_metrics(ex, lg)

@@ -25,13 +25,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from medjax import inference
 from medjax.data import pipeline
 from medjax.train import parallel
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.logging import MetricWriter, Progress
 
 # Config keys that may change between a run and its resumption (schedule-independent bookkeeping).
-RESUMABLE_CHANGES = ("num_steps", "log_every", "eval_every", "checkpoint_every", "data.directory")
+RESUMABLE_CHANGES = (
+    "num_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "data.directory",
+    "data.val_directory",
+)
 
 
 def get_task(config: Any) -> Any:
@@ -155,6 +163,34 @@ class Trainer:
     def predict(self) -> Callable[..., Any]:
         return jax.jit(self.task.predict, in_shardings=(self.state_sh, self.data_sh))
 
+    @functools.cached_property
+    def _sliding_window(self) -> Callable[..., Any]:
+        inf = self.config.get("inference") or {}
+        window = tuple(int(w) for w in (inf.get("window") or self.config.patch_size))
+        window_batch = int(inf.get("window_batch", 2))
+        n_dev = self.mesh.devices.size
+        # Windows of one group spread over the devices when they divide evenly.
+        sharding = self.data_sh if n_dev > 1 and window_batch % n_dev == 0 else None
+
+        def fn(state: Any, volume: jax.Array) -> jax.Array:
+            return inference.sliding_window_inference(
+                functools.partial(self.task.predict, state),
+                volume,
+                window,
+                overlap=float(inf.get("overlap", 0.5)),
+                window_batch=window_batch,
+                sigma_scale=float(inf.get("sigma_scale", 0.125)),
+                mode=str(inf.get("mode", "gaussian")),
+                window_sharding=sharding,
+            )
+
+        return jax.jit(fn, in_shardings=(self.state_sh, self.rep))
+
+    def sliding_window(self, state: Any, volume: np.ndarray) -> np.ndarray:
+        """Blended float32 logits `[*spatial, classes]` of one whole volume `[*spatial, C]`
+        (windows and blending from `config.inference`; see `medjax.inference`)."""
+        return to_host(self._sliding_window(state, volume))
+
     @property
     def eval_batch_size(self) -> int:
         return int(self.config.get("eval_batch_size") or self.config.batch_size)
@@ -190,6 +226,24 @@ class Trainer:
         return np.concatenate(out)
 
 
+def batch_spec_of(task: Any, data: Mapping[str, Any], global_batch_size: int) -> dict[str, Any]:
+    """Shapes of one global training batch: `task.batch_spec(gb)` when the task samples its
+    batches itself, else those of the in-memory `data["train"]` arrays."""
+    if hasattr(task, "batch_spec"):
+        return task.batch_spec(global_batch_size)
+    return {
+        k: jax.ShapeDtypeStruct((global_batch_size, *v.shape[1:]), v.dtype)
+        for k, v in data["train"].items()
+    }
+
+
+def _count(data: Mapping[str, Any], split: str) -> int:
+    arrays = data.get(split)
+    if isinstance(arrays, Mapping):
+        return len(next(iter(arrays.values())))
+    return len(arrays) if arrays is not None else 0
+
+
 def run(config: Any, workdir: str | Path) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
     parallel.initialize_distributed()
@@ -198,12 +252,9 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     trainer = Trainer(config)
     task, mesh = trainer.task, trainer.mesh
     data = task.load_data()
-    train_arrays, eval_arrays = data["train"], data["eval"]
     gb = int(config.batch_size)
     parallel.check_batch_size(gb, mesh)
-    batch_spec = {
-        k: jax.ShapeDtypeStruct((gb, *v.shape[1:]), v.dtype) for k, v in train_arrays.items()
-    }
+    batch_spec = batch_spec_of(task, data, gb)
     state = trainer.init_state(batch_spec)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
@@ -222,20 +273,23 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         print(
             f"medjax: task={config.task} devices={mesh.devices.size} "
             f"processes={jax.process_count()} "
-            f"params={n_params:,} train={len(next(iter(train_arrays.values())))} "
-            f"eval={len(next(iter(eval_arrays.values())))} "
+            f"params={n_params:,} train={_count(data, 'train')} eval={_count(data, 'eval')} "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {num_steps}",
             flush=True,
         )
 
     def do_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        per_example, first = trainer.evaluate(state, eval_arrays)
-        summary = task.summarize(per_example)
+        if hasattr(task, "evaluate"):  # e.g. whole volumes by sliding window
+            summary, picture = task.evaluate(trainer, state, data)
+        else:
+            per_example, first = trainer.evaluate(state, data["eval"])
+            summary = task.summarize(per_example)
+            picture = task.visualize(*first) if first and hasattr(task, "visualize") else None
         summary["eval_seconds"] = time.perf_counter() - t0
         writer.scalars(step, summary, split="eval")
-        if first is not None and hasattr(task, "visualize"):
-            writer.image(step, "eval_predictions", task.visualize(*first))
+        if picture is not None:
+            writer.image(step, "eval_predictions", picture)
         ckpt.save_best(step, state, summary)
         return summary
 
@@ -245,8 +299,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     summary: dict[str, float] = {}
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
-    it = pipeline.make_train_iter(
-        train_arrays,
+    make_iter = getattr(task, "make_train_iter", None)  # e.g. patches sampled from volumes
+    it = (make_iter or functools.partial(pipeline.make_train_iter, data["train"]))(
         global_batch_size=gb,
         mesh=mesh,
         seed=int(config.seed),
