@@ -6,7 +6,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from medjax.inference import (
     sliding_window_inference,
     window_starts,
 )
+from tests.helpers import cpu_env
 
 # ---------------------------------------------------------------- independent references
 
@@ -311,11 +311,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_windows_equal_unsharded_on_8_cpu_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = cpu_env(devices=8)
     proc = subprocess.run(
         [sys.executable, "-c", _SHARDED_SCRIPT],
         capture_output=True,

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from medjax.data import pipeline
 from medjax.train import parallel
 
 __all__ = [
@@ -256,21 +257,15 @@ def patch_batch(
     )
     if rows is not None:
         cases, starts = cases[rows], starts[rows]
-    images = [
-        extract_patch(volumes[c]["image"], st, patch, image_pad).astype(np.float32, copy=False)
-        for c, st in zip(cases, starts, strict=True)
-    ]
-    labels = [
-        extract_patch(volumes[c]["label"], st, patch, label_pad).astype(np.int32, copy=False)
-        for c, st in zip(cases, starts, strict=True)
-    ]
     n_chan = np.shape(volumes[0]["image"])[-1]
-    if not images:
-        return {
-            "image": np.zeros((0, *patch, n_chan), np.float32),
-            "label": np.zeros((0, *patch), np.int32),
-        }
-    return {"image": np.stack(images), "label": np.stack(labels)}
+    out = {
+        "image": np.empty((len(cases), *patch, n_chan), np.float32),
+        "label": np.empty((len(cases), *patch), np.int32),
+    }
+    for i, (c, st) in enumerate(zip(cases, starts, strict=True)):
+        out["image"][i] = extract_patch(volumes[c]["image"], st, patch, image_pad)
+        out["label"][i] = extract_patch(volumes[c]["label"], st, patch, label_pad)
+    return out
 
 
 def make_patch_train_iter(
@@ -289,7 +284,8 @@ def make_patch_train_iter(
     image_pad: float = 0.0,
     label_pad: int = 0,
 ) -> Iterator[dict[str, jax.Array]]:
-    """Yields global patch batches ``{"image", "label"}`` for steps ``start_step, ...``.
+    """Global patch batches ``{"image", "label"}`` for steps ``start_step, ...`` (an iterator
+    built on :func:`medjax.data.pipeline.iterate_steps`).
 
     Batch ``s`` equals ``patch_batch(volumes, s, ...)`` (so resuming at ``start_step`` repeats
     nothing and skips nothing); endless when ``num_steps`` is None. Every process computes the
@@ -298,9 +294,6 @@ def make_patch_train_iter(
     sharded over the mesh's data axis. Volumes (held in memory by every process) are cast to
     float32 images / int32 labels and their foreground indexed once, up front.
     """
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
     patch = _as_size(patch_size, None, "patch_size")
     _check_volumes(volumes, len(patch))
     parallel.check_batch_size(global_batch_size, mesh)
@@ -316,10 +309,10 @@ def make_patch_train_iter(
     n_chan = vols[0]["image"].shape[-1]
     local = rows.stop - rows.start
 
-    def host_rows(step: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        b = patch_batch(
+    def host_batch(step: int) -> dict[str, np.ndarray]:
+        return patch_batch(
             vols,
-            int(step),
+            step,
             seed=seed,
             global_batch_size=global_batch_size,
             patch_size=patch,
@@ -330,23 +323,20 @@ def make_patch_train_iter(
             image_pad=image_pad,
             label_pad=label_pad,
         )
-        return b["image"], b["label"]
 
-    def to_dict(image: Any, label: Any) -> dict[str, Any]:
-        image.set_shape((local, *patch, n_chan))
-        label.set_shape((local, *patch))
-        return {"image": image, "label": label}
-
-    stop = np.iinfo(np.int64).max if num_steps is None else int(start_step) + int(num_steps)
-    ds = tf.data.Dataset.range(int(start_step), stop)
-    ds = ds.map(
-        lambda s: tf.numpy_function(host_rows, [s], (tf.float32, tf.int32), stateful=False),
-        num_parallel_calls=tf.data.AUTOTUNE if num_workers is None else int(num_workers),
-        deterministic=True,
+    spec = {
+        "image": ((local, *patch, n_chan), np.dtype(np.float32)),
+        "label": ((local, *patch), np.dtype(np.int32)),
+    }
+    return pipeline.iterate_steps(
+        host_batch,
+        spec,
+        mesh=mesh,
+        start_step=start_step,
+        num_steps=num_steps,
+        prefetch=prefetch,
+        num_workers=num_workers,
     )
-    ds = ds.map(to_dict).prefetch(prefetch)
-    for batch in ds.as_numpy_iterator():
-        yield parallel.global_batch(batch, mesh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Evaluation visits every example once; the last batch is padded and carries a boo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -48,6 +49,47 @@ def step_indices(step: int, *, num_examples: int, global_batch_size: int, seed: 
     return out
 
 
+def iterate_steps(
+    host_batch: Callable[[int], Mapping[str, np.ndarray]],
+    spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    *,
+    mesh: Mesh,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    prefetch: int = 2,
+    num_workers: int | None = None,
+) -> Iterator[dict[str, jax.Array]]:
+    """The one tf.data loop behind every training iterator: `host_batch(step)` (this process's
+    rows of global batch `step`, shapes and dtypes as in `spec`) runs on `num_workers` tf.data
+    threads (AUTOTUNE when None) in step order, is prefetched, and becomes global `jax.Array`s
+    sharded over the mesh's data axis. Endless when `num_steps` is None."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    keys = list(spec)
+    dtypes = tuple(tf.as_dtype(spec[k][1]) for k in keys)
+
+    def host(step: np.int64) -> tuple[np.ndarray, ...]:
+        out = host_batch(int(step))
+        return tuple(np.asarray(out[k], spec[k][1]) for k in keys)
+
+    def to_dict(*tensors: Any) -> dict[str, Any]:
+        for k, t in zip(keys, tensors, strict=True):
+            t.set_shape(spec[k][0])
+        return dict(zip(keys, tensors, strict=True))
+
+    stop = np.iinfo(np.int64).max if num_steps is None else int(start_step) + int(num_steps)
+    ds = tf.data.Dataset.range(int(start_step), stop)
+    ds = ds.map(
+        lambda s: tf.numpy_function(host, [s], dtypes, stateful=False),
+        num_parallel_calls=tf.data.AUTOTUNE if num_workers is None else int(num_workers),
+        deterministic=True,
+    )
+    ds = ds.map(to_dict).prefetch(prefetch)
+    for local in ds.as_numpy_iterator():
+        yield parallel.global_batch(local, mesh)
+
+
 def make_train_iter(
     arrays: Mapping[str, np.ndarray],
     *,
@@ -66,31 +108,20 @@ def make_train_iter(
       mesh: batches are sharded over its data axis.
       seed: data-order seed.
     """
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
     n = _check_arrays(arrays)
     parallel.check_batch_size(global_batch_size, mesh)
     rows = parallel.process_slice(global_batch_size)
+    local = rows.stop - rows.start
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
 
-    def indices(step: np.int64) -> np.ndarray:
-        idx = step_indices(
-            int(step), num_examples=n, global_batch_size=global_batch_size, seed=seed
-        )
-        return idx[rows]
+    def host_batch(step: int) -> dict[str, np.ndarray]:
+        idx = step_indices(step, num_examples=n, global_batch_size=global_batch_size, seed=seed)
+        return {k: v[idx[rows]] for k, v in arrays.items()}
 
-    tensors = {k: tf.constant(np.asarray(v)) for k, v in arrays.items()}
-    stop = np.iinfo(np.int64).max if num_steps is None else start_step + num_steps
-    ds = tf.data.Dataset.range(start_step, stop)
-    ds = ds.map(lambda s: tf.numpy_function(indices, [s], tf.int64, stateful=False))
-    ds = ds.map(
-        lambda idx: {k: tf.gather(t, idx) for k, t in tensors.items()},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+    spec = {k: ((local, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
+    return iterate_steps(
+        host_batch, spec, mesh=mesh, start_step=start_step, num_steps=num_steps, prefetch=prefetch
     )
-    ds = ds.prefetch(prefetch)
-    for local in ds.as_numpy_iterator():
-        yield parallel.global_batch(local, mesh)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:

@@ -100,12 +100,8 @@ def _restore_for(workdir: Path, config: Any, trainer: loop.Trainer, checkpoint: 
     )
 
 
-def _volume_cases(task: Any, config: Any, inputs: Sequence[str | Path] | None) -> list[Any]:
+def _volume_cases(task: Any, config: Any, inputs: Sequence[str | Path]) -> list[Any]:
     """Cases of every input folder: a dataset folder in the run's layout, or one case folder."""
-    from medjax.train.tasks.volume_segmentation import resolve_split_dir
-
-    if not inputs:
-        return task.cases(resolve_split_dir(config.data, "val"))
     out = []
     for path in (Path(p) for p in inputs):
         try:
@@ -136,14 +132,14 @@ def evaluate_volumes(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """`evaluate_workdir` for volume runs: whole-volume sliding-window predictions scored on the
     original grid per BraTS region."""
-    trainer = loop.Trainer(config)
-    task = trainer.task
-    cases = _volume_cases(task, config, [data_dir] if data_dir else None)
-    spec = task.batch_spec(int(config.batch_size))
-    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
     from medjax.train.tasks.volume_segmentation import resolve_split_dir
 
+    trainer = loop.Trainer(config)
+    task = trainer.task
     directory = data_dir or resolve_split_dir(config.data, "val")
+    cases = _volume_cases(task, config, [directory])
+    spec = task.batch_spec(int(config.batch_size))
+    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
     out_path = _out_path(workdir, checkpoint, directory, out_dir)
     rows = []
     for i, case in enumerate(cases):
@@ -154,7 +150,7 @@ def evaluate_volumes(
         rows.append(task.case_row(prepared, pred))
         if i < pictures:
             visualize.save_png(out_path / "overlays" / f"{case.id}.png", task.panel(prepared, pred))
-    summary = summarize_rows(rows)
+    summary = task.summarize_rows(rows)
     summary["step"] = int(state.step)
     write_csv(out_path / "metrics.csv", rows)
     (out_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
@@ -230,8 +226,6 @@ def evaluate_workdir(
       overrides: `key.sub=value` changes to the run's config for this evaluation only, e.g.
         `data.slice_crop=` to score a crop-trained 2D model on whole slices.
     """
-    if checkpoint not in ("best", "latest"):
-        raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
     workdir = Path(workdir)
     config = load_run_config(workdir)
     apply_overrides(config, overrides)

@@ -299,8 +299,12 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     summary: dict[str, float] = {}
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
-    make_iter = getattr(task, "make_train_iter", None)  # e.g. patches sampled from volumes
-    it = (make_iter or functools.partial(pipeline.make_train_iter, data["train"]))(
+    # A task may sample its own batches (e.g. patches of volumes); else in-memory arrays.
+    if hasattr(task, "make_train_iter"):
+        make_iter = functools.partial(task.make_train_iter, data)
+    else:
+        make_iter = functools.partial(pipeline.make_train_iter, data["train"])
+    it = make_iter(
         global_batch_size=gb,
         mesh=mesh,
         seed=int(config.seed),

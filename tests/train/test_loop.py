@@ -1,7 +1,6 @@
 """End-to-end behaviour of the training loop: resume after a crash, 1 vs 8 devices, CLI."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from medjax.configs import mni152_demo
 from medjax.data import pipeline
 from medjax.train import loop
+from tests.helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,11 +99,7 @@ def test_unknown_task_is_named():
 
 
 def test_one_and_eight_devices_agree(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = cpu_env(devices=8)
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("equivalence_script.py")), str(tmp_path)],
         capture_output=True,
@@ -123,7 +119,7 @@ def test_one_and_eight_devices_agree(tmp_path):
 
 def test_train_and_evaluate_scripts_end_to_end(tmp_path):
     work = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cpu_env()
     train = subprocess.run(
         _train_cmd(work, "--config.num_steps=4", "--config.eval_every=2"),
         capture_output=True,
@@ -165,7 +161,7 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     work = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env = cpu_env(PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         _train_cmd(
             work,

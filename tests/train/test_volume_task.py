@@ -8,7 +8,6 @@ hand-counted sets, never from medjax's own earlier output.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from medjax.data import datasets
 from medjax.train import evaluate
 from medjax.train.tasks import volume_segmentation as vs
 from tests.data import test_volumes as tv
+from tests.helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def brats_root(tmp_path_factory) -> Path:
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cpu_env()
     proc = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
     )
@@ -156,7 +156,7 @@ def test_train_evaluate_predict_scripts_on_volumes(brats_root, tmp_path):
 
     # an existing prediction is never replaced without --overwrite
     before = out_file.read_bytes()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = cpu_env()
     again = subprocess.run(
         [sys.executable, "scripts/predict.py", f"--workdir={work}", f"--input={case_dir}",
          f"--output={pred_dir}"],

@@ -101,7 +101,6 @@ class Task(segmentation.Task):
                 f"config.data.num_classes={self.num_classes} but the BraTS scheme has classes "
                 f"{self.class_names}"
             )
-        self._train: list[dict[str, Any]] = []
 
     # -- host data ------------------------------------------------------------------------------
     def cases(self, directory: str | Path) -> list[Any]:
@@ -165,12 +164,12 @@ class Task(segmentation.Task):
             raise ValueError(
                 "volume segmentation needs at least one training and one validation case"
             )
-        self._train = [self.prepare(c) for c in train_cases]
-        missing = [t["id"] for t in self._train if "label" not in t]
+        train = [self.prepare(c) for c in train_cases]
+        missing = [t["id"] for t in train if "label" not in t]
         if missing:
             raise ValueError(f"training cases without a label map: {missing}")
         val = [self.prepare(c) for c in val_cases]
-        return {"train": self._train, "eval": val, "train_ids": [t["id"] for t in self._train]}
+        return {"train": train, "eval": val, "train_ids": [t["id"] for t in train]}
 
     def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         channels = len(self.modalities)
@@ -181,14 +180,12 @@ class Task(segmentation.Task):
             "label": jax.ShapeDtypeStruct((global_batch_size, *self.patch_size), np.int32),
         }
 
-    def make_train_iter(self, **kw: Any) -> Iterator[dict[str, jax.Array]]:
-        """Patches drawn as a pure function of (seed, step) from the loaded training volumes."""
+    def make_train_iter(self, data: Mapping[str, Any], **kw: Any) -> Iterator[dict[str, jax.Array]]:
+        """Patches drawn as a pure function of (seed, step) from `load_data()`'s volumes."""
         from medjax.data import patches
 
-        if not self._train:
-            raise RuntimeError("call load_data() before make_train_iter()")
         return patches.make_patch_train_iter(
-            [{"image": t["image"], "label": t["label"]} for t in self._train],
+            [{"image": t["image"], "label": t["label"]} for t in data["train"]],
             patch_size=self.patch_size,
             fg_fraction=float(self.config.data.get("fg_fraction", 0.33)),
             **kw,
@@ -231,15 +228,14 @@ class Task(segmentation.Task):
         return self.summarize_rows(rows), visualize.grid(panels, cols=1) if panels else None
 
     def summarize_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        out: dict[str, float] = {}
+        """Means over cases (NaNs skipped, `medjax.train.evaluate.summarize_rows`) and, per
+        metric, `<metric>_mean` over the regions (the best-checkpoint metric `dice_mean`)."""
+        from medjax.train.evaluate import summarize_rows
+
+        out = summarize_rows(rows)
         for k in REGION_METRICS:
-            for name in self.regions:
-                vals = np.asarray([r[f"{k}_{name}"] for r in rows], np.float64)
-                out[f"{k}_{name}"] = (
-                    float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-                )
-            region_means = [out[f"{k}_{n}"] for n in self.regions if np.isfinite(out[f"{k}_{n}"])]
-            out[f"{k}_mean"] = float(np.mean(region_means)) if region_means else float("nan")
+            vals = [out[f"{k}_{n}"] for n in self.regions if np.isfinite(out[f"{k}_{n}"])]
+            out[f"{k}_mean"] = float(np.mean(vals)) if vals else float("nan")
         return out
 
     def panel(self, prepared: Mapping[str, Any], pred: np.ndarray) -> np.ndarray:
