@@ -1,6 +1,6 @@
-"""Segmentation losses for multi-class, channels-last logits.
+"""Segmentation losses for multi-class, channels-last logits, and GAN / image-translation losses.
 
-Conventions shared by every function in this module:
+Conventions shared by every segmentation loss in this module:
 
 * ``logits`` are unnormalised scores of shape ``[B, *spatial, C]`` (2D or 3D, any float dtype;
   they are cast to float32 before any reduction).
@@ -10,12 +10,17 @@ Conventions shared by every function in this module:
   contribute nothing. Float masks act as per-voxel weights.
 * Every loss returns PER-EXAMPLE values of shape ``[B]``; the caller reduces over the batch.
 * Everything is jit-able and differentiable with respect to ``logits``.
+
+The GAN section at the end (:func:`gan_discriminator_loss`, :func:`gan_generator_loss`,
+:func:`gradient_penalty`, :func:`interpolate`, :func:`l1_loss`) follows the same rules: inputs are
+cast to float32 first and every loss returns per-example ``[B]`` float32 values, averaging over
+all non-batch axes (so scalar critic outputs ``[B]`` and PatchGAN maps ``[B, h, w, 1]`` both work).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +28,18 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["cross_entropy", "dice_ce_loss", "focal_loss", "soft_dice_loss"]
+__all__ = [
+    "GAN_LOSS_KINDS",
+    "cross_entropy",
+    "dice_ce_loss",
+    "focal_loss",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+    "gradient_penalty",
+    "interpolate",
+    "l1_loss",
+    "soft_dice_loss",
+]
 
 _TINY = 1e-12
 
@@ -252,3 +268,199 @@ def focal_loss(
             alpha_vec = alpha_arr
         fl = fl * jnp.sum(one_hot * alpha_vec, axis=-1)
     return _masked_mean(fl, mask)
+
+
+# =============================================================================================
+# GAN losses
+# =============================================================================================
+
+GAN_LOSS_KINDS: tuple[str, ...] = ("non_saturating", "lsgan", "hinge", "wasserstein")
+"""Valid ``kind`` values of :func:`gan_discriminator_loss` / :func:`gan_generator_loss`."""
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in GAN_LOSS_KINDS:
+        raise ValueError(f"unknown GAN loss kind {kind!r}; expected one of {GAN_LOSS_KINDS}")
+
+
+def _per_example_mean(x: Array) -> Array:
+    """Mean over all non-batch axes of a float32 array (identity for ``[B]``)."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _as_logits(x: Array, name: str) -> Array:
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have a batch axis, e.g. [B] or [B, h, w, 1]; got a scalar")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point logits, got dtype {x.dtype}")
+    return x.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def gan_discriminator_loss(real_logits: Array, fake_logits: Array, kind: str) -> Array:
+    """Discriminator (critic) loss per example, ``[B]`` float32.
+
+    ``r`` / ``f`` are the critic outputs on real / generated examples; every term is averaged
+    over the non-batch axes (``mean`` below) before the terms are combined:
+
+    * ``"non_saturating"`` (Goodfellow et al. 2014): ``mean(softplus(-r)) + mean(softplus(f))``,
+      i.e. sigmoid cross-entropy with label 1 for real and 0 for fake.
+    * ``"lsgan"`` (Mao et al. 2017): MSE to the targets 1 / 0,
+      ``mean((r - 1)^2) + mean(f^2)``.
+
+    No kind halves the sum: pix2pix and CycleGAN multiply the discriminator loss by 0.5 "to slow
+    down the rate at which D learns relative to G" in the task (`medjax.train.tasks`), for every
+    kind alike.
+    * ``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018): ``mean(relu(1 - r)) + mean(relu(1 + f))``.
+    * ``"wasserstein"`` (Arjovsky et al. 2017; add :func:`gradient_penalty` for WGAN-GP):
+      ``mean(f) - mean(r)``.
+
+    Args:
+      real_logits: ``[B, ...]`` float critic outputs on real examples (``[B]`` or a PatchGAN
+        map ``[B, h, w, 1]``).
+      fake_logits: same shape, on generated examples.
+      kind: one of :data:`GAN_LOSS_KINDS` (static).
+
+    Returns:
+      ``[B]`` float32 loss.
+    """
+    _check_kind(kind)
+    r = _as_logits(real_logits, "real_logits")
+    f = _as_logits(fake_logits, "fake_logits")
+    if r.shape != f.shape:
+        raise ValueError(f"real_logits shape {r.shape} != fake_logits shape {f.shape}")
+    if kind == "non_saturating":
+        return _per_example_mean(jax.nn.softplus(-r)) + _per_example_mean(jax.nn.softplus(f))
+    if kind == "lsgan":
+        return _per_example_mean((r - 1.0) ** 2) + _per_example_mean(f**2)
+    if kind == "hinge":
+        return _per_example_mean(jax.nn.relu(1.0 - r)) + _per_example_mean(jax.nn.relu(1.0 + f))
+    return _per_example_mean(f) - _per_example_mean(r)  # wasserstein
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def gan_generator_loss(fake_logits: Array, kind: str) -> Array:
+    """Generator loss per example, ``[B]`` float32 (``f``: critic output on generated examples).
+
+    * ``"non_saturating"``: ``mean(softplus(-f))`` (= ``-log sigmoid(f)``, label 1).
+    * ``"lsgan"``: ``mean((f - 1)^2)`` (pix2pix/CycleGAN convention: plain MSE to 1, no 0.5).
+    * ``"hinge"`` and ``"wasserstein"``: ``-mean(f)``.
+
+    Args:
+      fake_logits: ``[B, ...]`` float critic outputs (``[B]`` or ``[B, h, w, 1]``).
+      kind: one of :data:`GAN_LOSS_KINDS` (static).
+
+    Returns:
+      ``[B]`` float32 loss.
+    """
+    _check_kind(kind)
+    f = _as_logits(fake_logits, "fake_logits")
+    if kind == "non_saturating":
+        return _per_example_mean(jax.nn.softplus(-f))
+    if kind == "lsgan":
+        return _per_example_mean((f - 1.0) ** 2)
+    return -_per_example_mean(f)  # hinge, wasserstein
+
+
+def interpolate(real: Array, fake: Array, key: Array) -> tuple[Array, Array]:
+    """Random points on the segments between real and fake examples (WGAN-GP sampling).
+
+    ``eps ~ U[0, 1)`` is drawn once per example with shape ``[B, 1, ..., 1]`` (as
+    ``jax.random.uniform(key, eps.shape, float32)``) and
+    ``x_hat = eps * real + (1 - eps) * fake``, all in float32.
+
+    Args:
+      real, fake: ``[B, ...]`` arrays of equal shape (any float dtype).
+      key: a JAX PRNG key.
+
+    Returns:
+      ``(x_hat, eps)``: ``x_hat`` ``[B, ...]`` float32 and ``eps`` ``[B, 1, ..., 1]`` float32.
+    """
+    real = jnp.asarray(real)
+    fake = jnp.asarray(fake)
+    if real.shape != fake.shape:
+        raise ValueError(f"real shape {real.shape} != fake shape {fake.shape}")
+    if real.ndim < 1:
+        raise ValueError("real/fake need a batch axis")
+    real = real.astype(jnp.float32)
+    fake = fake.astype(jnp.float32)
+    eps = jax.random.uniform(key, (real.shape[0],) + (1,) * (real.ndim - 1), jnp.float32)
+    return eps * real + (1.0 - eps) * fake, eps
+
+
+def gradient_penalty(
+    critic_fn: Callable[[Array], Array],
+    real: Array,
+    fake: Array,
+    key: Array,
+    *,
+    target: float = 1.0,
+) -> Array:
+    """WGAN-GP gradient penalty (Gulrajani et al. 2017), per example, ``[B]`` float32.
+
+    With ``x_hat, eps = interpolate(real, fake, key)`` and ``g = d sum(critic_fn(x_hat)) /
+    d x_hat``, returns ``(||g_b||_2 - target)^2`` per example ``b`` (norm over all non-batch
+    axes). Summing the critic outputs before differentiating gives each example's own
+    gradient only when the examples do not interact inside the critic: use a critic WITHOUT
+    batch normalisation (layer/instance norm or none), as the paper prescribes. For a
+    PatchGAN critic the outputs of the map are summed, as in pytorch-CycleGAN-and-pix2pix.
+
+    The norm has a zero (instead of NaN) gradient where ``g = 0``, so the penalty can be
+    differentiated again with respect to the critic parameters. Not jitted itself (``critic_fn``
+    usually closes over parameters); call it inside your jitted step, where it traces cleanly.
+    The typical weight is ``lambda = 10``: ``d_loss = wasserstein_d_loss + 10 * gp``.
+
+    Args:
+      critic_fn: maps a float32 batch ``[B, ...]`` to critic outputs ``[B, ...]``.
+      real, fake: ``[B, ...]`` arrays of equal shape (any float dtype, e.g. bfloat16).
+      key: PRNG key for the interpolation coefficients (see :func:`interpolate`).
+      target: the desired gradient norm (1 in the paper).
+
+    Returns:
+      ``[B]`` float32 penalty.
+    """
+    x_hat, _ = interpolate(real, fake, key)
+    g = jax.grad(lambda x: jnp.sum(jnp.asarray(critic_fn(x), jnp.float32)))(x_hat)
+    sq = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return (norm - jnp.float32(target)) ** 2
+
+
+@jax.jit
+def l1_loss(pred: Array, target: Array, mask: Array | None = None) -> Array:
+    """Mean absolute error per example, ``[B]`` float32 (e.g. the pix2pix L1 term).
+
+    Without ``mask``: ``mean(|pred - target|)`` over all non-batch axes. With ``mask`` (bool or
+    float weights, shape ``[B, *spatial]`` = ``pred.shape[:-1]``, shared by the channels, or
+    ``pred.shape``): ``sum(m * |pred - target|) / sum(m)`` with ``m`` broadcast to
+    ``pred.shape``, i.e. the mean over the masked voxels and all channels. An example with an
+    empty mask gets 0 (as the segmentation losses).
+
+    Args:
+      pred, target: ``[B, ..., C]`` arrays of equal shape (any float dtype).
+      mask: optional, see above.
+
+    Returns:
+      ``[B]`` float32 loss.
+    """
+    pred = jnp.asarray(pred).astype(jnp.float32)
+    target = jnp.asarray(target).astype(jnp.float32)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {pred.shape} != target shape {target.shape}")
+    if pred.ndim < 2:
+        raise ValueError(f"pred must be [B, ..., C], got shape {pred.shape}")
+    err = jnp.abs(pred - target)
+    if mask is None:
+        return _per_example_mean(err)
+    mask = jnp.asarray(mask)
+    if mask.shape == pred.shape:
+        return _masked_mean(err, mask.astype(jnp.float32))
+    if mask.shape == pred.shape[:-1]:
+        # Mean over channels first; equal to the masked mean over voxels and channels.
+        return _masked_mean(jnp.mean(err, axis=-1), mask.astype(jnp.float32))
+    raise ValueError(
+        f"mask shape {mask.shape} must be pred shape {pred.shape} or pred shape without "
+        f"channels {pred.shape[:-1]}"
+    )

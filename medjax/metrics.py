@@ -39,7 +39,7 @@ Four families live here:
    :func:`ellipse_circumference` (Ramanujan) and :func:`head_circumference_mm`.
 
 4. **Image quality** (jit-able JAX): :func:`psnr` and :func:`ssim` (skimage-compatible Gaussian
-   SSIM), per example.
+   SSIM), per example, optionally averaged over a foreground ``mask`` only.
 """
 
 from __future__ import annotations
@@ -535,16 +535,45 @@ def head_circumference_mm(
 # =============================================================================================
 
 
+def _voxel_weights(mask: Array, shape: tuple[int, ...], name: str) -> Array:
+    """Float32 ``mask`` expanded with trailing unit axes so it broadcasts against ``shape``.
+
+    ``mask`` must have shape ``shape`` or ``shape[:-1]`` (one weight per voxel, shared by the
+    channels).
+    """
+    mask = jnp.asarray(mask)
+    if mask.shape not in (tuple(shape), tuple(shape[:-1])):
+        raise ValueError(
+            f"{name}: mask shape {mask.shape} must be the image shape {tuple(shape)} or that "
+            f"shape without channels {tuple(shape[:-1])}"
+        )
+    mask = mask.astype(jnp.float32)
+    return mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+
+
 @jax.jit
-def psnr(x: Array, y: Array, data_range: float) -> Array:
+def psnr(x: Array, y: Array, data_range: float, mask: Array | None = None) -> Array:
     """Peak signal-to-noise ratio per example, ``[B]``: ``10 log10(data_range^2 / MSE)``.
 
     ``x``, ``y``: ``[B, ...]``; the MSE is over all non-batch axes (float32). Identical images
     give ``+inf`` (as skimage).
+
+    ``mask`` (optional, bool/float, shape ``x.shape`` or ``x.shape[:-1]``, the latter shared
+    by the channels) restricts the MSE to the masked voxels:
+    ``MSE = sum(m * (x - y)^2) / sum(m broadcast to x.shape)``. An example with an empty mask
+    gets NaN.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
-    mse = jnp.mean((x - y) ** 2, axis=tuple(range(1, x.ndim)))
+    axes = tuple(range(1, x.ndim))
+    if mask is None:
+        mse = jnp.mean((x - y) ** 2, axis=axes)
+    else:
+        m = jnp.broadcast_to(_voxel_weights(mask, x.shape, "psnr"), x.shape)
+        den = jnp.sum(m, axis=axes)
+        mse = jnp.where(
+            den > 0, jnp.sum(m * (x - y) ** 2, axis=axes) / jnp.maximum(den, 1e-12), jnp.nan
+        )
     return 10.0 * jnp.log10(jnp.float32(data_range) ** 2 / mse)
 
 
@@ -583,6 +612,7 @@ def ssim(
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
+    mask: Array | None = None,
 ) -> Array:
     """Structural similarity per example, ``[B]`` (2D or 3D, channels-last).
 
@@ -595,6 +625,12 @@ def ssim(
     Args:
       x, y: ``[B, *spatial, C]`` images (spatial rank 2 or 3; each spatial size >= 11).
       data_range: dynamic range of the images (e.g. 1.0 or 255.0).
+      mask: optional ``[B, *spatial]`` (shared by the channels) or ``[B, *spatial, C]``
+        bool/float. The SSIM map is still computed from the whole image (the local windows see
+        unmasked neighbours); only its average is restricted: the mean of the SSIM map over
+        the voxels that are both inside the mask and in the border-cropped region, i.e.
+        ``skimage``'s ``full=True`` map, cropped by 5 voxels per side, averaged with the mask
+        weights. An example with no masked voxel in that region gets NaN.
     """
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
@@ -614,4 +650,12 @@ def ssim(
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return jnp.mean(s, axis=tuple(range(1, x.ndim)))
+    red = tuple(range(1, x.ndim))
+    if mask is None:
+        return jnp.mean(s, axis=red)
+    m = _voxel_weights(mask, x.shape, "ssim")
+    # The 'valid' map covers voxels radius..n-radius-1 of each spatial axis: crop the mask alike.
+    crop = (slice(None), *(slice(radius, m.shape[a] - radius) for a in axes))
+    m = jnp.broadcast_to(m[crop], s.shape)
+    den = jnp.sum(m, axis=red)
+    return jnp.where(den > 0, jnp.sum(m * s, axis=red) / jnp.maximum(den, 1e-12), jnp.nan)

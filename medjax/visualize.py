@@ -95,6 +95,48 @@ def segmentation_panel(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -
     return hstack([to_uint8(image), overlay(image, truth), overlay(image, pred)])
 
 
+def montage(
+    volume: np.ndarray,
+    *,
+    num_slices: int = 5,
+    axis: int = 2,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> np.ndarray:
+    """`num_slices` evenly spaced slices of a volume `[X, Y, Z(, C)]` along `axis`, side by side.
+
+    Slices are taken at the centres of `num_slices` equal blocks of the axis (so the middle slice
+    is shown when `num_slices` is odd); all share one intensity scale (`lo`/`hi`, default the
+    volume's min/max). Returns RGB uint8.
+    """
+    vol = np.asarray(volume, np.float32)
+    if vol.ndim == 4 and vol.shape[-1] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3:
+        raise ValueError(f"montage() needs a [X, Y, Z] or [X, Y, Z, 1] volume, got {volume.shape}")
+    n = vol.shape[axis]
+    idx = [int((2 * i + 1) * n // (2 * num_slices)) for i in range(min(num_slices, n))]
+    lo = float(np.nanmin(vol)) if lo is None else lo
+    hi = float(np.nanmax(vol)) if hi is None else hi
+    return hstack([to_uint8(np.take(vol, i, axis=axis), lo=lo, hi=hi) for i in idx])
+
+
+def sample_grid(
+    images: np.ndarray, *, cols: int = 8, lo: float = -1.0, hi: float = 1.0, num_slices: int = 5
+) -> np.ndarray:
+    """A grid of generated samples `[N, H, W, C]` (C = 1 or 3), or one slice montage per row for
+    volumes `[N, X, Y, Z, 1]`, on the fixed intensity scale `[lo, hi]` (the tanh range by
+    default, so grids of different steps are comparable). Returns RGB uint8."""
+    x = np.asarray(images, np.float32)
+    if x.ndim == 5:
+        return grid([montage(v, num_slices=num_slices, lo=lo, hi=hi) for v in x], cols=1)
+    if x.ndim != 4:
+        raise ValueError(f"sample_grid() needs [N, H, W, C] or [N, X, Y, Z, C], got {x.shape}")
+    if x.shape[-1] not in (1, 3):
+        x = x[..., :1]
+    return grid([to_uint8(im, lo=lo, hi=hi) for im in x], cols=cols)
+
+
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Writes an RGB/greyscale uint8 array as PNG, creating parent folders."""
     from PIL import Image

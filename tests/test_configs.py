@@ -18,7 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "medjax" / "configs"
 ALL = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "common"))
 VOLUME = ["unet3d_brats"]
-EXPERIMENTS = [n for n in ALL if n not in VOLUME]  # 2D segmentation configs
+GAN = [
+    "dcgan_medmnist",
+    "wgan_gp_medmnist",
+    "dcgan_brats_flair",
+    "pix2pix_brats",
+    "pix2pix_tcia",
+    "cyclegan_brats",
+    "vox2vox_brats",
+]
+OTHER = ["classifier_medmnist"]
+EXPERIMENTS = [n for n in ALL if n not in VOLUME + GAN + OTHER]  # 2D segmentation configs
 
 
 def _get(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -81,6 +91,36 @@ def test_get_config_returns_independent_objects(name):
     a.optimizer.learning_rate = 123.0
     a.data.source = "elsewhere"
     assert b.optimizer.learning_rate != 123.0 and b.data.source != "elsewhere"
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+@pytest.mark.parametrize("name", GAN + OTHER)
+def test_gan_and_classifier_configs_build(name, arg):
+    c = _get(name, arg)
+    assert importlib.import_module(f"medjax.train.tasks.{c.task}").Task  # the task exists
+    blocks = ("optimizer_g", "optimizer_d") if name in GAN else ("optimizer",)
+    for b in blocks:
+        make_optimizer(c[b], c.num_steps)
+    assert c.eval_every <= c.num_steps and c.checkpoint_every <= c.num_steps
+    if arg == "smoke":
+        assert c.num_steps <= 6 and c.tensorboard is False
+        assert _get(name).num_steps > c.num_steps
+    if c.task == "wgan_gp":
+        assert c.batch_size % c.n_critic == 0 and c.model.discriminator.norm in ("none", "layer")
+        assert (c.optimizer_d.b1, c.optimizer_d.b2, c.optimizer_d.learning_rate) == (0.0, 0.9, 1e-4)
+
+
+def test_gan_defaults_follow_the_papers():
+    p2p = _get("pix2pix_brats")
+    assert p2p.loss.recon_weight == 100 and p2p.model.discriminator.num_layers == 3
+    cyc = _get("cyclegan_brats")
+    assert (cyc.loss.kind, cyc.loss.cycle_weight, cyc.loss.identity_weight) == ("lsgan", 10, 0.5)
+    assert cyc.pool_size == 50 and cyc.optimizer_g.schedule == "linear_decay"
+    assert cyc.model.generator.norm == cyc.model.discriminator.norm == "instance"
+    dc = _get("dcgan_medmnist")
+    assert (dc.optimizer_g.learning_rate, dc.optimizer_g.b1) == (2e-4, 0.5)
+    assert _get("vox2vox_brats").model.spatial_dims == 3
+    assert _get("vox2vox_brats", "seg").target == "label"
 
 
 def test_experiment_specifics():

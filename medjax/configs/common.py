@@ -135,3 +135,67 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def parse_arg(arg: str | None) -> set[str]:
     """`get_config("smoke,foo")` -> {"smoke", "foo"}."""
     return {a.strip() for a in (arg or "").split(",") if a.strip()}
+
+
+def _adam(lr: float, b1: float, b2: float = 0.999, schedule: str = "constant"):
+    c = ml_collections.ConfigDict()
+    c.name = "adam"
+    c.learning_rate = lr
+    c.b1 = b1
+    c.b2 = b2
+    c.schedule = schedule
+    c.warmup_steps = 0
+    return c
+
+
+def gan(task: str) -> ml_collections.ConfigDict:
+    """Defaults shared by the GAN tasks (`dcgan`, `wgan_gp`, `pix2pix`, `cyclegan`): two Adam
+    optimizers (the DCGAN/pix2pix/CycleGAN setting 2e-4, b1=0.5), fixed-noise sample grids every
+    `sample_every` steps, evaluation every `eval_every`, the last checkpoints kept for resume."""
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.seed = 0
+    c.num_devices = 0
+    c.batch_size = 64
+    c.eval_batch_size = 64
+    c.num_steps = 2000
+    c.log_every = 50
+    c.eval_every = 500
+    c.sample_every = 250
+    c.checkpoint_every = 250
+    c.keep_checkpoints = 2
+    c.best_metric = ""  # GAN metrics are not a training target: keep the latest checkpoints
+    c.best_mode = "min"
+    c.tensorboard = True
+    c.num_pictures = 64
+    c.ema_decay = 0.0  # > 0 (e.g. 0.999): samples and evaluation from an EMA of the generator
+    c.optimizer_g = _adam(2e-4, 0.5)
+    c.optimizer_d = _adam(2e-4, 0.5)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "non_saturating"
+    c.model = ml_collections.ConfigDict()
+    c.model.generator = ml_collections.ConfigDict()
+    c.model.discriminator = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict()
+    c.data.directory = ""
+    c.data.max_examples = 0
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 0  # generated images per evaluation; 0: half the validation images
+    c.eval.classifier_workdir = ""  # a medjax `classification` run: adds FID and KID
+    return c
+
+
+def shrink_gan_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `smoke` argument of GAN configs: a seconds-long run through every code path."""
+    c.num_steps = 4
+    c.log_every = 2
+    c.eval_every = 4
+    c.sample_every = 2
+    c.checkpoint_every = 2
+    c.batch_size = 2
+    c.eval_batch_size = 2
+    c.num_pictures = 4
+    c.tensorboard = False
+    c.data.max_examples = 8
+    c.eval.num_samples = 8
+    return c

@@ -229,6 +229,8 @@ def evaluate_workdir(
     workdir = Path(workdir)
     config = load_run_config(workdir)
     apply_overrides(config, overrides)
+    if config.task in ("dcgan", "wgan_gp", "pix2pix", "cyclegan"):
+        return evaluate_task(workdir, config, checkpoint=checkpoint, out_dir=out_dir)
     if config.task == "volume_segmentation":
         return evaluate_volumes(
             workdir, config, data_dir=data_dir, checkpoint=checkpoint, out_dir=out_dir,
@@ -276,3 +278,92 @@ def evaluate_workdir(
     write_csv(out_path / "metrics.csv", rows)
     (out_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return rows, summary
+
+
+def evaluate_task(
+    workdir: Path, config: Any, *, checkpoint: str, out_dir: str | Path | None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """A run whose task scores itself (`task.evaluate(trainer, state, data)`: the GAN tasks) on
+    its validation data: writes `summary.json` and the task's picture under `out_dir`."""
+    trainer = loop.Trainer(config)
+    task = trainer.task
+    data = task.load_data()
+    spec = loop.batch_spec_of(task, data, int(config.batch_size))
+    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
+    summary, picture = task.evaluate(trainer, state, data)
+    summary = {k: float(v) for k, v in summary.items()}
+    summary["step"] = int(state.step)
+    summary["cases"] = 1
+    out_path = Path(out_dir) if out_dir else workdir / "eval" / f"{checkpoint}-validation"
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    if picture is not None:
+        visualize.save_png(out_path / "picture.png", picture)
+    row = {"id": "validation", **summary}
+    write_csv(out_path / "metrics.csv", [row])
+    return [row], summary
+
+
+def sample_workdir(
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    num: int = 64,
+    seed: int | None = None,
+    checkpoint: str = "latest",
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Writes `num` samples of a GAN run: `samples.npz`, `grid.png` and one PNG (2D) or NIfTI
+    (3D, identity affine, 1 mm) per sample under `out_dir`.
+
+    Unconditional runs (`dcgan`, `wgan_gp`) draw from the latent seed `seed` (default: the fixed
+    evaluation noise, `config.seed + 1`). Conditional runs (`pix2pix`, `cyclegan`) translate the
+    first `num` validation inputs; the .npz then also holds the inputs (`source`) and, where the
+    data has them, the true targets. Existing files are refused unless `overwrite`, before any
+    computation.
+    """
+    from medjax.data import io
+
+    workdir, out_dir = Path(workdir), Path(out_dir)
+    config = load_run_config(workdir)
+    trainer = loop.Trainer(config)
+    task = trainer.task
+    if not hasattr(task, "generate") and config.task not in ("pix2pix", "cyclegan"):
+        raise ValueError(f"{workdir} is a {config.task!r} run; sample.py needs a GAN run")
+    npz, grid_png = out_dir / "samples.npz", out_dir / "grid.png"
+    if not overwrite:
+        for p in (npz, grid_png):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    data = task.load_data()
+    spec = loop.batch_spec_of(task, data, int(config.batch_size))
+    trainer, state = _restore_for(workdir, config, trainer, checkpoint, spec)
+    arrays: dict[str, np.ndarray] = {}
+    if hasattr(task, "generate"):
+        arrays["samples"] = task.generate(trainer, state, num, seed)
+    elif "eval_volumes" in data:
+        vols = data["eval_volumes"][:num]
+        arrays["samples"] = np.stack([trainer.sliding_window(state, v["image"]) for v in vols])
+        arrays["source"] = np.stack([v["image"] for v in vols])
+    else:
+        inputs = data["eval"]["image"][:num]
+        arrays["samples"] = trainer.predict_all(state, inputs)
+        arrays["source"] = inputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "samples.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(npz)
+    samples = arrays["samples"]
+    if samples.shape[-1] > 3:  # class probabilities: show the label map
+        samples = samples.argmax(-1)[..., None].astype(np.float32)
+    visualize.save_png(grid_png, visualize.sample_grid(samples[..., :1]))
+    written = {"npz": npz, "grid": grid_png}
+    for i, s in enumerate(samples):
+        if s.ndim == 4:
+            path = out_dir / f"sample_{i:04d}.nii.gz"
+            io.write_nifti(path, s[..., 0], io.Geometry.identity(s.shape[:3]), overwrite=overwrite)
+        else:
+            path = out_dir / f"sample_{i:04d}.png"
+            visualize.save_png(path, visualize.to_uint8(s[..., 0], lo=-1, hi=1))
+        written[f"sample_{i}"] = path
+    return written

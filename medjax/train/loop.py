@@ -228,9 +228,10 @@ class Trainer:
 
 def batch_spec_of(task: Any, data: Mapping[str, Any], global_batch_size: int) -> dict[str, Any]:
     """Shapes of one global training batch: `task.batch_spec(gb)` when the task samples its
-    batches itself, else those of the in-memory `data["train"]` arrays."""
-    if hasattr(task, "batch_spec"):
-        return task.batch_spec(global_batch_size)
+    batches itself (and returns shapes), else those of the in-memory `data["train"]` arrays."""
+    spec = task.batch_spec(global_batch_size) if hasattr(task, "batch_spec") else None
+    if spec is not None:
+        return spec
     return {
         k: jax.ShapeDtypeStruct((global_batch_size, *v.shape[1:]), v.dtype)
         for k, v in data["train"].items()
@@ -289,11 +290,23 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         summary["eval_seconds"] = time.perf_counter() - t0
         writer.scalars(step, summary, split="eval")
         if picture is not None:
-            writer.image(step, "eval_predictions", picture)
+            writer.image(step, getattr(task, "picture_name", "eval_predictions"), picture)
         ckpt.save_best(step, state, summary)
         return summary
 
+    # Sample grids from fixed noise every `sample_every` steps (GANs), besides the evaluation.
+    sample_every = int(config.get("sample_every") or 0) if hasattr(task, "samples") else 0
+
     progress = Progress(num_steps, start=start, every=int(config.log_every))
+    # What the progress line shows and checks for divergence, and what the eval line prints.
+    progress_keys = tuple(getattr(task, "progress_keys", ("loss",)))
+    summary_keys = getattr(task, "summary_keys", None)
+
+    def show_in_summary(k: str) -> bool:
+        if summary_keys is not None:
+            return k in summary_keys
+        return k.endswith("_mean") or k == "accuracy"
+
     log_every, eval_every = int(config.log_every), int(config.eval_every)
     ckpt_every = int(config.checkpoint_every)
     summary: dict[str, float] = {}
@@ -326,20 +339,23 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                 now = time.perf_counter()
                 train_seconds += now - t_last
                 writer.scalars(step, {**host, "train_seconds": train_seconds}, split="train")
-                progress.update(step, {"loss": host["loss"]}, force=True)
-                if not np.isfinite(host["loss"]):  # never checkpoint a diverged state
+                shown = {k: host[k] for k in progress_keys}
+                progress.update(step, shown, force=True)
+                bad = {k: v for k, v in shown.items() if not np.isfinite(v)}
+                if bad:  # never checkpoint a diverged state
                     raise FloatingPointError(
-                        f"training loss became {host['loss']} at step {step}; the last good "
+                        f"training loss became {bad} at step {step}; the last good "
                         f"checkpoint in {workdir / 'checkpoints'} is kept (lower the learning "
                         "rate?)"
                     )
                 t_last = time.perf_counter()
+            if sample_every and step % sample_every == 0:
+                writer.image(step, "samples", task.samples(trainer, state))
+                t_last = time.perf_counter()
             if step % eval_every == 0 or step == num_steps:
                 summary = do_eval(step)
                 if jax.process_index() == 0:
-                    shown = {
-                        k: v for k, v in summary.items() if k.endswith("_mean") or k == "accuracy"
-                    }
+                    shown = {k: v for k, v in summary.items() if show_in_summary(k)}
                     print(
                         f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()),
                         flush=True,

@@ -1,0 +1,107 @@
+"""Compiled train-step speed of every GAN-family config (synthetic data, no input pipeline).
+
+    python benchmarks/bench_gan_steps.py                    # every config at its own sizes
+    python benchmarks/bench_gan_steps.py --only dcgan_medmnist,cyclegan_brats --steps 20
+    python benchmarks/bench_gan_steps.py --quick            # smoke sizes (seconds, a CPU check)
+
+For each config: parameter count, compile time of the jitted step (`loop.Trainer.train_step`,
+state donated, batch sharded over every visible device), median step time over `--steps` calls
+after one warm-up, images (or volumes) per second, and XLA's temp memory of the compiled step.
+Data are random (`medjax.train.gan.synthetic_batch`): speed does not depend on values. Needs
+neither TensorFlow nor the datasets, so it runs on any accelerator box with jax/flax/optax/orbax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+from medjax.train.platform import configure_xla
+
+MiB = 2.0**20
+CONFIGS = (
+    ("dcgan_medmnist", ""),
+    ("dcgan_medmnist", "64"),
+    ("wgan_gp_medmnist", ""),
+    ("dcgan_brats_flair", ""),
+    ("pix2pix_brats", ""),
+    ("cyclegan_brats", ""),
+    ("vox2vox_brats", ""),
+    ("vox2vox_brats", "seg"),
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated config names")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="smoke sizes")
+    p.add_argument("--bf16", action="store_true", help="model.generator/discriminator dtype bf16")
+    args = p.parse_args()
+    configure_xla()
+    import flax
+    import jax
+    import numpy as np
+
+    from medjax.train import gan, loop
+
+    dev = jax.devices()
+    print(
+        f"machine: {platform.processor() or platform.machine()} x{os.cpu_count()} | devices: "
+        f"{len(dev)} x {dev[0].device_kind} | python {sys.version.split()[0]} | "
+        f"jax {jax.__version__} | flax {flax.__version__}",
+        flush=True,
+    )
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    print(f"{'config':28s} {'params':>11s} {'batch':>6s} {'compile s':>9s} {'step ms':>9s} "
+          f"{'img/s':>9s} {'temp MiB':>9s}")  # fmt: skip
+    for name, arg in CONFIGS:
+        if only and name not in only:
+            continue
+        cfg = importlib.import_module(f"medjax.configs.{name}").get_config(
+            ",".join(a for a in (arg, "smoke" if args.quick else "") if a)
+        )
+        if args.bf16:
+            for block in (cfg.model.generator, cfg.model.discriminator):
+                block.dtype = "bfloat16"
+        n_dev = len(dev)
+        gb = int(cfg.batch_size)
+        gb = max(n_dev, gb - gb % n_dev)
+        if cfg.task == "wgan_gp":
+            gb = max(gb - gb % (n_dev * cfg.n_critic), n_dev * cfg.n_critic)
+        cfg.batch_size = gb
+        trainer = loop.Trainer(cfg)
+        batch = gan.synthetic_batch(cfg, gb)
+        spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        state = trainer.init_state(spec)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        batch = {k: jax.device_put(v, trainer.data_sh) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        compiled = trainer.train_step.lower(state, batch).compile()
+        t_compile = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", float("nan")) / MiB if mem else float("nan")
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        label = f"{name}{':' + arg if arg else ''}"
+        print(
+            f"{label:28s} {n_params:11,d} {gb:6d} {t_compile:9.1f} {med * 1e3:9.1f} "
+            f"{gb / med:9.1f} {temp:9.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

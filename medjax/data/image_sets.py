@@ -1,0 +1,634 @@
+"""In-memory 2D image sets for GAN experiments (DCGAN/WGAN, pix2pix, CycleGAN).
+
+Every loader returns a plain ``dict`` of numpy arrays. Images follow the GAN convention:
+**float32, channels-last, in [-1, 1]** (the range of a ``tanh`` generator output).
+
+- :func:`load_medmnist`: a MedMNIST ``.npz`` -> ``{"image" [N, H, W, C], "label" [N]}``.
+- :func:`load_brats_slices` / :func:`load_tcia_series`: multi-contrast MRI -> paired 2D slices
+  ``{"image" [N, H, W, M], "mask" [N, H, W], "label" [N, H, W], "case" [N], "slice_index" [N]}``
+  with the M contrasts on the channel axis; image-to-image callers split the channels into source
+  and target themselves (FLAIR -> T1c: ``source = image[..., :1]``, ``target = image[..., 1:]``).
+- :func:`scale_to_unit_range`: the robust per-channel intensity scaling both MRI loaders use.
+- :func:`split_unpaired` / :func:`split_by_case`: index splits for unpaired domains and for
+  case-level train/validation sets.
+
+Resizing (``size=``) uses one rule everywhere, the rule of
+:func:`medjax.data.transforms.resize_example` (not imported: that module pulls in jax):
+images are resampled bilinearly with ``scipy.ndimage.zoom(order=1, grid_mode=True,
+mode="nearest")`` -- pixel-area aligned (half-pixel centres, as PIL / ``tf.image.resize``), edge
+values repeated -- after a Gaussian anti-alias pre-filter of sigma ``(1/f - 1) / 2`` on an axis
+shrunk by ``f < 1``; masks and labels use nearest neighbour (order 0) on the same grid. Before
+resizing, the MRI loaders centre-pad each slice to the aspect ratio of ``size``, so anatomy is
+never stretched.
+
+Readers take a folder (or file) and discover what is there, so they work on any folder of the
+same layout (e.g. one with withheld cases). Bad input raises ``FileNotFoundError`` (missing file
+or folder) or ``ValueError`` (wrong keys, shapes, grids), naming the file, folder or case.
+
+This module uses numpy, scipy and (through :mod:`medjax.data.io` / :mod:`medjax.data.volumes`)
+nibabel and pydicom only; it never imports jax or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from medjax.data.io import read_dicom_series
+from medjax.data.sources import natural_key
+from medjax.data.volumes import find_cases, load_case
+
+__all__ = [
+    "TCIA_SERIES",
+    "load_brats_slices",
+    "load_medmnist",
+    "load_tcia_series",
+    "scale_to_unit_range",
+    "split_by_case",
+    "split_unpaired",
+]
+
+PathLike = str | os.PathLike[str]
+ImageSet = dict[str, np.ndarray]
+
+# TCIA Brain-Tumor-Progression series: name -> case-insensitive keyword of the series folder name
+# (folders are e.g. "34907-T1prereg-43695"; the leading/trailing numbers differ per exam).
+TCIA_SERIES: dict[str, str] = {
+    "t1pre": "T1prereg",
+    "t1post": "T1post",
+    "t2": "T2reg",
+    "flair": "FLAIRreg",
+    "mask": "MaskTumor",
+}
+
+_AFFINE_ATOL = 1e-3  # mm; same tolerance as medjax.data.volumes uses for one case's grid
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _as_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    out = tuple(int(s) for s in size)
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"size must be None or two positive ints (H, W), got {size!r}")
+    return out  # type: ignore[return-value]
+
+
+def _resize_stack(x: np.ndarray, size: tuple[int, int], *, order: int) -> np.ndarray:
+    """Resize the axes 1, 2 of a stack ``[N, H, W, ...]`` to ``size`` (see the module docstring).
+
+    ``order=1`` (images, float32 out, with the anti-alias pre-filter when shrinking) or
+    ``order=0`` (masks / labels, dtype kept). Each 2D plane is resampled on its own: one N-D
+    ``zoom`` call with factor 1 on the other axes gives the same values but is several times
+    slower (scipy evaluates the spline weights of every axis).
+    """
+    h, w = x.shape[1:3]
+    if (h, w) == size:
+        return x.copy()
+    fy, fx = size[0] / h, size[1] / w
+    sigma = (max(0.0, (1 / fy - 1) / 2), max(0.0, (1 / fx - 1) / 2))
+    smooth = order > 0 and (fy < 1 or fx < 1)
+    dtype = np.float32 if order > 0 else x.dtype
+    flat = x.reshape(x.shape[0], h, w, -1)
+    out = np.empty((flat.shape[0], *size, flat.shape[-1]), dtype)
+    for n in range(flat.shape[0]):
+        for k in range(flat.shape[-1]):
+            plane = flat[n, :, :, k]
+            if order > 0:
+                plane = plane.astype(np.float32, copy=False)
+                if smooth:
+                    plane = ndimage.gaussian_filter(plane, sigma=sigma, mode="nearest")
+            res = ndimage.zoom(plane, (fy, fx), order=order, mode="nearest", grid_mode=True)
+            if res.shape != size:  # zoom rounds its output shape
+                raise AssertionError(f"resize produced {res.shape}, wanted {size}")
+            out[n, :, :, k] = res
+    return out.reshape(x.shape[0], *size, *x.shape[3:])
+
+
+def _pad_to(x: np.ndarray, shape: tuple[int, int], value: float | int | bool) -> np.ndarray:
+    """Centre-pad axes 1, 2 of ``[N, H, W, ...]`` to ``shape`` with ``value`` (odd: extra after)."""
+    h, w = x.shape[1:3]
+    dh, dw = shape[0] - h, shape[1] - w
+    if dh < 0 or dw < 0:
+        raise AssertionError(f"cannot pad {(h, w)} to the smaller {shape}")
+    if dh == dw == 0:
+        return x
+    pads = [(0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (x.ndim - 3)
+    return np.pad(x, pads, mode="constant", constant_values=value)
+
+
+def _aspect_shape(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The smallest ``(H, W) >= (h, w)`` with ``H / W`` (nearly) ``size[0] / size[1]``."""
+    th, tw = size
+    if h * tw >= w * th:  # too tall for the target: widen
+        return h, max(w, int(round(h * tw / th)))
+    return max(h, int(round(w * th / tw))), w
+
+
+def _finish_slices(
+    image: np.ndarray,
+    mask: np.ndarray,
+    label: np.ndarray,
+    size: tuple[int, int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad to the aspect of ``size`` and resize a slice stack; outside the mask stays -1."""
+    if size is None:
+        return image, mask, label
+    shape = _aspect_shape(image.shape[1], image.shape[2], size)
+    image = _resize_stack(_pad_to(image, shape, -1.0), size, order=1)
+    mask = _resize_stack(_pad_to(mask, shape, False), size, order=0)
+    label = _resize_stack(_pad_to(label, shape, 0), size, order=0)
+    # Bilinear and anti-alias filters are convex combinations, so the range is kept up to
+    # rounding; the (nearest-neighbour) mask decides which pixels are background.
+    np.clip(image, -1.0, 1.0, out=image)
+    image[~mask] = -1.0
+    return image, mask, label
+
+
+def _empty_set(n_channels: int, shape: tuple[int, int]) -> ImageSet:
+    return {
+        "image": np.zeros((0, *shape, n_channels), np.float32),
+        "mask": np.zeros((0, *shape), bool),
+        "label": np.zeros((0, *shape), np.int32),
+        "case": np.zeros((0,), str),
+        "slice_index": np.zeros((0,), np.int32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# MedMNIST
+# --------------------------------------------------------------------------------------------
+
+
+def _find_npz(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"MedMNIST file or folder {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".npz")
+    files = [p for p in files if not p.name.startswith(".")]
+    if not files:
+        raise FileNotFoundError(f"MedMNIST folder {path} holds no .npz file (expected exactly one)")
+    if len(files) > 1:
+        raise ValueError(
+            f"MedMNIST folder {path} holds {len(files)} .npz files {[p.name for p in files]}; "
+            f"expected exactly one (pass the file itself to choose)"
+        )
+    return files[0]
+
+
+def load_medmnist(
+    path: PathLike, split: str = "train", *, size: Sequence[int] | None = None
+) -> ImageSet:
+    """Read one split of a MedMNIST ``.npz`` as GAN images.
+
+    Args:
+      path: the ``.npz`` file, or a folder holding exactly one ``.npz`` (its name does not
+        matter: ``BreastMNIST.npz``, ``pneumoniamnist.npz``, ...).
+      split: the key prefix: reads ``<split>_images`` (uint8 ``[N, H, W]`` grey or
+        ``[N, H, W, 3]`` RGB) and ``<split>_labels`` (``[N]`` or ``[N, 1]``).
+      size: ``(H', W')`` to resample to (e.g. ``(64, 64)`` for a 64x64 DCGAN), or None to keep
+        the stored size. Bilinear, ``scipy.ndimage.zoom`` order 1 with half-pixel centres and
+        repeated edges (see the module docstring; anti-aliased when shrinking).
+
+    Returns:
+      ``{"image": float32 [N, H, W, C] = uint8 / 127.5 - 1 in [-1, 1] (C = 1 for grey),
+      "label": int32 [N]}``.
+
+    Raises:
+      FileNotFoundError: ``path`` missing, or a folder without a ``.npz``.
+      ValueError: several ``.npz`` in the folder, an unreadable file, missing split keys (the
+        message names the file and lists the keys present), non-uint8 images, multi-label or
+        mismatched label arrays.
+    """
+    out_size = _as_size(size)
+    npz = _find_npz(Path(path))
+    img_key, lab_key = f"{split}_images", f"{split}_labels"
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            keys = list(data.files)
+            found = {k: data[k] for k in (img_key, lab_key) if k in keys}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"cannot read MedMNIST file {npz}: {exc} (expected a .npz archive)"
+        ) from exc
+    missing = [k for k in (img_key, lab_key) if k not in found]
+    if missing:
+        raise ValueError(
+            f"MedMNIST file {npz} has no {missing} for split {split!r}; keys present: {keys}"
+        )
+    images, labels = found[img_key], found[lab_key]
+    if images.dtype != np.uint8:
+        raise ValueError(f"{npz}: {img_key} has dtype {images.dtype}; expected uint8 pixels")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(
+            f"{npz}: {img_key} has shape {images.shape}; expected [N, H, W] or [N, H, W, C]"
+        )
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{npz}: {lab_key} has shape {labels.shape}; expected [{images.shape[0]}] or "
+            f"[{images.shape[0]}, 1] (one class per image; multi-label sets are not supported)"
+        )
+    image = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if out_size is not None:
+        image = _resize_stack(image, out_size, order=1)
+        np.clip(image, -1.0, 1.0, out=image)
+    return {"image": image, "label": labels.astype(np.int32)}
+
+
+# --------------------------------------------------------------------------------------------
+# intensity scaling
+# --------------------------------------------------------------------------------------------
+
+
+def scale_to_unit_range(
+    volume: np.ndarray,
+    mask: np.ndarray | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Robust per-channel min-max scaling of an MR image to [-1, 1].
+
+    For each channel ``c`` of ``volume [..., C]``: ``lo, hi`` = the ``percentiles`` (numpy's
+    default linear method) of the voxels inside ``mask [...]`` (every voxel when None), then
+    ``2 * (x - lo) / (hi - lo) - 1`` clipped to [-1, 1]; voxels outside the mask are set to -1.
+    A constant channel (``hi == lo``) maps to -1.
+
+    Returns float32 ``[..., C]``. Raises ValueError for a volume without a channel axis, a mask
+    of another shape, an empty mask, NaN/inf voxels or percentiles outside 0 <= lo < hi <= 100.
+    """
+    x = np.asarray(volume, np.float32)
+    if x.ndim < 2:
+        raise ValueError(f"scale_to_unit_range: volume must be [..., C], got shape {x.shape}")
+    lo_p, hi_p = (float(p) for p in percentiles)
+    if not 0.0 <= lo_p < hi_p <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {percentiles!r}")
+    spatial = x.shape[:-1]
+    if mask is None:
+        m = np.ones(spatial, bool)
+    else:
+        m = np.asarray(mask).astype(bool, copy=False)
+        if m.shape != spatial:
+            raise ValueError(
+                f"scale_to_unit_range: mask shape {m.shape} != volume spatial shape {spatial}"
+            )
+        if not m.any():
+            raise ValueError(f"scale_to_unit_range: mask of shape {m.shape} selects no voxels")
+    inside = x[m]  # [n, C]
+    bad = int(inside.size - np.count_nonzero(np.isfinite(inside)))
+    if bad:
+        raise ValueError(
+            f"scale_to_unit_range: {bad} voxel value(s) inside the mask are NaN or inf; expected "
+            f"finite intensities"
+        )
+    lo, hi = np.percentile(inside.astype(np.float64), [lo_p, hi_p], axis=0)  # [C] each
+    spread = hi - lo
+    gain = np.where(spread > 0, 2.0 / np.where(spread > 0, spread, 1.0), 0.0)
+    out = (x - lo.astype(np.float32)) * gain.astype(np.float32) - np.float32(1.0)
+    np.clip(out, -1.0, 1.0, out=out)
+    out[~m] = -1.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# BraTS-like multi-contrast volumes
+# --------------------------------------------------------------------------------------------
+
+
+def _bbox_2d(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(r0, r1, c0, c1)`` (half-open) of the True pixels of ``mask [H, W]`` (non-empty)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def load_brats_slices(
+    directory: PathLike,
+    *,
+    layout: str = "deepmedic",
+    modalities: Sequence[str] = ("flair", "t1ce"),
+    size: Sequence[int] | None = (128, 128),
+    min_brain_fraction: float = 0.2,
+) -> ImageSet:
+    """Paired 2D axial slices of every case of a BraTS-like folder, as GAN images.
+
+    Each case is read with :func:`medjax.data.volumes.load_case` (``layout`` and ``modalities``
+    as in :func:`~medjax.data.volumes.find_cases`) and scaled with :func:`scale_to_unit_range`
+    inside its brain mask (so background is -1). Axial slices are taken along the canonical
+    RAS+ ``Z`` axis and shown in radiological display orientation: row 0 is anterior, column 0
+    is the patient's right (``H`` runs anterior -> posterior, ``W`` right -> left; for a
+    volume stored LPS, like BraTS, that is ``stored[:, :, z].T``).
+
+    Slice selection and geometry, in order:
+
+    1. a slice is kept when its brain fraction -- brain-mask pixels / pixels of the full
+       acquired slice (``X * Y``, e.g. 240 * 240) -- is ``>= min_brain_fraction``; this
+       depends on the case alone, not on the other cases of the folder;
+    2. every slice of a case is cropped to a square window centred on the case's brain
+       bounding box (the union over all its slices); the side is the largest bounding-box side
+       over all cases read, so all slices share one square size and one pixel scale; parts of
+       the window outside the volume are padded with -1 (image), False (mask), 0 (label);
+    3. with ``size``, slices are padded (centred) to the aspect ratio of ``size`` (a no-op for
+       square sizes) and resized to it: images bilinearly (anti-aliased when shrinking), mask
+       and label by nearest neighbour; image pixels outside the resized mask are set to -1.
+
+    Returns:
+      ``"image"`` float32 [N, H, W, len(modalities)] in [-1, 1], channels in ``modalities``
+      order; ``"mask"`` bool [N, H, W] brain; ``"label"`` int32 [N, H, W] internal BraTS
+      classes as ``load_case`` gives them (0 background, 1 NCR/NET, 2 edema, 3 enhancing;
+      zeros for a case without a label file); ``"case"`` str [N] case ids; ``"slice_index"``
+      int32 [N], the slice's ``Z`` index in ``load_case``'s array. Cases come in
+      ``find_cases`` order, slices in increasing ``Z``. Without ``size``, ``H = W`` = the
+      common square side.
+
+    Memory: each case's kept slices are cropped to its brain box before the next case is read,
+    so the peak is about one full case plus the cropped slices.
+
+    Raises:
+      FileNotFoundError / ValueError: as ``find_cases`` / ``load_case``; ValueError for a case
+      with an empty brain mask, a bad ``size`` or ``min_brain_fraction`` outside [0, 1].
+    """
+    out_size = _as_size(size)
+    if not 0.0 <= float(min_brain_fraction) <= 1.0:
+        raise ValueError(f"min_brain_fraction must be in [0, 1], got {min_brain_fraction}")
+    mods = list(modalities)
+    cases = find_cases(directory, layout, modalities=mods)
+    parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    side = 0
+    for case in cases:
+        ex = load_case(case, modalities=mods)
+        brain = ex["mask"]
+        if not brain.any():
+            raise ValueError(
+                f"case {case.id!r} in {directory}: the brain mask is empty (expected brain voxels "
+                f"to scale intensities in and to crop to)"
+            )
+        image = scale_to_unit_range(ex["image"], brain)
+        label = ex.get("label")
+        if label is None:
+            label = np.zeros(brain.shape, np.int32)
+        # [X, Y, Z(, C)] RAS+ -> [Z, H, W(, C)] with H = Y reversed (anterior first) and W = X
+        # reversed (patient's right first): the radiological display of an axial slice.
+        image = np.flip(image, (0, 1)).transpose(2, 1, 0, 3)
+        brain = np.flip(brain, (0, 1)).transpose(2, 1, 0)
+        label = np.flip(label, (0, 1)).transpose(2, 1, 0)
+        del ex
+        r0, r1, c0, c1 = _bbox_2d(brain.any(axis=0))
+        side = max(side, r1 - r0, c1 - c0)
+        fraction = brain.mean(axis=(1, 2))
+        keep = np.flatnonzero(fraction >= min_brain_fraction)
+        # Copies: the crops must not keep the whole case alive as views.
+        parts.append(
+            (
+                case.id,
+                keep.astype(np.int32),
+                np.ascontiguousarray(image[keep, r0:r1, c0:c1]),
+                np.ascontiguousarray(brain[keep, r0:r1, c0:c1]),
+                np.ascontiguousarray(label[keep, r0:r1, c0:c1]),
+            )
+        )
+        del image, brain, label
+    out_shape = out_size if out_size is not None else (side, side)
+    result = _empty_set(len(mods), out_shape)
+    images, masks, labels, ids, indices = [], [], [], [], []
+    for cid, keep, image, brain, label in parts:
+        if keep.size == 0:
+            continue
+        square = (side, side)
+        image, brain, label = _finish_slices(
+            _pad_to(image, square, -1.0), _pad_to(brain, square, False), _pad_to(label, square, 0),
+            out_size,
+        )  # fmt: skip
+        images.append(image)
+        masks.append(brain)
+        labels.append(label.astype(np.int32, copy=False))
+        ids.append(np.full(keep.size, cid))
+        indices.append(keep)
+    if images:
+        result = {
+            "image": np.concatenate(images).astype(np.float32, copy=False),
+            "mask": np.concatenate(masks),
+            "label": np.concatenate(labels),
+            "case": np.concatenate(ids),
+            "slice_index": np.concatenate(indices),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# TCIA Brain-Tumor-Progression DICOM exams
+# --------------------------------------------------------------------------------------------
+
+
+def _find_series(root: Path, name: str) -> Path | None:
+    keyword = TCIA_SERIES[name].lower()
+    hits = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and keyword in p.name.lower()
+    ]
+    if len(hits) > 1:
+        raise ValueError(
+            f"exam folder {root} has {len(hits)} folders matching series {name!r} (keyword "
+            f"{TCIA_SERIES[name]!r}): {sorted(p.name for p in hits)}; expected one"
+        )
+    return hits[0] if hits else None
+
+
+def load_tcia_series(
+    directory: PathLike,
+    series: Sequence[str] = ("t1pre", "t2"),
+    *,
+    size: Sequence[int] | None = (128, 128),
+    min_head_fraction: float = 0.1,
+    head_threshold: float = 0.05,
+) -> ImageSet:
+    """Paired 2D slices of one TCIA Brain-Tumor-Progression exam (co-registered DICOM series).
+
+    Layout: ``directory`` is one exam folder holding one folder per series; a series is found
+    by a case-insensitive keyword in its folder name (:data:`TCIA_SERIES`: ``t1pre``
+    "T1prereg", ``t1post`` "T1post", ``t2`` "T2reg", ``flair`` "FLAIRreg"; the tumour mask
+    "MaskTumor" is read as the label when present). Each series is read with
+    :func:`medjax.data.io.read_dicom_series` (``canonical=False``: the stored
+    (column, row, slice) grid, slices sorted along the slice normal); all must share one grid.
+
+    Slicing: along the acquisition's slice axis (the third axis of that grid), each slice shown
+    as the acquired plane ``[rows, columns]`` (320 x 260 for this collection), i.e. exactly the
+    DICOM ``pixel_array`` of that slice. ``slice_index`` is the position in the sorted stack.
+
+    Head mask: the union over the requested series of the voxels above ``head_threshold`` x
+    that series' 99th percentile, with holes filled per slice (``binary_fill_holes``). Each
+    series is scaled with :func:`scale_to_unit_range` inside that mask (outside -> -1). Slices
+    whose head fraction (mask pixels / plane pixels) is ``>= min_head_fraction`` are kept. With
+    ``size``, slices are centre-padded to its aspect ratio (-1 / False / 0) and resized as in
+    :func:`load_brats_slices`; without it they stay ``[rows, columns]``.
+
+    Returns:
+      The keys of :func:`load_brats_slices`: ``"image"`` float32 [N, H, W, len(series)] in
+      [-1, 1]; ``"mask"`` bool [N, H, W] head; ``"label"`` int32 [N, H, W], 1 where the tumour
+      mask series is > 0 (zeros when the exam has none); ``"case"`` str [N] (the exam folder's
+      name); ``"slice_index"`` int32 [N].
+
+    Raises:
+      FileNotFoundError: missing folder or series (the message lists the folders present).
+      ValueError: unknown / repeated series names, several folders matching one series, series
+        on different grids (names both folders), an empty head mask, bad arguments.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"TCIA exam folder {root} does not exist (or is not a folder)")
+    if isinstance(series, str):
+        raise ValueError(f"series must be a sequence of names, got the string {series!r}")
+    names = list(series)
+    images_known = [n for n in TCIA_SERIES if n != "mask"]
+    unknown = [n for n in names if n not in images_known]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"series must name distinct image series among {images_known} (the tumour mask is "
+            f"returned as 'label'), got {names}"
+        )
+    out_size = _as_size(size)
+    if not 0.0 <= float(min_head_fraction) <= 1.0:
+        raise ValueError(f"min_head_fraction must be in [0, 1], got {min_head_fraction}")
+    if not 0.0 <= float(head_threshold) < 1.0:
+        raise ValueError(f"head_threshold must be in [0, 1), got {head_threshold}")
+
+    folders: dict[str, Path] = {}
+    for name in names:
+        folder = _find_series(root, name)
+        if folder is None:
+            present = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"exam folder {root} has no {name!r} series (a folder whose name contains "
+                f"{TCIA_SERIES[name]!r}); folders present: {present}"
+            )
+        folders[name] = folder
+    mask_folder = _find_series(root, "mask")
+
+    vols: list[np.ndarray] = []
+    ref: tuple[Path, Any] | None = None
+
+    def read(folder: Path) -> np.ndarray:
+        nonlocal ref
+        arr, geom = read_dicom_series(folder, canonical=False, dtype=np.float32)
+        if ref is None:
+            ref = (folder, geom)
+        elif arr.shape != ref[1].shape or not np.allclose(
+            geom.affine, ref[1].affine, atol=_AFFINE_ATOL
+        ):
+            raise ValueError(
+                f"series {folder} (shape {arr.shape}, affine\n{np.round(geom.affine, 4)}) and "
+                f"{ref[0]} (shape {ref[1].shape}, affine\n{np.round(ref[1].affine, 4)}) are not "
+                f"on the same grid; expected co-registered series (affines compared with atol "
+                f"{_AFFINE_ATOL} mm)"
+            )
+        # (column, row, slice) -> (slice, row, column): each slice is the DICOM pixel_array.
+        return np.ascontiguousarray(arr.transpose(2, 1, 0))
+
+    for name in names:
+        vols.append(read(folders[name]))
+    volume = np.stack(vols, axis=-1)  # [K, rows, cols, C]
+    del vols
+    if mask_folder is not None:
+        label = (read(mask_folder) > 0).astype(np.int32)
+    else:
+        label = np.zeros(volume.shape[:3], np.int32)
+
+    head = np.zeros(volume.shape[:3], bool)
+    for c in range(volume.shape[-1]):
+        channel = volume[..., c]
+        head |= channel > head_threshold * np.percentile(channel, 99)
+    for k in range(head.shape[0]):
+        head[k] = ndimage.binary_fill_holes(head[k])
+    if not head.any():
+        raise ValueError(
+            f"exam {root}: no voxel is above {head_threshold} x the 99th percentile of any of "
+            f"the series {[folders[n].name for n in names]} (empty head mask)"
+        )
+    image = scale_to_unit_range(volume, head)
+    del volume
+    keep = np.flatnonzero(head.mean(axis=(1, 2)) >= min_head_fraction)
+    plane = image.shape[1:3]
+    if keep.size == 0:
+        return _empty_set(len(names), out_size if out_size is not None else plane)
+    image, head, label = _finish_slices(image[keep], head[keep], label[keep], out_size)
+    return {
+        "image": image.astype(np.float32, copy=False),
+        "mask": head,
+        "label": label.astype(np.int32, copy=False),
+        "case": np.full(keep.size, root.name),
+        "slice_index": keep.astype(np.int32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# splits
+# --------------------------------------------------------------------------------------------
+
+
+def split_unpaired(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into two disjoint domains for unpaired (CycleGAN-style) training.
+
+    A permutation of ``range(n)`` seeded with ``seed`` is cut after ``n // 2``: ``idx_a`` gets
+    the first ``n // 2`` indices, ``idx_b`` the other ``n - n // 2``. Together they cover
+    ``range(n)`` exactly once, so no slice is in both domains (take domain A's source channel
+    from ``idx_a`` and domain B's target channel from ``idx_b``; the discarded partners remain
+    available to the caller for evaluation only). Each half is returned sorted (int64), so
+    indexing keeps the data order; the seed alone decides membership.
+
+    Raises ValueError for ``n < 2`` (both domains must be non-empty).
+    """
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"split_unpaired needs n >= 2 examples (two non-empty halves), got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    half = n // 2
+    return np.sort(perm[:half]).astype(np.int64), np.sort(perm[half:]).astype(np.int64)
+
+
+def split_by_case(
+    cases: np.ndarray, val_cases: Sequence[str] | str | int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split examples into ``(train_idx, val_idx)`` keeping every case whole.
+
+    ``cases`` is the per-example case id array ``[N]`` (e.g. ``load_brats_slices(...)["case"]``).
+    ``val_cases`` is either the case ids for validation (a sequence, or one id as a string) or
+    an int ``n``: the last ``n`` distinct cases in natural sort order (``"pat2" < "pat10"``;
+    the plain sorted order for zero-padded ids). Returns two int64 index arrays in increasing
+    order; every example of a case lies on one side.
+
+    Raises ValueError when a named case is absent from ``cases`` (listing the cases present),
+    or when ``n`` is negative or larger than the number of cases.
+    """
+    ids = np.asarray(cases).astype(str)
+    if ids.ndim != 1:
+        raise ValueError(f"cases must be a 1-D array of case ids, got shape {ids.shape}")
+    present = sorted(set(ids.tolist()), key=natural_key)
+    if isinstance(val_cases, int | np.integer) and not isinstance(val_cases, bool):
+        n = int(val_cases)
+        if not 0 <= n <= len(present):
+            raise ValueError(
+                f"val_cases={n}: expected 0..{len(present)} (the number of distinct cases)"
+            )
+        chosen = present[len(present) - n :] if n else []
+    else:
+        wanted = [val_cases] if isinstance(val_cases, str) else [str(v) for v in val_cases]
+        absent = [v for v in wanted if v not in set(present)]
+        if absent:
+            shown = present if len(present) <= 20 else present[:20] + ["..."]
+            raise ValueError(f"validation cases {absent} are not in cases; present: {shown}")
+        chosen = wanted
+    is_val = np.isin(ids, np.asarray(chosen, dtype=str)) if chosen else np.zeros(ids.size, bool)
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)

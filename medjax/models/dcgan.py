@@ -1,0 +1,175 @@
+"""DCGAN generator and discriminator, N-D (Radford, Metz & Chintala 2016, "Unsupervised
+Representation Learning with Deep Convolutional Generative Adversarial Networks").
+
+Channels-last ``[B, *spatial, C]``; the same code builds 2D and 3D models from
+``spatial_dims``. The discriminator doubles as a WGAN-GP critic (Gulrajani et al. 2017,
+"Improved Training of Wasserstein GANs") with ``norm='layer'`` or ``'none'``, and as an
+SN-GAN discriminator (Miyato et al. 2018, "Spectral Normalization for Generative Adversarial
+Networks") with ``spectral_norm=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.models.generators import conv_bias, gan_norm
+from medjax.models.layers import Conv, ConvTranspose4, StridedConv4
+
+Array = jax.Array
+Dtype = Any
+
+__all__ = ["DCGANDiscriminator", "DCGANGenerator", "dcgan_num_upsamples", "spectral_normed"]
+
+
+def dcgan_num_upsamples(output_shape: Sequence[int]) -> int:
+    """Number of 2x up-samplings that keeps every base size an integer ``>= 4``.
+
+    E.g. ``(28, 28) -> 2`` (base 7), ``(64, 64) -> 4`` (base 4), ``(32, 32, 32) -> 3``,
+    ``(6, 6) -> 0``.
+    """
+    n, sizes = 0, [int(s) for s in output_shape]
+    while all(s % 2 == 0 and s // 2 >= 4 for s in sizes):
+        sizes = [s // 2 for s in sizes]
+        n += 1
+    return n
+
+
+def spectral_normed(
+    layer: nn.Module, x: Array, *, enabled: bool, train: bool, name: str | None = None
+) -> Array:
+    """Applies ``layer`` to ``x``, through :class:`flax.linen.SpectralNorm` when ``enabled``.
+
+    Spectral normalisation (Miyato et al. 2018) divides every weight matrix (kernels reshaped
+    to ``[-1, Cout]``) by its largest singular value, estimated by one power-iteration step
+    per call. The power-iteration vector ``u`` and the estimate ``sigma`` live in the
+    ``'batch_stats'`` collection (as ``<layer name>/kernel/u`` and ``.../sigma`` under the
+    wrapper's name) and are updated when ``train=True`` (``update_stats=train``), so train
+    with ``apply(..., train=True, mutable=['batch_stats'])``. Must be called inside a compact
+    method.
+    """
+    if enabled:
+        return nn.SpectralNorm(layer, name=name)(x, update_stats=train)
+    return layer(x)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN generator (Radford et al. 2016), N-D.
+
+    ``z -> Dense -> reshape to the base grid [*output_shape / 2**num_upsamples,
+    base_features] -> norm + ReLU -> num_upsamples x (ConvTranspose4 (kernel 4, stride 2,
+    exact 2x) + norm + ReLU) -> 3^d conv to channels -> tanh``. Up-sampling step ``i`` (from
+    1) has ``max(base_features // 2**i, min_features)`` channels. Layers followed by a norm
+    with a learned shift have no bias (:func:`~medjax.models.generators.conv_bias`).
+
+    Attributes:
+      output_shape: spatial output shape, ``spatial_dims`` ints (e.g. ``(28, 28)``,
+        ``(64, 64)``, ``(32, 32, 32)``).
+      channels: output channels.
+      latent_dim: size of ``z``.
+      base_features: channels at the lowest resolution.
+      min_features: floor of the channel halving.
+      num_upsamples: 2x up-samplings; ``None``: :func:`dcgan_num_upsamples` (as many as keep
+        the base size an integer >= 4: 28 -> 7 (2), 64 -> 4 (4)).
+      norm: see :func:`~medjax.models.generators.gan_norm` (DCGAN: ``'batch'``; call
+        ``apply(..., train=True, mutable=['batch_stats'])`` when training).
+      spatial_dims: 2 or 3.
+      dtype: compute dtype (parameters float32; tanh and the output in float32).
+
+    ``__call__(z [B, latent_dim], *, train=False) -> [B, *output_shape, channels]`` float32 in
+    ``(-1, 1)``. ``ValueError`` when ``output_shape`` is not divisible by
+    ``2**num_upsamples`` or has the wrong length.
+    """
+
+    output_shape: Sequence[int]
+    channels: int = 1
+    latent_dim: int = 128
+    base_features: int = 256
+    min_features: int = 32
+    num_upsamples: int | None = None
+    norm: str = "batch"
+    spatial_dims: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: Array, *, train: bool = False) -> Array:
+        d = self.spatial_dims
+        shape = tuple(int(s) for s in self.output_shape)
+        if len(shape) != d:
+            raise ValueError(f"output_shape {shape} must have spatial_dims={d} entries")
+        n = dcgan_num_upsamples(shape) if self.num_upsamples is None else self.num_upsamples
+        if n < 0 or any(s % 2**n for s in shape):
+            raise ValueError(f"output_shape {shape} is not divisible by 2**num_upsamples = {2**n}")
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected z of shape [B, {self.latent_dim}], got {z.shape}")
+        base = tuple(s // 2**n for s in shape)
+        bias = conv_bias(self.norm)
+
+        h = nn.Dense(
+            int(np.prod(base)) * self.base_features, use_bias=bias, dtype=self.dtype, name="fc"
+        )(z.astype(self.dtype))
+        h = h.reshape((z.shape[0],) + base + (self.base_features,))
+        h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name="fc_norm"))
+        for i in range(1, n + 1):
+            f = max(self.base_features // 2**i, self.min_features)
+            h = ConvTranspose4(f, d, use_bias=bias, dtype=self.dtype, name=f"up{i}")(h)
+            h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}"))
+        h = Conv(self.channels, 3, 1, d, use_bias=True, dtype=self.dtype, name="conv_out")(h)
+        return jnp.tanh(h.astype(jnp.float32))
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN discriminator / WGAN critic (Radford et al. 2016), N-D.
+
+    ``len(features)`` x (:class:`~medjax.models.layers.StridedConv4` (kernel 4, stride 2,
+    'SAME': sizes ceil-halved) + norm (not on the first) + LeakyReLU(0.2)), then flatten ->
+    ``Dense(1)``.
+
+    Attributes:
+      features: channels of each stride-2 convolution.
+      norm: see :func:`~medjax.models.generators.gan_norm`: ``'batch'`` (DCGAN), or
+        ``'layer'`` / ``'none'`` for a WGAN-GP critic (the gradient penalty is per example,
+        which batch norm breaks).
+      spectral_norm: wrap every convolution and the final dense layer in
+        :class:`flax.linen.SpectralNorm` (Miyato et al. 2018); the power-iteration state is
+        in the ``'batch_stats'`` collection and updated when ``train=True`` (see
+        :func:`spectral_normed`).
+      spatial_dims: 2 or 3.
+      dtype: compute dtype.
+
+    ``__call__(x [B, *spatial, C], *, train=False) -> [B]`` float32 logits. With
+    ``norm='batch'`` or ``spectral_norm=True`` train with
+    ``apply(..., train=True, mutable=['batch_stats'])``.
+    """
+
+    features: Sequence[int] = (64, 128, 256)
+    norm: str = "batch"
+    spectral_norm: bool = False
+    spatial_dims: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        d = self.spatial_dims
+        if x.ndim != d + 2:
+            raise ValueError(f"expected [B, *{d} spatial, C] input, got shape {x.shape}")
+        if not self.features:
+            raise ValueError("features must have at least one entry")
+        h = x.astype(self.dtype)
+        for i, f in enumerate(self.features):
+            conv = StridedConv4(
+                f, d, use_bias=i == 0 or conv_bias(self.norm), dtype=self.dtype, name=f"conv{i}"
+            )
+            h = spectral_normed(conv, h, enabled=self.spectral_norm, train=train, name=f"sn{i}")
+            if i > 0:
+                h = gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}")
+            h = nn.leaky_relu(h, negative_slope=0.2)
+        h = h.reshape(h.shape[0], -1)
+        fc = nn.Dense(1, dtype=self.dtype, name="fc")
+        logits = spectral_normed(fc, h, enabled=self.spectral_norm, train=train, name="sn_fc")
+        return logits[:, 0].astype(jnp.float32)

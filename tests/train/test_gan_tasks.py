@@ -1,0 +1,273 @@
+"""The GAN tasks (dcgan, wgan_gp, pix2pix / vox2vox, cyclegan) and the FID classifier.
+
+* one compiled step of every task on tiny shapes on 1 and on 8 simulated devices (subprocess);
+* the CycleGAN image pool against the reference algorithm (pytorch-CycleGAN-and-pix2pix's
+  `ImagePool`) driven by the same random draws;
+* n_critic critic updates per generator step, EMA by hand;
+* real-data runs through the shared loop: resume equals an uninterrupted run (pools included),
+  sample grids and `scripts/sample.py` outputs, translation baselines by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medjax.configs import cyclegan_brats, dcgan_medmnist, pix2pix_tcia, vox2vox_brats
+from medjax.data import paths
+from medjax.train import loop
+from medjax.train.tasks import cyclegan, dcgan, wgan_gp
+from tests.helpers import cpu_env
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUPS = {
+    "2d": ["dcgan_hinge_sn_ema", "wgan_gp", "classification", "pix2pix"],
+    "3d_and_cycle": ["vox2vox_synthesis", "vox2vox_segmentation", "cyclegan"],
+}
+
+
+def _have(folder: str) -> bool:
+    try:
+        paths.data_dir(folder)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_one_step_on_one_and_eight_devices_agree(group):
+    env = cpu_env(devices=8)  # XLA's optimisations are off in tests (tests/conftest.py)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("gan_step_script.py")), *GROUPS[group]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(GROUPS[group])
+    for name, r in report.items():
+        assert r["steps"] == [2, 2], name
+        assert r["finite"], name
+        first_1, first_8 = r["metrics_1"][0], r["metrics_8"][0]
+        assert first_1.keys() == first_8.keys()
+        for k in first_1:  # the same global batch: only float reassociation differs
+            np.testing.assert_allclose(first_8[k], first_1[k], rtol=2e-4, atol=1e-5, err_msg=name)
+        for k in first_1:
+            np.testing.assert_allclose(
+                r["metrics_8"][1][k], r["metrics_1"][1][k], rtol=2e-2, atol=1e-3, err_msg=name
+            )
+        # One Adam step moves a parameter by at most ~lr (2e-4 here): parameters with a
+        # near-zero true gradient may take opposite signs on the two meshes, nothing more.
+        assert r["max_param_diff"] < 1e-3, name
+
+
+def _reference_pool(pool_size, batches, draws):
+    """pytorch-CycleGAN-and-pix2pix `ImagePool.query`, with its random numbers given."""
+    images, out = [], []
+    for batch, (uses, idxs) in zip(batches, draws, strict=True):
+        ret = []
+        for img, u, idx in zip(batch, uses, idxs, strict=True):
+            if len(images) < pool_size:
+                images.append(img)
+                ret.append(img)
+            elif u > 0.5:
+                ret.append(images[idx])
+                images[idx] = img
+            else:
+                ret.append(img)
+        out.append(np.stack(ret))
+    return out, np.stack(images)
+
+
+def test_image_pool_matches_the_reference_algorithm():
+    rng = np.random.default_rng(0)
+    size, b, steps = 5, 3, 6
+    batches = [rng.normal(size=(b, 4, 4, 1)).astype(np.float32) for _ in range(steps)]
+    pool = jnp.zeros((size, 4, 4, 1), jnp.float32)
+    count = jnp.zeros((), jnp.int32)
+    query = jax.jit(cyclegan.pool_query)
+    outs, draws = [], []
+    for s, batch in enumerate(batches):
+        key = jax.random.key(s)
+        # the draws pool_query makes, recomputed here to drive the reference
+        keys = jax.random.split(key, b)
+        uses, idxs = [], []
+        for k in keys:
+            k_use, k_idx = jax.random.split(k)
+            uses.append(float(jax.random.uniform(k_use)))
+            idxs.append(int(jax.random.randint(k_idx, (), 0, size)))
+        draws.append((uses, idxs))
+        out, pool, count = query(pool, count, jnp.asarray(batch), key)
+        outs.append(np.asarray(out))
+    ref_out, ref_pool = _reference_pool(size, batches, draws)
+    for o, r in zip(outs, ref_out, strict=True):
+        np.testing.assert_array_equal(o, r)
+    np.testing.assert_array_equal(np.asarray(pool), ref_pool)
+    assert int(count) == size
+    # A pool of size 0 passes images through.
+    x = jnp.ones((2, 4, 4, 1))
+    out, _, _ = cyclegan.pool_query(jnp.zeros((0, 4, 4, 1)), jnp.zeros((), jnp.int32), x, key)
+    np.testing.assert_array_equal(out, x)
+
+
+def _tiny_state(task, batch):
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    return task.init(jax.random.key(0), spec)
+
+
+def test_wgan_gp_takes_n_critic_critic_steps_per_generator_step():
+    cfg = __import__("medjax.configs.wgan_gp_medmnist", fromlist=["x"]).get_config("smoke")
+    task = wgan_gp.Task(cfg)
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.uniform(-1, 1, (cfg.batch_size, 28, 28, 1)).astype(np.float32)}
+    state = _tiny_state(task, batch)
+    new, m = jax.jit(task.train_step)(state, batch)
+    # Adam's step counters: n_critic updates of the critic, one of the generator.
+    counts = {
+        k: [int(x) for x in jax.tree.leaves(new.opt_state[k]) if np.ndim(x) == 0]
+        for k in ("g", "d")
+    }
+    assert set(counts["d"]) == {task.n_critic} and set(counts["g"]) == {1}
+    assert int(new.step) == 1 and m["gp"] >= 0
+    with pytest.raises(ValueError, match="batch statistics"):
+        bad = cfg.copy_and_resolve_references()
+        bad.model.discriminator.norm = "batch"
+        wgan_gp.Task(bad)
+    with pytest.raises(ValueError, match="multiple of"):
+        bad = cfg.copy_and_resolve_references()
+        bad.batch_size = task.n_critic + 1
+        wgan_gp.Task(bad)
+
+
+def test_dcgan_ema_is_the_hand_average():
+    cfg = dcgan_medmnist.get_config("smoke,ema")
+    task = dcgan.Task(cfg)
+    rng = np.random.default_rng(2)
+    batch = {"image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)}
+    state = _tiny_state(task, batch)
+    new, _ = jax.jit(task.train_step)(state, batch)
+    d = cfg.ema_decay
+    for e, p0, p1 in zip(
+        jax.tree.leaves(new.ema["g"]),
+        jax.tree.leaves(state.params["g"]),
+        jax.tree.leaves(new.params["g"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(e, d * np.asarray(p0) + (1 - d) * np.asarray(p1), atol=1e-7)
+    # samples come from the EMA generator
+    z = jnp.asarray(task.fixed_latents(2))
+    out = task.predict(new, z)
+    ema_state = new.replace(params={**new.params, "g": new.ema["g"]}, ema={})
+    np.testing.assert_allclose(out, task.predict(ema_state, z), atol=1e-6)
+
+
+@pytest.mark.skipif(not _have("brain_tumor_progression_pgbm001"), reason="shared TCIA data missing")
+def test_cyclegan_resume_equals_uninterrupted_run_with_pools(tmp_path):
+    # unpaired T1 <-> T2 of the TCIA exam (small and quick to read), tiny networks
+    cfg = cyclegan_brats.get_config("smoke")
+    cfg.data.source = "tcia"
+    cfg.data.shared_folder = "brain_tumor_progression_pgbm001"
+    cfg.data.domain_a, cfg.data.domain_b = "t1pre", "t2"
+    cfg.data.val_slices = (10, 12)
+    cfg.model.generator.num_blocks = 1
+    cfg.model.generator.features = 4
+    cfg.model.discriminator.features = 4
+    cfg.num_steps = 4
+    cfg.checkpoint_every = 2
+    cfg.eval_every = 4
+    full = loop.run(cfg, tmp_path / "full")
+    part = cfg.copy_and_resolve_references()
+    part.num_steps = 2
+    loop.run(part, tmp_path / "resumed")
+    resumed = loop.run(cfg, tmp_path / "resumed")  # continues 2 -> 4
+    assert full["step"] == resumed["step"] == 4
+    spec = {
+        "a": jax.ShapeDtypeStruct((cfg.batch_size, 32, 32, 1), np.float32),
+        "b": jax.ShapeDtypeStruct((cfg.batch_size, 32, 32, 1), np.float32),
+    }
+    states = [
+        loop.restore(cfg, tmp_path / d, best=False, batch_spec=spec)[1] for d in ("full", "resumed")
+    ]
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(states[0].extra["count_a"]) == min(cfg.pool_size, 4 * cfg.batch_size)
+    for k in ("mae_ab", "mae_ab_identity", "ssim_ba"):
+        assert np.isfinite(full[k])
+    assert (tmp_path / "full" / "images" / "translations_000004.png").exists()
+
+
+@pytest.mark.skipif(not _have("brain_tumor_progression_pgbm001"), reason="shared TCIA data missing")
+def test_pix2pix_on_tcia_dicom_with_baselines_by_hand(tmp_path):
+    from medjax.data import image_sets
+
+    cfg = pix2pix_tcia.get_config("smoke")
+    final = loop.run(cfg, tmp_path / "run")
+    d = image_sets.load_tcia_series(
+        paths.data_dir("brain_tumor_progression_pgbm001"), ("t1pre", "t2"), size=(32, 32)
+    )
+    lo, hi = cfg.data.val_slices
+    src, tgt = d["image"][lo:hi, ..., 0], d["image"][lo:hi, ..., 1]
+    mask = d["mask"][lo:hi]
+    mae = [np.abs(s - t)[m].mean() for s, t, m in zip(src, tgt, mask, strict=True)]
+    np.testing.assert_allclose(final["mae_identity"], np.mean(mae), rtol=1e-5)
+    train = np.concatenate([d["image"][:lo, ..., 1], d["image"][hi:, ..., 1]])
+    mean_img = train[: cfg.data.max_examples].mean(0)  # the smoke config caps the training set
+    mae_mean = [np.abs(mean_img - t)[m].mean() for t, m in zip(tgt, mask, strict=True)]
+    np.testing.assert_allclose(final["mae_mean_image"], np.mean(mae_mean), rtol=1e-5)
+    assert 0 <= final["mae"] <= 2 and np.isfinite(final["psnr"])
+
+
+@pytest.mark.skipif(not _have("medmnist_pneumoniamnist"), reason="shared MedMNIST data missing")
+def test_dcgan_trains_on_medmnist_and_sample_script_writes_outputs(tmp_path):
+    cfg = dcgan_medmnist.get_config("smoke")
+    final = loop.run(cfg, tmp_path / "run")
+    for k in ("swd_mean", "swd_mean_real", "sample_std"):
+        assert np.isfinite(final[k]), k
+    images = sorted(p.name for p in (tmp_path / "run" / "images").iterdir())
+    assert "samples_000002.png" in images and "eval_samples_000004.png" in images
+    out = tmp_path / "samples"
+    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), "--workdir", str(tmp_path / "run")]
+    cmd += ["--num", "5", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = np.load(out / "samples.npz")["samples"]
+    assert samples.shape == (5, 28, 28, 1) and np.abs(samples).max() <= 1
+    assert len(list(out.glob("sample_*.png"))) == 5 and (out / "grid.png").exists()
+    # the same latents as the run's evaluation noise: identical to generating in-process
+    trainer, state = loop.restore(
+        cfg, tmp_path / "run", best=False,
+        batch_spec={"image": jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)},
+    )  # fmt: skip
+    np.testing.assert_allclose(samples, trainer.task.generate(trainer, state, 5), atol=1e-5)
+    before = (out / "samples.npz").read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert (out / "samples.npz").read_bytes() == before
+
+
+@pytest.mark.skipif(not _have("brats2015_deepmedic_3d"), reason="shared BraTS data missing")
+def test_vox2vox_segmentation_runs_on_volumes_and_samples_nifti(tmp_path):
+    import nibabel as nib
+
+    from medjax.train.evaluate import sample_workdir
+
+    cfg = vox2vox_brats.get_config("seg,smoke")
+    final = loop.run(cfg, tmp_path / "run")
+    for k in ("dice_WT", "dice_TC", "dice_ET", "dice_mean"):
+        assert 0 <= final[k] <= 1, k
+    written = sample_workdir(tmp_path / "run", tmp_path / "out", num=1)
+    probs = np.load(written["npz"])["samples"]
+    assert probs.ndim == 5 and probs.shape[-1] == 4
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)  # class probabilities
+    img = nib.load(written["sample_0"])
+    assert img.shape == probs.shape[1:4]
