@@ -71,6 +71,57 @@ def apply_model(
     return module.apply(variables, *args, train=train, rngs=rngs), stats
 
 
+def new_state(
+    params: dict[str, Any],
+    batch_stats: dict[str, Any],
+    tx: Mapping[str, optax.GradientTransformation],
+    key: jax.Array,
+    *,
+    ema_decay: float = 0.0,
+    extra: dict[str, Any] | None = None,
+) -> GANState:
+    """Step 0: optimizer states from `tx[name].init`, the EMA (of `params["g"]`) when enabled."""
+    return GANState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state={k: tx[k].init(v) for k, v in params.items()},
+        ema={"g": params["g"]} if ema_decay > 0 else {},
+        rng=jax.random.key_data(key),
+        extra=extra or {},
+    )
+
+
+def apply_gradients(
+    state: GANState,
+    grads: Mapping[str, Any],
+    tx: Mapping[str, optax.GradientTransformation],
+    *,
+    batch_stats: Mapping[str, Any],
+    ema_decay: float = 0.0,
+    count_step: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> GANState:
+    """One optimizer update of each network in `grads` (others untouched), their new
+    `batch_stats`, the generator EMA when `"g"` was updated, and `step + 1` when `count_step`
+    (a generator step; WGAN-GP's extra critic updates do not count)."""
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    for name, g in grads.items():
+        updates, opt_state[name] = tx[name].update(g, state.opt_state[name], params[name])
+        params[name] = optax.apply_updates(params[name], updates)
+    ema = state.ema
+    if ema_decay > 0 and "g" in grads:
+        ema = {"g": ema_update(ema["g"], params["g"], ema_decay)}
+    return state.replace(
+        step=state.step + 1 if count_step else state.step,
+        params=params,
+        batch_stats={**state.batch_stats, **batch_stats},
+        opt_state=opt_state,
+        ema=ema,
+        extra=state.extra if extra is None else extra,
+    )
+
+
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
     """`decay * ema + (1 - decay) * params`, leaf by leaf (Polyak averaging of a generator)."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from medjax import losses, visualize
 from medjax.train import gan
@@ -156,15 +155,13 @@ class Task:
         p_ba, s_ba = gan.init_model(self.g, k2, x)
         p_da, s_da = gan.init_model(self.d, k3, x)
         p_db, s_db = gan.init_model(self.d, k4, x)
-        params = {"g": {"ab": p_ab, "ba": p_ba}, "d": {"a": p_da, "b": p_db}}
         pool = jnp.zeros((self.pool_size, *spatial, self.channels), jnp.float32)
-        return GANState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats={"g": {"ab": s_ab, "ba": s_ba}, "d": {"a": s_da, "b": s_db}},
-            opt_state={k: self.tx[k].init(v) for k, v in params.items()},
-            ema={"g": params["g"]} if self.ema_decay > 0 else {},
-            rng=jax.random.key_data(base),
+        return gan.new_state(
+            {"g": {"ab": p_ab, "ba": p_ba}, "d": {"a": p_da, "b": p_db}},
+            {"g": {"ab": s_ab, "ba": s_ba}, "d": {"a": s_da, "b": s_db}},
+            self.tx,
+            base,
+            ema_decay=self.ema_decay,
             extra={
                 "pool_a": pool,
                 "pool_b": pool,
@@ -231,18 +228,12 @@ class Task:
             return total, st
 
         (d_loss, new_sd), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(pd)
-        ug, opt_g = self.tx["g"].update(g_grads, state.opt_state["g"], state.params["g"])
-        ud, opt_d = self.tx["d"].update(d_grads, state.opt_state["d"], pd)
-        new_pg = optax.apply_updates(state.params["g"], ug)
-        ema = state.ema
-        if self.ema_decay > 0:
-            ema = {"g": gan.ema_update(ema["g"], new_pg, self.ema_decay)}
-        state = state.replace(
-            step=state.step + 1,
-            params={"g": new_pg, "d": optax.apply_updates(pd, ud)},
+        state = gan.apply_gradients(
+            state,
+            {"g": g_grads, "d": d_grads},
+            self.tx,
             batch_stats={"g": new_sg, "d": new_sd},
-            opt_state={"g": opt_g, "d": opt_d},
-            ema=ema,
+            ema_decay=self.ema_decay,
             extra=extra,
         )
         return state, {

@@ -123,14 +123,8 @@ class Task:
         x = jnp.zeros((1, *self.spatial, self.channels), jnp.float32)
         pg, sg = gan.init_model(self.generator, kg, z)
         pd, sd = gan.init_model(self.discriminator, kd, x)
-        params = {"g": pg, "d": pd}
-        return GANState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats={"g": sg, "d": sd},
-            opt_state={k: self.tx[k].init(v) for k, v in params.items()},
-            ema={"g": pg} if self.ema_decay > 0 else {},
-            rng=jax.random.key_data(base),
+        return gan.new_state(
+            {"g": pg, "d": pd}, {"g": sg, "d": sd}, self.tx, base, ema_decay=self.ema_decay
         )
 
     def _latent(self, key: jax.Array, n: int) -> jax.Array:
@@ -165,11 +159,8 @@ class Task:
         (loss, (stats_d, aux)), grads = jax.value_and_grad(self.d_loss, has_aux=True)(
             state.params["d"], state.batch_stats["d"], real, fake, k_loss
         )
-        updates, opt_d = self.tx["d"].update(grads, state.opt_state["d"], state.params["d"])
-        state = state.replace(
-            params={**state.params, "d": optax.apply_updates(state.params["d"], updates)},
-            batch_stats={**state.batch_stats, "d": stats_d},
-            opt_state={**state.opt_state, "d": opt_d},
+        state = gan.apply_gradients(
+            state, {"d": grads}, self.tx, batch_stats={"d": stats_d}, count_step=False
         )
         return state, {"d_loss": loss, "d_grad_norm": optax.tree.norm(grads), **aux}
 
@@ -189,17 +180,8 @@ class Task:
             return jnp.mean(losses.gan_generator_loss(logits, self.loss_kind)), stats_g
 
         (loss, stats_g), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["g"])
-        updates, opt_g = self.tx["g"].update(grads, state.opt_state["g"], state.params["g"])
-        params_g = optax.apply_updates(state.params["g"], updates)
-        ema = state.ema
-        if self.ema_decay > 0:
-            ema = {"g": gan.ema_update(ema["g"], params_g, self.ema_decay)}
-        state = state.replace(
-            step=state.step + 1,
-            params={**state.params, "g": params_g},
-            batch_stats={**state.batch_stats, "g": stats_g},
-            opt_state={**state.opt_state, "g": opt_g},
-            ema=ema,
+        state = gan.apply_gradients(
+            state, {"g": grads}, self.tx, batch_stats={"g": stats_g}, ema_decay=self.ema_decay
         )
         return state, {"g_loss": loss, "g_grad_norm": optax.tree.norm(grads)}
 

@@ -231,14 +231,8 @@ class Task:
         pair = jnp.zeros((1, *spatial, self.cs + self.ct), jnp.float32)
         pg, sg = gan.init_model(self.generator, kg, src)
         pd, sd = gan.init_model(self.discriminator, kd, pair)
-        params = {"g": pg, "d": pd}
-        return GANState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats={"g": sg, "d": sd},
-            opt_state={k: self.tx[k].init(v) for k, v in params.items()},
-            ema={"g": pg} if self.ema_decay > 0 else {},
-            rng=jax.random.key_data(base),
+        return gan.new_state(
+            {"g": pg, "d": pd}, {"g": sg, "d": sd}, self.tx, base, ema_decay=self.ema_decay
         )
 
     def _as_target(self, out: jax.Array) -> jax.Array:
@@ -290,18 +284,12 @@ class Task:
             return loss, s
 
         (d_loss, new_sd), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(pd)
-        ug, opt_g = self.tx["g"].update(g_grads, state.opt_state["g"], pg)
-        ud, opt_d = self.tx["d"].update(d_grads, state.opt_state["d"], pd)
-        new_pg = optax.apply_updates(pg, ug)
-        ema = state.ema
-        if self.ema_decay > 0:
-            ema = {"g": gan.ema_update(ema["g"], new_pg, self.ema_decay)}
-        state = state.replace(
-            step=state.step + 1,
-            params={"g": new_pg, "d": optax.apply_updates(pd, ud)},
+        state = gan.apply_gradients(
+            state,
+            {"g": g_grads, "d": d_grads},
+            self.tx,
             batch_stats={"g": new_sg, "d": new_sd},
-            opt_state={"g": opt_g, "d": opt_d},
-            ema=ema,
+            ema_decay=self.ema_decay,
         )
         return state, {
             "g_total": g_total,
