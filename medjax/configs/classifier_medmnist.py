@@ -48,18 +48,8 @@ def get_config(arg: str | None = None):
     c.optimizer.learning_rate = 1e-3
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 50
-    c.augment = ml_collections.ConfigDict()
-    c.augment.enabled = True
-    c.augment.flip_axes = ()
-    c.augment.rot90 = False
-    c.augment.affine_prob = 0.5
-    c.augment.rotate_deg = 10.0
-    c.augment.scale_range = (0.9, 1.1)
-    c.augment.translate_frac = 0.05
-    c.augment.intensity_scale = 0.1
-    c.augment.intensity_shift = 0.1
-    c.augment.gamma_range = (0.8, 1.25)
-    c.augment.gamma_prob = 0.0
+    # X-rays / ultrasound have a fixed orientation: no flips or quarter turns
+    c.augment = common.augment(flip_axes=(), rot90=False, rotate_deg=10.0, gamma_prob=0.0)
     if "smoke" in args:
         c.num_steps = 4
         c.log_every = 2

@@ -57,18 +57,25 @@ def segmentation(source: str, num_classes: int) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 50
     c.optimizer.grad_clip_norm = 1.0
 
-    c.augment = ml_collections.ConfigDict()
-    c.augment.enabled = True
-    c.augment.flip_axes = (0, 1)
-    c.augment.rot90 = True
-    c.augment.affine_prob = 0.5
-    c.augment.rotate_deg = 15.0
-    c.augment.scale_range = (0.9, 1.1)
-    c.augment.translate_frac = 0.05
-    c.augment.intensity_scale = 0.1
-    c.augment.intensity_shift = 0.1
-    c.augment.gamma_range = (0.8, 1.25)
-    c.augment.gamma_prob = 0.3
+    c.augment = augment()
+    return c
+
+
+def augment(**overrides) -> ml_collections.ConfigDict:
+    """On-device augmentation settings (`medjax.data.transforms.AugmentConfig` fields)."""
+    c = ml_collections.ConfigDict()
+    c.enabled = True
+    c.flip_axes = (0, 1)
+    c.rot90 = True
+    c.affine_prob = 0.5
+    c.rotate_deg = 15.0
+    c.scale_range = (0.9, 1.1)
+    c.translate_frac = 0.05
+    c.intensity_scale = 0.1
+    c.intensity_shift = 0.1
+    c.gamma_range = (0.8, 1.25)
+    c.gamma_prob = 0.3
+    c.update(overrides)
     return c
 
 
