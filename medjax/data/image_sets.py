@@ -12,8 +12,7 @@ Every loader returns a plain ``dict`` of numpy arrays. Images follow the GAN con
 - :func:`split_unpaired` / :func:`split_by_case`: index splits for unpaired domains and for
   case-level train/validation sets.
 
-Resizing (``size=``) uses one rule everywhere, the rule of
-:func:`medjax.data.transforms.resize_example` (not imported: that module pulls in jax):
+Resizing (``size=``) uses the one rule of :func:`medjax.data.transforms.resize_2d`:
 images are resampled bilinearly with ``scipy.ndimage.zoom(order=1, grid_mode=True,
 mode="nearest")`` -- pixel-area aligned (half-pixel centres, as PIL / ``tf.image.resize``), edge
 values repeated -- after a Gaussian anti-alias pre-filter of sigma ``(1/f - 1) / 2`` on an axis
@@ -26,7 +25,8 @@ same layout (e.g. one with withheld cases). Bad input raises ``FileNotFoundError
 or folder) or ``ValueError`` (wrong keys, shapes, grids), naming the file, folder or case.
 
 This module uses numpy, scipy and (through :mod:`medjax.data.io` / :mod:`medjax.data.volumes`)
-nibabel and pydicom only; it never imports jax or TensorFlow.
+nibabel and pydicom; resizing imports :mod:`medjax.data.transforms` (and so jax) on first use.
+It never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -85,34 +85,13 @@ def _as_size(size: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 def _resize_stack(x: np.ndarray, size: tuple[int, int], *, order: int) -> np.ndarray:
-    """Resize the axes 1, 2 of a stack ``[N, H, W, ...]`` to ``size`` (see the module docstring).
+    """Resize the axes 1, 2 of a stack ``[N, H, W, ...]`` to ``size`` (``transforms.resize_2d``:
+    bilinear with anti-aliasing for images, nearest for masks / labels)."""
+    from medjax.data.transforms import resize_2d
 
-    ``order=1`` (images, float32 out, with the anti-alias pre-filter when shrinking) or
-    ``order=0`` (masks / labels, dtype kept). Each 2D plane is resampled on its own: one N-D
-    ``zoom`` call with factor 1 on the other axes gives the same values but is several times
-    slower (scipy evaluates the spline weights of every axis).
-    """
-    h, w = x.shape[1:3]
-    if (h, w) == size:
+    if tuple(x.shape[1:3]) == size:
         return x.copy()
-    fy, fx = size[0] / h, size[1] / w
-    sigma = (max(0.0, (1 / fy - 1) / 2), max(0.0, (1 / fx - 1) / 2))
-    smooth = order > 0 and (fy < 1 or fx < 1)
-    dtype = np.float32 if order > 0 else x.dtype
-    flat = x.reshape(x.shape[0], h, w, -1)
-    out = np.empty((flat.shape[0], *size, flat.shape[-1]), dtype)
-    for n in range(flat.shape[0]):
-        for k in range(flat.shape[-1]):
-            plane = flat[n, :, :, k]
-            if order > 0:
-                plane = plane.astype(np.float32, copy=False)
-                if smooth:
-                    plane = ndimage.gaussian_filter(plane, sigma=sigma, mode="nearest")
-            res = ndimage.zoom(plane, (fy, fx), order=order, mode="nearest", grid_mode=True)
-            if res.shape != size:  # zoom rounds its output shape
-                raise AssertionError(f"resize produced {res.shape}, wanted {size}")
-            out[n, :, :, k] = res
-    return out.reshape(x.shape[0], *size, *x.shape[3:])
+    return np.stack([resize_2d(im, size, order=order) for im in x]) if len(x) else x
 
 
 def _pad_to(x: np.ndarray, shape: tuple[int, int], value: float | int | bool) -> np.ndarray:
