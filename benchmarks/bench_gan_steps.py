@@ -29,6 +29,7 @@ CONFIGS = (
     ("dcgan_medmnist", "64"),
     ("wgan_gp_medmnist", ""),
     ("dcgan_brats_flair", ""),
+    ("dcgan_brats3d", ""),
     ("pix2pix_brats", ""),
     ("cyclegan_brats", ""),
     ("vox2vox_brats", ""),

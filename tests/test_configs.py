@@ -22,6 +22,7 @@ GAN = [
     "dcgan_medmnist",
     "wgan_gp_medmnist",
     "dcgan_brats_flair",
+    "dcgan_brats3d",
     "pix2pix_brats",
     "pix2pix_tcia",
     "cyclegan_brats",

@@ -16,6 +16,7 @@ import numpy as np
 from medjax.configs import (
     classifier_medmnist,
     cyclegan_brats,
+    dcgan_brats3d,
     dcgan_medmnist,
     pix2pix_brats,
     vox2vox_brats,
@@ -34,6 +35,7 @@ def configs():
 
     out = {
         "dcgan_hinge_sn_ema": smoke(dcgan_medmnist, "hinge,sn,ema"),
+        "dcgan_3d": smoke(dcgan_brats3d),
         "wgan_gp": smoke(wgan_gp_medmnist),
         "pix2pix": smoke(pix2pix_brats),
         "vox2vox_synthesis": smoke(vox2vox_brats),

@@ -29,7 +29,7 @@ from tests.helpers import cpu_env
 ROOT = Path(__file__).resolve().parents[2]
 GROUPS = {
     "2d": ["dcgan_hinge_sn_ema", "wgan_gp", "classification", "pix2pix"],
-    "3d_and_cycle": ["vox2vox_synthesis", "vox2vox_segmentation", "cyclegan"],
+    "3d_and_cycle": ["dcgan_3d", "vox2vox_synthesis", "vox2vox_segmentation", "cyclegan"],
 }
 
 

@@ -42,8 +42,9 @@ def load_images(data_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     Sources: `medmnist` (a MedMNIST .npz file or folder; `image_size` upsamples), `brats_flair`
     (axial brain slices of the first of `modalities` from `directory` / `val_directory`, or the
-    shared BraTS folders), `brats_volumes` is not offered: 3D generation uses `brats_patches`
-    (random brain-centred patches of `image_size`).
+    shared BraTS folders), `brats_patches` (3D: `patches_per_case` patches of `image_size`
+    centred on random brain voxels of each case, scaled to [-1, 1] in the brain mask and
+    resampled to `spacing`; a fixed seeded set, so every epoch sees the same patches).
     """
     from medjax.data import image_sets
     from medjax.data.paths import data_dir
@@ -62,12 +63,51 @@ def load_images(data_cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
         kw = dict(layout=str(data_cfg.get("layout", "deepmedic")), modalities=mods, size=size)
         train = image_sets.load_brats_slices(resolve_split_dir(data_cfg, "train"), **kw)["image"]
         val = image_sets.load_brats_slices(resolve_split_dir(data_cfg, "val"), **kw)["image"]
+    elif source == "brats_patches":
+        from medjax.train.tasks.volume_segmentation import resolve_split_dir
+
+        train = brats_patches(resolve_split_dir(data_cfg, "train"), data_cfg, seed=0)
+        val = brats_patches(resolve_split_dir(data_cfg, "val"), data_cfg, seed=1)
     else:
-        raise ValueError(f"config.data.source={source!r} is not one of ['brats_flair', 'medmnist']")
+        raise ValueError(
+            f"config.data.source={source!r} is not one of "
+            "['brats_flair', 'brats_patches', 'medmnist']"
+        )
     cap = int(data_cfg.get("max_examples") or 0)
     if cap:
         train, val = train[:cap], val[:cap]
     return {"train": np.asarray(train, np.float32), "val": np.asarray(val, np.float32)}
+
+
+def brats_patches(directory: Any, data_cfg: Mapping[str, Any], seed: int) -> np.ndarray:
+    """`[cases * patches_per_case, *image_size, 1]` brain-centred 3D patches of the first of
+    `data_cfg.modalities` (see `load_images`), padded with -1 outside the volume."""
+    from medjax.data import image_sets, patches, transforms, volumes
+
+    size = tuple(int(s) for s in data_cfg.image_size)
+    mods = tuple(data_cfg.get("modalities") or ("flair",))[:1]
+    spacing = tuple(float(s) for s in (data_cfg.get("spacing") or ()))
+    per_case = int(data_cfg.get("patches_per_case", 64))
+    rng = np.random.default_rng(seed)
+    layout = str(data_cfg.get("layout", "deepmedic"))
+    out = []
+    for case in volumes.find_cases(directory, layout, modalities=mods):
+        ex = volumes.load_case(case, modalities=mods)
+        image = image_sets.scale_to_unit_range(ex["image"], ex["mask"])
+        mask = ex["mask"].astype(np.uint8)
+        if spacing:
+            image, _ = transforms.resample_to_spacing(image, ex["spacing"], spacing, order=1)
+            mask, _ = transforms.resample_to_spacing(
+                mask, ex["spacing"], spacing, order=0, shape=image.shape[:-1]
+            )
+        starts = patches.sample_patch_starts(
+            rng, image.shape[:-1], size, fg_index=patches.foreground_index(mask),
+            fg_fraction=1.0, n=per_case,
+        )  # fmt: skip
+        out.extend(patches.extract_patch(image, st, size, pad_value=-1.0) for st in starts)
+    if not out:
+        raise ValueError(f"no cases found in {directory} for config.data.source='brats_patches'")
+    return np.stack(out).astype(np.float32)
 
 
 class Task:
