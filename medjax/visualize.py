@@ -73,11 +73,25 @@ def hstack(panels: Sequence[np.ndarray], *, pad: int = 2) -> np.ndarray:
     return np.concatenate(out, axis=1)
 
 
-def grid(images: Sequence[np.ndarray], *, cols: int = 8, pad: int = 2) -> np.ndarray:
-    """Tiles RGB uint8 images `[H, W, 3]` (same size) into a grid with white gutters."""
+def grid(
+    images: Sequence[np.ndarray], *, cols: int = 8, pad: int = 2, uneven: bool = False
+) -> np.ndarray:
+    """Tiles RGB uint8 images `[H, W, 3]` into a grid with white gutters.
+
+    The images must share one shape, unless `uneven=True`: then each is padded with white at
+    its bottom and right to the largest height and width (e.g. panels of volumes of different
+    sizes)."""
     if not len(images):
         raise ValueError("grid() needs at least one image")
     shapes = sorted({tuple(np.shape(im)) for im in images})
+    if len(shapes) != 1 and uneven:
+        h = max(s[0] for s in shapes)
+        w = max(s[1] for s in shapes)
+        images = [
+            np.pad(im, ((0, h - im.shape[0]), (0, w - im.shape[1]), (0, 0)), constant_values=255)
+            for im in images
+        ]
+        shapes = [(h, w, 3)]
     if len(shapes) != 1:  # numpy would silently broadcast a smaller image into its tile
         raise ValueError(f"grid() needs images of one shape, got {shapes}")
     h, w = images[0].shape[:2]

@@ -187,3 +187,32 @@ def test_save_png_round_trip(tmp_path):
     with Image.open(path) as im:
         assert im.mode == "L"
         np.testing.assert_array_equal(np.asarray(im), grey)
+
+
+def test_grid_uneven_pads_with_white_and_keeps_each_panel():
+    a = np.zeros((4, 6, 3), np.uint8)
+    b = np.full((5, 3, 3), 7, np.uint8)
+    with pytest.raises(ValueError, match="one shape"):
+        vis.grid([a, b], cols=1)
+    g = vis.grid([a, b], cols=1, pad=2, uneven=True)
+    assert g.shape == (5 + 2 + 5, 6, 3)
+    np.testing.assert_array_equal(g[:4, :6], a)
+    assert (g[4:7] == 255).all()  # padding below a, then the gutter
+    np.testing.assert_array_equal(g[7:12, :3], b)
+    assert (g[7:12, 3:] == 255).all()
+
+
+def test_montage_and_sample_grid():
+    vol = np.arange(4 * 5 * 10, dtype=np.float32).reshape(4, 5, 10)
+    m = vis.montage(vol, num_slices=5)
+    # slices at the centres of 5 blocks of 10: z = 1, 3, 5, 7, 9, on the volume's own scale
+    lo, hi = vol.min(), vol.max()
+    first = vis.to_uint8(vol[:, :, 1], lo=lo, hi=hi)
+    np.testing.assert_array_equal(m[:, :5], first)
+    assert m.shape == (4, 5 * 5 + 4 * 2, 3)
+    imgs = np.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4, 1).astype(np.float32)
+    g = vis.sample_grid(imgs, cols=3)
+    assert g.shape == (4, 3 * 4 + 2 * 2, 3)
+    assert g[0, 0, 0] == 0 and g[-1, -1, 0] == 255  # the fixed [-1, 1] scale
+    v = vis.sample_grid(np.zeros((2, 4, 5, 10, 1), np.float32), num_slices=3)
+    assert v.shape == (2 * 4 + 2, 3 * 5 + 2 * 2, 3)

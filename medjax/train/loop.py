@@ -332,6 +332,11 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
             batch = next(it)
             state, m = trainer.train_step(state, batch)
             window.append(m)
+            # Bound the steps in flight: dispatch is asynchronous, and without this wait the
+            # host can queue up to `log_every` steps ahead of the device, so a SIGTERM would
+            # first wait for all of them (and timings would be wrong).
+            if len(window) > 1:
+                jax.block_until_ready(window[-2])
             save_now = step % ckpt_every == 0 or step == num_steps
             if step % log_every == 0 or save_now or step % eval_every == 0:
                 host = jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *window)
@@ -352,6 +357,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
             if sample_every and step % sample_every == 0:
                 writer.image(step, "samples", task.samples(trainer, state))
                 t_last = time.perf_counter()
+            if save_now:  # before the evaluation: an error there loses no training
+                ckpt.save(step, state, force=True)
             if step % eval_every == 0 or step == num_steps:
                 summary = do_eval(step)
                 if jax.process_index() == 0:
@@ -362,7 +369,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                     )
                 t_last = time.perf_counter()
             preempted = stop.stop_now(ckpt, step)
-            if save_now or preempted:
+            if preempted and not save_now:
                 ckpt.save(step, state, force=True)
             if preempted:
                 print(f"stopped by SIGTERM/preemption at step {step}; checkpoint saved", flush=True)

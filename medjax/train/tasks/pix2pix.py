@@ -378,7 +378,7 @@ class Task:
 
         summary.update(self.baselines(data, rows_fn))
         n = int(self.config.get("num_pictures", 4))
-        return summary, visualize.grid(panels[:n], cols=1)
+        return summary, visualize.grid(panels[:n], cols=1, uneven=True)
 
     def _label_metrics(self, probs: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
         pred = np.argmax(probs, -1)

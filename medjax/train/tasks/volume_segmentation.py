@@ -225,7 +225,8 @@ class Task(segmentation.Task):
             rows.append(self.case_row(prepared, pred))
             if i < int(self.config.get("num_pictures", 2)):
                 panels.append(self.panel(prepared, pred))
-        return self.summarize_rows(rows), visualize.grid(panels, cols=1) if panels else None
+        picture = visualize.grid(panels, cols=1, uneven=True) if panels else None
+        return self.summarize_rows(rows), picture
 
     def summarize_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Means over cases (NaNs skipped, `medjax.train.evaluate.summarize_rows`) and, per
