@@ -13,3 +13,42 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
         flag = f"--xla_force_host_platform_device_count={devices}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     return env
+
+
+def randn(shape, seed=0):
+    """A float32 standard-normal array from numpy (no `jax.random` kernel to compile)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def random_variables(module, *args, seed: int = 0, **kwargs):
+    """Variables of a Flax ``module`` filled from numpy (``jax.random`` compiles slowly on CPU).
+
+    Kernels ~ N(0, 1/fan_in), biases/offsets small, scales ~1, batch statistics
+    ``mean=0, var=1``, spectral-norm ``u`` ~ N(0, 1).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "mean":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        if name == "var":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        z = rng.standard_normal(leaf.shape)
+        if name == "kernel":
+            z = z / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            z = 1.0 + 0.1 * z
+        elif not name.endswith(("/u", "/sigma")):
+            z = 0.1 * z
+        return jnp.asarray(z, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)

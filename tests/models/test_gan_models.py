@@ -27,37 +27,10 @@ from medjax.models import (
     patchgan_receptive_field,
     reflect_pad,
 )
+from tests.helpers import randn, random_variables
 
-
-def _rand(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _init(module: nn.Module, *args, seed: int = 0, **kwargs):
-    """Variables of ``module`` filled from numpy (``jax.random`` compiles slowly on this CPU).
-
-    Kernels ~ N(0, 1/fan_in), biases/offsets small, scales ~1, batch statistics
-    ``mean=0, var=1``, spectral-norm ``u`` ~ N(0, 1).
-    """
-    shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "mean":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if name == "var":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        z = rng.standard_normal(leaf.shape)
-        if name == "kernel":
-            z = z / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "scale":
-            z = 1.0 + 0.1 * z
-        elif not name.endswith(("/u", "/sigma")):
-            z = 0.1 * z
-        return jnp.asarray(z, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+_rand = randn
+_init = random_variables
 
 
 def _apply(module: nn.Module, v, *args, **kwargs):

@@ -27,39 +27,13 @@ from medjax.models.layers import (
     match_spatial,
     space_to_depth,
 )
+from tests.helpers import randn, random_variables
 
 ATOL = 1e-5
 
 
-def _rand(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _init(module: nn.Module, *args, seed: int = 0, **kwargs):
-    """Variables of ``module`` filled from numpy (``jax.random`` compiles slowly on this CPU).
-
-    Kernels ~ N(0, 1/fan_in), biases and norm scales/offsets random, batch statistics
-    ``mean=0, var=1``.
-    """
-    shapes = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a, **kwargs), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "mean":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if name == "var":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        z = rng.standard_normal(leaf.shape)
-        if name == "kernel":
-            z = z / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "scale":
-            z = 1.0 + 0.1 * z
-        else:
-            z = 0.1 * z
-        return jnp.asarray(z, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+_rand = randn
+_init = random_variables
 
 
 def _dn(d):
