@@ -611,3 +611,18 @@ def split_by_case(
         chosen = wanted
     is_val = np.isin(ids, np.asarray(chosen, dtype=str)) if chosen else np.zeros(ids.size, bool)
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def split_slice_block(
+    arrays: dict[str, Any], block: Sequence[int]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train, val) of equal-length arrays: rows ``lo <= i < hi`` of ``block = (lo, hi)`` are
+    validation, the rest training (one exam's slices, e.g. the TCIA series)."""
+    lo, hi = (int(v) for v in block)
+    n = len(next(iter(arrays.values())))
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"validation slice block {(lo, hi)} is not inside 0..{n}")
+    idx = np.arange(n)
+    is_val = (idx >= lo) & (idx < hi)
+    train = {k: np.asarray(v)[~is_val] for k, v in arrays.items()}
+    return train, {k: np.asarray(v)[is_val] for k, v in arrays.items()}

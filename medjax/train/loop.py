@@ -215,13 +215,25 @@ class Trainer:
                     rows.setdefault(k, []).append(v[mask])
         return {k: np.concatenate(v) for k, v in rows.items()}, first
 
-    def predict_all(self, state: Any, images: np.ndarray) -> np.ndarray:
-        """Float32 logits for every row of `images` `[N, *spatial, C]`, batched and padded."""
+    def compiled(self, method: str) -> Callable[..., Any]:
+        """`task.<method>(state, batch_array)` jitted on the mesh (e.g. "features"), cached."""
+        if method == "predict":
+            return self.predict
+        cache = self.__dict__.setdefault("_compiled", {})
+        if method not in cache:
+            fn = getattr(self.task, method)
+            cache[method] = jax.jit(fn, in_shardings=(self.state_sh, self.data_sh))
+        return cache[method]
+
+    def predict_all(self, state: Any, images: np.ndarray, method: str = "predict") -> np.ndarray:
+        """`task.<method>` (float32 logits by default) for every row of `images`
+        `[N, *spatial, C]`, batched and padded."""
+        fn = self.compiled(method)
         out = []
         for batch in pipeline.make_eval_iter(
             {"image": images}, global_batch_size=self.eval_batch_size, mesh=self.mesh
         ):
-            logits = to_host(self.predict(state, batch["image"]))
+            logits = to_host(fn(state, batch["image"]))
             out.append(logits[to_host(batch[pipeline.MASK_KEY])])
         return np.concatenate(out)
 

@@ -471,3 +471,12 @@ def test_split_by_case_keeps_cases_whole():
         image_sets.split_by_case(cases, ["p1", "p9"])
     with pytest.raises(ValueError, match="val_cases=5"):
         image_sets.split_by_case(cases, 5)
+
+
+def test_split_slice_block_by_hand():
+    arrays = {"image": np.arange(6)[:, None] * np.ones((6, 2)), "case": np.array(list("abcdef"))}
+    train, val = image_sets.split_slice_block(arrays, (2, 4))
+    assert val["case"].tolist() == ["c", "d"] and train["case"].tolist() == ["a", "b", "e", "f"]
+    np.testing.assert_array_equal(val["image"][:, 0], [2, 3])
+    with pytest.raises(ValueError, match="not inside"):
+        image_sets.split_slice_block(arrays, (4, 9))

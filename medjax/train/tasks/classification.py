@@ -195,15 +195,8 @@ def feature_extractor(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     shape = (1, *[int(s) for s in config.data.image_size], 1)
     spec = {"image": jax.ShapeDtypeStruct(shape, np.float32)}
     trainer, state = loop.restore(config, workdir, batch_spec=spec)
-    fn = jax.jit(trainer.task.features)
 
     def extract(images: np.ndarray) -> np.ndarray:
-        bs = 256
-        return np.concatenate(
-            [
-                np.asarray(fn(state, jnp.asarray(images[i : i + bs])))
-                for i in range(0, len(images), bs)
-            ]
-        )
+        return trainer.predict_all(state, images, method="features")
 
     return extract

@@ -127,11 +127,7 @@ class Task:
 
             directory = str(cfg.get("directory") or "") or data_dir(str(cfg.shared_folder))
             d = self._stack(image_sets.load_tcia_series(directory, self.modalities, size=size))
-            lo, hi = (int(v) for v in cfg.val_slices)
-            idx = np.arange(len(d["label"]))
-            is_val = (idx >= lo) & (idx < hi)
-            train = {k: v[~is_val] for k, v in d.items()}
-            val = {k: v[is_val] for k, v in d.items()}
+            train, val = image_sets.split_slice_block(d, cfg.val_slices)
         else:
             raise ValueError(
                 f"config.data.source={source!r} is not one of "
