@@ -71,6 +71,12 @@ each set; the size is clipped to the smaller set):
 ``MMD^2 = sum_{i!=j} k(x_i, x_j) / (n (n-1)) + sum_{i!=j} k(y_i, y_j) / (n (n-1))
 - 2 sum_{i,j} k(x_i, y_j) / n^2``. Returns the mean and the (population, ddof 0) standard
 deviation over subsets. The estimate is unbiased and can be slightly negative.
+
+**Trivial generator** (:func:`pixel_gaussian`): the baseline a GAN must beat from below, as
+:func:`real_vs_real` bounds it from above. Each pixel and channel of its images is drawn
+independently from a normal distribution with that pixel's mean and standard deviation over the
+training images, then clipped to the generator's output range ``[-1, 1]``: it reproduces the mean
+image and every pixel's spread, and nothing of the spatial structure.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ __all__ = [
     "frechet_distance",
     "kernel_inception_distance",
     "laplacian_pyramid",
+    "pixel_gaussian",
     "real_vs_real",
     "reconstruct_laplacian_pyramid",
     "sliced_wasserstein",
@@ -562,3 +569,24 @@ def real_vs_real(fn: Callable[[np.ndarray, np.ndarray], T], real: ArrayLike, see
     perm = np.random.default_rng(seed).permutation(real.shape[0])
     half = real.shape[0] // 2
     return fn(real[perm[:half]], real[perm[half : 2 * half]])
+
+
+def pixel_gaussian(
+    images: ArrayLike, n: int, *, seed: int = 0, clip: tuple[float, float] | None = (-1.0, 1.0)
+) -> np.ndarray:
+    """``n`` images from the trivial generator of ``images`` ``[N, *spatial, C]`` (see the
+    module docstring): pixel ``p`` of every sample is ``mean_p + std_p * z`` with ``z`` standard
+    normal (``numpy.random.default_rng(seed)``), independent across pixels and samples, ``mean_p``
+    and ``std_p`` (ddof 0) taken over the ``N`` images; clipped to ``clip`` (None: not clipped).
+    float32 ``[n, *spatial, C]``."""
+    x = np.asarray(images, np.float64)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"images must be [N, ...] with N >= 1, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or Inf: the per-pixel statistics are undefined")
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    z = np.random.default_rng(seed).standard_normal((int(n), *x.shape[1:]))
+    out = mean + std * z
+    if clip is not None:
+        out = np.clip(out, clip[0], clip[1])
+    return out.astype(np.float32)

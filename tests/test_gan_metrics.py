@@ -234,6 +234,35 @@ def test_real_vs_real_halves():
     assert not set(a[:, 0]) & set(b[:, 0])
 
 
+def test_pixel_gaussian_moments_independence_and_clip():
+    rng = np.random.default_rng(11)
+    train = 0.5 * _smooth_images(rng, 64, 2.0) + np.linspace(-0.3, 0.3, 32)[None, :, None, None]
+    x = gm.pixel_gaussian(train, 4000, seed=5, clip=None)
+    assert x.shape == (4000, 32, 32, 1) and x.dtype == np.float32
+    std = train.std(axis=0)
+    se = std / math.sqrt(4000)  # standard error of each pixel's sample mean
+    assert np.all(np.abs(x.mean(0) - train.mean(0)) < 5 * se + 1e-6)
+    np.testing.assert_allclose(x.std(0), std, rtol=0.1)
+    # neighbouring pixels: strongly correlated in the training images, independent in the samples
+    def neighbour_corr(a):
+        return np.corrcoef(a[:, 10, 10, 0], a[:, 10, 11, 0])[0, 1]
+
+    assert neighbour_corr(train) > 0.5 and abs(neighbour_corr(x)) < 0.1
+    # the default clips the same draws to [-1, 1]
+    clipped = gm.pixel_gaussian(train, 4000, seed=5)
+    np.testing.assert_array_equal(clipped, np.clip(x, -1, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        gm.pixel_gaussian(np.full((2, 4, 4, 1), np.nan), 1)
+
+
+def test_pixel_gaussian_is_far_from_real_structured_images():
+    rng = np.random.default_rng(12)
+    real = _smooth_images(rng, 96, 1.5)
+    train, a, b = real[:32], real[32:64], real[64:]
+    trivial = gm.pixel_gaussian(train, 32, seed=0, clip=None)
+    assert gm.swd(trivial, b, **SWD_KW)["swd_mean"] > 3 * gm.swd(a, b, **SWD_KW)["swd_mean"]
+
+
 # =============================================================================================
 # Translation metrics (reference: skimage / numpy)
 # =============================================================================================

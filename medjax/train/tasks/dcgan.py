@@ -17,7 +17,10 @@ Evaluation (`evaluate`), on a fixed set of latent vectors so numbers are compara
 beside `swd_mean_real` = the same distance from the OTHER half of the validation images (the
 real-vs-real floor: same reference, same set size); with `eval.classifier_workdir` (a
 `classification` run of medjax on the same data) also FID and KID on that classifier's
-penultimate features, each with its real-vs-real value. (Training images are not used as the
+penultimate features, each with its real-vs-real value. The same metrics of the trivial generator
+(`gan_metrics.pixel_gaussian` of the training images: every pixel drawn independently with its
+own mean and standard deviation) are reported with the suffix `_trivial`: a GAN should land
+between `_trivial` (no spatial structure) and `_real` (the sampling noise floor). (Training images are not used as the
 real sample: the classifier has seen them, so their features are not distributed like unseen
 images'.)
 """
@@ -119,7 +122,10 @@ class Task:
     """
 
     progress_keys = ("d_loss", "g_loss")
-    summary_keys = ("swd_mean", "swd_mean_real", "fid", "fid_real", "kid", "kid_real")
+    summary_keys = (
+        "swd_mean", "swd_mean_real", "swd_mean_trivial",
+        "fid", "fid_real", "fid_trivial", "kid", "kid_real", "kid_trivial",
+    )  # fmt: skip
     networks = {"g": "optimizer_g", "d": "optimizer_d"}
     picture_name = "eval_samples"
 
@@ -271,9 +277,10 @@ class Task:
         return self._real_cache["features"]
 
     def distribution_metrics(
-        self, fake: np.ndarray, reference: np.ndarray, real_sample: np.ndarray
+        self, reference: np.ndarray, **sets: np.ndarray
     ) -> dict[str, float]:
-        """SWD (and FID/KID with a classifier) of `fake` and of `real_sample` vs `reference`."""
+        """SWD (and FID/KID with a classifier) of each image set vs `reference`, keyed
+        `<metric><name>` (`sets` maps a key suffix, e.g. "" or "_real", to images)."""
         from medjax import gan_metrics
 
         def slices(x: np.ndarray) -> np.ndarray:  # volumes: every axial slice of every sample
@@ -283,13 +290,13 @@ class Task:
 
         seed = int(self.config.seed)
         out: dict[str, float] = {}
-        for suffix, x in (("", fake), ("_real", real_sample)):
+        for suffix, x in sets.items():
             swd = gan_metrics.swd(slices(x), slices(reference), seed=seed)
             out.update({f"{k}{suffix}": float(v) for k, v in swd.items()})
         features = self._feature_fn()
         if features is not None:
             f_ref = features(reference)
-            for suffix, x in (("", fake), ("_real", real_sample)):
+            for suffix, x in sets.items():
                 f = features(x)
                 mu1, s1 = gan_metrics.feature_statistics(f)
                 mu2, s2 = gan_metrics.feature_statistics(f_ref)
@@ -304,17 +311,24 @@ class Task:
         """Distribution distances of `n` generated images to a held-out reference, beside the
         real-vs-real floor: the validation images (at most `2 * eval.num_samples`) are split in
         two seeded random halves; half B is the reference, half A (`n` real images) and `n`
-        generated images are each compared with it, so both numbers share reference and size."""
+        generated images are each compared with it, so both numbers share reference and size.
+        `n` images of the trivial generator of the training images (`_trivial`) likewise."""
+        from medjax import gan_metrics
+
         val = data["eval"]["image"]
         cap = int(self.config.eval.get("num_samples") or 0)
         if cap:
             val = val[: 2 * cap]
         if len(val) < 4:
             raise ValueError(f"GAN evaluation needs at least 4 validation images, got {len(val)}")
-        perm = np.random.default_rng(int(self.config.seed)).permutation(len(val))
+        seed = int(self.config.seed)
+        perm = np.random.default_rng(seed).permutation(len(val))
         half = len(val) // 2
         real_sample, reference = val[np.sort(perm[:half])], val[np.sort(perm[half : 2 * half])]
         fake = self.generate(trainer, state, half)
-        summary = self.distribution_metrics(fake, reference, real_sample)
+        trivial = gan_metrics.pixel_gaussian(data["train"]["image"], half, seed=seed)
+        summary = self.distribution_metrics(
+            reference, **{"": fake, "_real": real_sample, "_trivial": trivial}
+        )
         summary["sample_std"] = float(np.std(fake))  # collapse detector: 0 when all samples agree
         return summary, self.samples(trainer, state)
