@@ -243,6 +243,7 @@ def test_pixel_gaussian_moments_independence_and_clip():
     se = std / math.sqrt(4000)  # standard error of each pixel's sample mean
     assert np.all(np.abs(x.mean(0) - train.mean(0)) < 5 * se + 1e-6)
     np.testing.assert_allclose(x.std(0), std, rtol=0.1)
+
     # neighbouring pixels: strongly correlated in the training images, independent in the samples
     def neighbour_corr(a):
         return np.corrcoef(a[:, 10, 10, 0], a[:, 10, 11, 0])[0, 1]

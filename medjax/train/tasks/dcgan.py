@@ -20,9 +20,9 @@ real-vs-real floor: same reference, same set size); with `eval.classifier_workdi
 penultimate features, each with its real-vs-real value. The same metrics of the trivial generator
 (`gan_metrics.pixel_gaussian` of the training images: every pixel drawn independently with its
 own mean and standard deviation) are reported with the suffix `_trivial`: a GAN should land
-between `_trivial` (no spatial structure) and `_real` (the sampling noise floor). (Training images are not used as the
-real sample: the classifier has seen them, so their features are not distributed like unseen
-images'.)
+between `_trivial` (no spatial structure) and `_real` (the sampling noise floor). (Training
+images are not used as the real sample: the classifier has seen them, so their features are not
+distributed like unseen images'.)
 """
 
 from __future__ import annotations
@@ -276,9 +276,7 @@ class Task:
             self._real_cache["features"] = classification.feature_extractor(workdir)
         return self._real_cache["features"]
 
-    def distribution_metrics(
-        self, reference: np.ndarray, **sets: np.ndarray
-    ) -> dict[str, float]:
+    def distribution_metrics(self, reference: np.ndarray, **sets: np.ndarray) -> dict[str, float]:
         """SWD (and FID/KID with a classifier) of each image set vs `reference`, keyed
         `<metric><name>` (`sets` maps a key suffix, e.g. "" or "_real", to images)."""
         from medjax import gan_metrics
