@@ -31,6 +31,7 @@ def pix2pix(c, num_downs: int, features: int = 64):
     c.loss.recon_weight = 100.0
     c.model.spatial_dims = 2
     c.model.generator.features = features
+    c.model.generator.max_features = 512  # channel cap (ngf * 8)
     c.model.generator.num_downs = num_downs
     c.model.generator.norm = "batch"
     c.model.generator.dropout = 0.5
