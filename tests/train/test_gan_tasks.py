@@ -265,6 +265,17 @@ def test_vox2vox_segmentation_runs_on_volumes_and_samples_nifti(tmp_path):
     final = loop.run(cfg, tmp_path / "run")
     for k in ("dice_WT", "dice_TC", "dice_ET", "dice_mean"):
         assert 0 <= final[k] <= 1, k
+    # the whole-brain baseline by hand: Dice = 2 |T & brain| / (|T| + |brain|)
+    from medjax.data.volumes import BRATS_REGIONS
+    from medjax.train.tasks import pix2pix
+
+    vols = pix2pix.Task(cfg).load_data()["eval_volumes"]
+    for region, classes in BRATS_REGIONS.items():
+        dice = []
+        for v in vols:
+            brain, t = v["image"][..., -1] > 0.5, np.isin(v["label"], classes)
+            dice.append(2 * (brain & t).sum() / (brain.sum() + t.sum()))
+        np.testing.assert_allclose(final[f"dice_{region}_brain"], np.mean(dice), rtol=1e-5)
     written = sample_workdir(tmp_path / "run", tmp_path / "out", num=1)
     probs = np.load(written["npz"])["samples"]
     assert probs.ndim == 5 and probs.shape[-1] == 4

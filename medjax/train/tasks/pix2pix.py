@@ -15,7 +15,8 @@ Two kinds of target (`config.target`):
 * `"label"`: segmentation as translation (Vox2Vox's BraTS task). The generator outputs class
   logits; the discriminator sees (source, softmax) for fakes and (source, one-hot truth) for real
   pairs; the reconstruction term is Dice + cross-entropy (`medjax.losses.dice_ce_loss`) with
-  weight `loss.recon_weight`. Evaluation: Dice and sensitivity per BraTS region.
+  weight `loss.recon_weight`. Evaluation: Dice and sensitivity per BraTS region, beside the
+  trivial baseline that predicts the whole brain mask as every region (`_brain`).
 
 Data (`config.data.source`): `brats_slices` (2D axial slices of BraTS-layout folders),
 `tcia` (the co-registered TCIA Brain-Tumor-Progression exam; validation = a block of slices),
@@ -90,7 +91,9 @@ class Task:
                 f"{m}{b}" for m in ("mae", "psnr", "ssim") for b in ("", "_identity", "_mean_image")
             )
         else:
-            self.summary_keys = tuple(f"dice_{r}" for r in (*self.regions, "mean"))
+            self.summary_keys = tuple(
+                f"dice_{r}{b}" for r in (*self.regions, "mean") for b in ("", "_brain")
+            )
 
     # -- data --------------------------------------------------------------------------------------
     @property
@@ -331,12 +334,21 @@ class Task:
         m = gan_metrics.translation_metrics(pred, target, mask, data_range=2.0)
         return {k: np.asarray(v, np.float64) for k, v in m.items()}
 
-    def baselines(self, data: Mapping[str, Any], rows_fn) -> dict[str, float]:
-        """Identity (the source as the prediction; when channel counts agree) and mean-image
-        (the mean training target, per voxel; 2D only) baselines, computed once."""
+    def baselines(self, data: Mapping[str, Any], rows_fn, cached) -> dict[str, float]:
+        """Trivial baselines, computed once. Image targets: identity (the source as the
+        prediction; when channel counts agree) and mean image (the mean training target, per
+        voxel). Label targets: `_brain`, every brain voxel predicted as every region (Dice
+        `2|T| / (|brain| + |T|)`, sensitivity 1): the score of knowing only the brain mask."""
         if self._baselines is not None:
             return self._baselines
         out: dict[str, float] = {}
+        if self.target == "label":
+            acc: dict[str, list[np.ndarray]] = {}
+            for _, _, mask, label, _ in cached:
+                rows = self._region_metrics(dict.fromkeys(self.regions, mask), label)
+                for k, v in rows.items():
+                    acc.setdefault(k, []).append(v)
+            out.update({f"{k}_brain": float(np.nanmean(np.concatenate(v))) for k, v in acc.items()})
         if self.target == "image" and self.cs == self.ct:
             rows = rows_fn(lambda src, tgt: src)
             out.update({f"{k}_identity": v for k, v in rows.items()})
@@ -372,15 +384,21 @@ class Task:
                     acc.setdefault(k, []).append(v)
             return {k: float(np.nanmean(np.concatenate(v))) for k, v in acc.items()}
 
-        summary.update(self.baselines(data, rows_fn))
+        summary.update(self.baselines(data, rows_fn, cached))
         n = int(self.config.get("num_pictures", 4))
         return summary, visualize.grid(panels[:n], cols=1, uneven=True)
 
     def _label_metrics(self, probs: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
         pred = np.argmax(probs, -1)
+        return self._region_metrics({n: np.isin(pred, c) for n, c in self.regions.items()}, label)
+
+    def _region_metrics(
+        self, preds: Mapping[str, np.ndarray], label: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Dice and sensitivity per region of boolean region predictions `{name: [B, *]}`."""
         out: dict[str, np.ndarray] = {}
         for name, classes in self.regions.items():
-            p = jnp.asarray(np.isin(pred, classes), jnp.int32)
+            p = jnp.asarray(preds[name], jnp.int32)
             t = jnp.asarray(np.isin(label, classes), jnp.int32)
             m = metrics.segmentation_metrics(p, t, 2)
             out[f"dice_{name}"] = np.asarray(m["dice"])[:, 1]
