@@ -79,6 +79,24 @@ def augment(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def brats_folders(
+    data: ml_collections.ConfigDict,
+    source: str,
+    layout: str = "deepmedic",
+    shared_folder: str = "brats2015_deepmedic_3d",
+) -> ml_collections.ConfigDict:
+    """Points a GAN config's `data` at the BraTS cases: `source` (`brats_flair`, `brats_patches`,
+    `brats_slices`, `brats_volumes`) read from the `train` / `validation` sub-folders of
+    `shared_folder` (or `data.directory` / `data.val_directory` when set)."""
+    data.source = source
+    data.layout = layout
+    data.shared_folder = shared_folder
+    data.train_split = "train"
+    data.val_split = "validation"
+    data.val_directory = ""
+    return data
+
+
 def volume_segmentation(
     layout: str = "deepmedic",
     shared_folder: str = "brats2015_deepmedic_3d",

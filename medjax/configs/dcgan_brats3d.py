@@ -15,12 +15,7 @@ from medjax.configs import common
 def get_config(arg: str | None = None):
     args = common.parse_arg(arg)
     c = common.gan("dcgan")
-    c.data.source = "brats_patches"
-    c.data.layout = "deepmedic"
-    c.data.shared_folder = "brats2015_deepmedic_3d"
-    c.data.train_split = "train"
-    c.data.val_split = "validation"
-    c.data.val_directory = ""
+    common.brats_folders(c.data, "brats_patches")
     c.data.modalities = ("flair",)
     c.data.spacing = (3.0, 3.0, 3.0)
     c.data.image_size = (32, 32, 32)

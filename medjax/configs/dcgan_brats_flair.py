@@ -13,12 +13,7 @@ def get_config(arg: str | None = None):
     args = common.parse_arg(arg)
     wgan = "wgan" in args
     c = common.gan("wgan_gp" if wgan else "dcgan")
-    c.data.source = "brats_flair"
-    c.data.layout = "deepmedic"
-    c.data.shared_folder = "brats2015_deepmedic_3d"
-    c.data.train_split = "train"
-    c.data.val_split = "validation"
-    c.data.val_directory = ""
+    common.brats_folders(c.data, "brats_flair")
     c.data.modalities = ("flair",)
     c.data.image_size = (64, 64)
     c.data.channels = 1

@@ -15,12 +15,7 @@ from medjax.configs import common
 
 
 def brats_slices(c, size=(128, 128)):
-    c.data.source = "brats_slices"
-    c.data.layout = "deepmedic"
-    c.data.shared_folder = "brats2015_deepmedic_3d"
-    c.data.train_split = "train"
-    c.data.val_split = "validation"
-    c.data.val_directory = ""
+    common.brats_folders(c.data, "brats_slices")
     c.data.image_size = size
     return c
 

@@ -24,12 +24,7 @@ def get_config(arg: str | None = None):
     c.model.generator.norm = "instance"
     c.model.discriminator.norm = "instance"
     c.model.discriminator.features = 16
-    c.data.source = "brats_volumes"
-    c.data.layout = "deepmedic"
-    c.data.shared_folder = "brats2015_deepmedic_3d"
-    c.data.train_split = "train"
-    c.data.val_split = "validation"
-    c.data.val_directory = ""
+    common.brats_folders(c.data, "brats_volumes")
     c.data.spacing = (2.0, 2.0, 2.0)
     c.data.crop_margin = 4
     c.data.fg_fraction = 0.5
