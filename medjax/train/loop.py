@@ -137,6 +137,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else parallel.make_mesh(config.get("num_devices"))
         self.rep = parallel.replicated(self.mesh)
         self.data_sh = parallel.data_sharding(self.mesh)
+        self._compiled: dict[str, Callable[..., Any]] = {}  # `compiled(method)` cache
 
     def init_state(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
         """Initial state placed on its shardings (shapes from `eval_shape`, no host copy)."""
@@ -219,11 +220,10 @@ class Trainer:
         """`task.<method>(state, batch_array)` jitted on the mesh (e.g. "features"), cached."""
         if method == "predict":
             return self.predict
-        cache = self.__dict__.setdefault("_compiled", {})
-        if method not in cache:
+        if method not in self._compiled:
             fn = getattr(self.task, method)
-            cache[method] = jax.jit(fn, in_shardings=(self.state_sh, self.data_sh))
-        return cache[method]
+            self._compiled[method] = jax.jit(fn, in_shardings=(self.state_sh, self.data_sh))
+        return self._compiled[method]
 
     def predict_all(self, state: Any, images: np.ndarray, method: str = "predict") -> np.ndarray:
         """`task.<method>` (float32 logits by default) for every row of `images`

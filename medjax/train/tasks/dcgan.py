@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import losses, visualize
+from medjax import gan_metrics, losses, visualize
 from medjax.train import gan
 from medjax.train.gan import GANState
 
@@ -276,10 +276,11 @@ class Task:
             self._real_cache["features"] = classification.feature_extractor(workdir)
         return self._real_cache["features"]
 
-    def distribution_metrics(self, reference: np.ndarray, **sets: np.ndarray) -> dict[str, float]:
+    def distribution_metrics(
+        self, reference: np.ndarray, sets: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
         """SWD (and FID/KID with a classifier) of each image set vs `reference`, keyed
-        `<metric><name>` (`sets` maps a key suffix, e.g. "" or "_real", to images)."""
-        from medjax import gan_metrics
+        `<metric><suffix>` (`sets` maps a key suffix, e.g. "" or "_real", to images)."""
 
         def slices(x: np.ndarray) -> np.ndarray:  # volumes: every axial slice of every sample
             if x.ndim == 5:
@@ -310,9 +311,8 @@ class Task:
         real-vs-real floor: the validation images (at most `2 * eval.num_samples`) are split in
         two seeded random halves; half B is the reference, half A (`n` real images) and `n`
         generated images are each compared with it, so both numbers share reference and size.
-        `n` images of the trivial generator of the training images (`_trivial`) likewise."""
-        from medjax import gan_metrics
-
+        `n` images of the trivial generator of the training images (`_trivial`) likewise. The
+        `_real` and `_trivial` values do not depend on the model: computed at the first call."""
         val = data["eval"]["image"]
         cap = int(self.config.eval.get("num_samples") or 0)
         if cap:
@@ -323,10 +323,13 @@ class Task:
         perm = np.random.default_rng(seed).permutation(len(val))
         half = len(val) // 2
         real_sample, reference = val[np.sort(perm[:half])], val[np.sort(perm[half : 2 * half])]
+        if "baselines" not in self._real_cache:
+            trivial = gan_metrics.pixel_gaussian(data["train"]["image"], half, seed=seed)
+            self._real_cache["baselines"] = self.distribution_metrics(
+                reference, {"_real": real_sample, "_trivial": trivial}
+            )
         fake = self.generate(trainer, state, half)
-        trivial = gan_metrics.pixel_gaussian(data["train"]["image"], half, seed=seed)
-        summary = self.distribution_metrics(
-            reference, **{"": fake, "_real": real_sample, "_trivial": trivial}
-        )
+        summary = self.distribution_metrics(reference, {"": fake})
+        summary.update(self._real_cache["baselines"])
         summary["sample_std"] = float(np.std(fake))  # collapse detector: 0 when all samples agree
         return summary, self.samples(trainer, state)

@@ -27,7 +27,7 @@ Batches carry `image = [source channels, target channels, brain mask]` and `labe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -334,28 +334,32 @@ class Task:
         m = gan_metrics.translation_metrics(pred, target, mask, data_range=2.0)
         return {k: np.asarray(v, np.float64) for k, v in m.items()}
 
-    def baselines(self, data: Mapping[str, Any], rows_fn, cached) -> dict[str, float]:
-        """Trivial baselines, computed once. Image targets: identity (the source as the
-        prediction; when channel counts agree) and mean image (the mean training target, per
-        voxel). Label targets: `_brain`, every brain voxel predicted as every region (Dice
+    def baselines(self, data: Mapping[str, Any], cached: list[tuple]) -> dict[str, float]:
+        """Trivial baselines over the `_predictions` tuples `cached`, computed once (they do not
+        depend on the model). Image targets: identity (the source as the prediction; when
+        channel counts agree) and mean image (the mean training target, per voxel). Label
+        targets: `_brain`, every brain voxel predicted as every region (Dice
         `2|T| / (|brain| + |T|)`, sensitivity 1): the score of knowing only the brain mask."""
         if self._baselines is not None:
             return self._baselines
         out: dict[str, float] = {}
         if self.target == "label":
-            acc: dict[str, list[np.ndarray]] = {}
-            for _, _, mask, label, _ in cached:
-                rows = self._region_metrics(dict.fromkeys(self.regions, mask), label)
-                for k, v in rows.items():
-                    acc.setdefault(k, []).append(v)
-            out.update({f"{k}_brain": float(np.nanmean(np.concatenate(v))) for k, v in acc.items()})
+            rows = _mean_over_examples(
+                self._region_metrics(dict.fromkeys(self.regions, mask), label)
+                for _, _, mask, label, _ in cached
+            )
+            out.update({f"{k}_brain": v for k, v in rows.items()})
         if self.target == "image" and self.cs == self.ct:
-            rows = rows_fn(lambda src, tgt: src)
+            rows = _mean_over_examples(
+                self._image_metrics(src, tgt, mask) for src, tgt, mask, _, _ in cached
+            )
             out.update({f"{k}_identity": v for k, v in rows.items()})
         if self.target == "image" and "train" in data:
-            train = data["train"]["image"][..., self.cs : -1]
-            mean_img = train.mean(0, keepdims=True)
-            rows = rows_fn(lambda src, tgt: np.broadcast_to(mean_img, tgt.shape))
+            mean_img = data["train"]["image"][..., self.cs : -1].mean(0, keepdims=True)
+            rows = _mean_over_examples(
+                self._image_metrics(np.broadcast_to(mean_img, tgt.shape), tgt, mask)
+                for _, tgt, mask, _, _ in cached
+            )
             out.update({f"{k}_mean_image": v for k, v in rows.items()})
         self._baselines = out
         return out
@@ -363,29 +367,19 @@ class Task:
     def evaluate(
         self, trainer: Any, state: GANState, data: Mapping[str, Any]
     ) -> tuple[dict[str, float], np.ndarray]:
-        per: dict[str, list[np.ndarray]] = {}
-        panels = []
         cached = list(self._predictions(trainer, state, data))
-        for source, target, mask, label, pred in cached:
-            if self.target == "image":
-                rows = self._image_metrics(pred, target, mask)
-            else:
-                rows = self._label_metrics(pred, label)
-            for k, v in rows.items():
-                per.setdefault(k, []).append(v)
-            if len(panels) < int(self.config.get("num_pictures", 4)):
-                panels.extend(self.panels(source, target, mask, label, pred))
-        summary = {k: float(np.nanmean(np.concatenate(v))) for k, v in per.items()}
-
-        def rows_fn(fn):
-            acc: dict[str, list[np.ndarray]] = {}
-            for source, target, mask, _, _ in cached:
-                for k, v in self._image_metrics(fn(source, target), target, mask).items():
-                    acc.setdefault(k, []).append(v)
-            return {k: float(np.nanmean(np.concatenate(v))) for k, v in acc.items()}
-
-        summary.update(self.baselines(data, rows_fn, cached))
         n = int(self.config.get("num_pictures", 4))
+        panels = []
+        for source, target, mask, label, pred in cached:
+            if len(panels) < n:
+                panels.extend(self.panels(source, target, mask, label, pred))
+        summary = _mean_over_examples(
+            self._image_metrics(pred, target, mask)
+            if self.target == "image"
+            else self._label_metrics(pred, label)
+            for _, target, mask, label, pred in cached
+        )
+        summary.update(self.baselines(data, cached))
         return summary, visualize.grid(panels[:n], cols=1, uneven=True)
 
     def _label_metrics(self, probs: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
@@ -426,3 +420,12 @@ class Task:
                 ]
             out.append(visualize.hstack(row))
         return out
+
+
+def _mean_over_examples(rows: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """NaN-skipping mean over all examples of per-batch metric rows `{name: [B]}`."""
+    acc: dict[str, list[np.ndarray]] = {}
+    for row in rows:
+        for k, v in row.items():
+            acc.setdefault(k, []).append(np.asarray(v))
+    return {k: float(np.nanmean(np.concatenate(v))) for k, v in acc.items()}
