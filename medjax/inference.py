@@ -201,7 +201,7 @@ def sliding_window_inference(
       mode: ``"gaussian"`` (:func:`gaussian_importance`) or ``"constant"`` (plain average).
       pad_value: value for the padding of axes shorter than the window.
       window_sharding: optional sharding of the ``[window_batch, *window, C_in]`` window batch,
-        e.g. ``NamedSharding(mesh, P("data"))`` from ``medjax.train.parallel.data_sharding`` so
+        e.g. ``NamedSharding(mesh, P("data"))`` from ``medjax.parallel.data_sharding`` so
         the windows of a group spread over the devices; ``window_batch`` must then be a multiple
         of the number of devices.
 

@@ -64,15 +64,18 @@ __all__ = [
     "hausdorff_distance",
     "head_circumference_mm",
     "iou",
+    "mean_over_regions",
     "mean_surface_distance",
     "nanmean",
     "nanmean_metrics",
     "precision",
     "psnr",
+    "region_scores",
     "segmentation_metrics",
     "sensitivity",
     "specificity",
     "ssim",
+    "summarize_rows",
     "surface_metrics",
 ]
 
@@ -233,6 +236,114 @@ def nanmean_metrics(
             for k in metrics[0]
         }
     return {k: nanmean(v, axis=axis) for k, v in metrics.items()}
+
+
+# =============================================================================================
+# Case-level scores and their summary (host side)
+# =============================================================================================
+
+REGION_METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "hd95", "msd")
+
+
+def _host_ratio(num: float, den: float, empty_value: float) -> float:
+    return float(num) / float(den) if den > 0 else float(empty_value)
+
+
+def _region_value(
+    metric: str,
+    p: np.ndarray,
+    g: np.ndarray,
+    tp: int,
+    fp: int,
+    fn: int,
+    tn: int,
+    spacing: float | Sequence[float] | None,
+) -> float:
+    if metric == "dice":
+        return _host_ratio(2 * tp, 2 * tp + fp + fn, 1.0)
+    if metric == "iou":
+        return _host_ratio(tp, tp + fp + fn, 1.0)
+    if metric == "sensitivity":
+        return _host_ratio(tp, tp + fn, np.nan)
+    if metric == "specificity":
+        return _host_ratio(tn, tn + fp, np.nan)
+    if metric == "precision":
+        return _host_ratio(tp, tp + fp, np.nan)
+    if metric == "hd95":
+        return hausdorff_distance(p, g, spacing=spacing)
+    return mean_surface_distance(p, g, spacing=spacing)
+
+
+def region_scores(
+    pred: np.ndarray | Array,
+    labels: np.ndarray | Array,
+    regions: Mapping[str, Sequence[int]],
+    *,
+    spacing: float | Sequence[float] | None = None,
+    metrics: Sequence[str] = REGION_METRICS,
+) -> dict[str, float]:
+    """Scores of ONE case (no batch axis) per region: a region is a set of classes.
+
+    For region ``r`` with classes ``S``, the binary masks are ``isin(pred, S)`` and
+    ``isin(labels, S)`` (a single class is ``(c,)``; BraTS whole tumour is ``(1, 2, 3)``).
+    ``metrics`` picks among :data:`REGION_METRICS`: the count-based ones follow the empty-set
+    conventions of the module docstring (exact integer counts, as :func:`confusion_counts`),
+    ``hd95`` / ``msd`` those of :func:`hausdorff_distance` / :func:`mean_surface_distance`, in
+    ``spacing`` units. Returns ``{"<metric>_<region>": float}``.
+    """
+    pred = np.asarray(pred)
+    labels = np.asarray(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"pred shape {pred.shape} != labels shape {labels.shape}")
+    unknown = sorted(set(metrics) - set(REGION_METRICS))
+    if unknown:
+        raise ValueError(f"unknown region metrics {unknown}; expected some of {REGION_METRICS}")
+    out: dict[str, float] = {}
+    for name, classes in regions.items():
+        p, g = np.isin(pred, classes), np.isin(labels, classes)
+        tp = int(np.count_nonzero(p & g))
+        fp = int(np.count_nonzero(p)) - tp
+        fn = int(np.count_nonzero(g)) - tp
+        tn = p.size - tp - fp - fn
+        for m in metrics:
+            out[f"{m}_{name}"] = _region_value(m, p, g, tp, fp, fn, tn, spacing)
+    return out
+
+
+def summarize_rows(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
+    """Means over cases of every numeric column of per-case rows, NaNs skipped.
+
+    ``cases`` is the number of rows; a column with undefined (NaN) entries also gets
+    ``<column>_n``, the number of cases its mean is over (NaN when no case defines it).
+    """
+    out: dict[str, float] = {"cases": len(rows)}
+    if not rows:
+        return out
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for key in keys:
+        vals = [float(r[key]) for r in rows if isinstance(r.get(key), int | float | np.number)]
+        if not vals or isinstance(rows[0].get(key), bool):
+            continue
+        finite = [v for v in vals if np.isfinite(v)]
+        out[key] = float(np.mean(finite)) if finite else float("nan")
+        if len(finite) != len(vals):
+            out[f"{key}_n"] = len(finite)
+    return out
+
+
+def mean_over_regions(
+    summary: Mapping[str, float], metrics: Sequence[str], regions: Sequence[str]
+) -> dict[str, float]:
+    """``<metric>_mean``: the mean of ``summary["<metric>_<region>"]`` over ``regions`` (NaN
+    entries skipped; NaN when none is defined), for every metric present in ``summary``."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        vals = [summary.get(f"{m}_{r}", np.nan) for r in regions]
+        if all(f"{m}_{r}" not in summary for r in regions):
+            continue
+        finite = [float(v) for v in vals if np.isfinite(v)]
+        out[f"{m}_mean"] = float(np.mean(finite)) if finite else float("nan")
+    return out
 
 
 # =============================================================================================

@@ -284,7 +284,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
     from medjax.inference import sliding_window_inference
-    from medjax.train.parallel import data_sharding, make_mesh
+    from medjax.parallel import data_sharding, make_mesh
 
     assert jax.device_count() == 8, jax.devices()
     k = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 3, 2, 3)), jnp.float32)

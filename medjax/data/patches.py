@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from medjax import parallel
 from medjax.data import pipeline
-from medjax.train import parallel
 
 __all__ = [
     "densest_window",

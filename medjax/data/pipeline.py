@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from medjax.train import parallel
+from medjax import parallel
 
 MASK_KEY = "_mask"
 

@@ -30,7 +30,7 @@ import csv
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,14 @@ __all__ = [
     "load_isbi2012",
     "load_kvasir_seg",
     "load_mni152_slices",
+    "load_segmentation_folder",
+    "mask_to_classes",
     "mni152_data_dir",
     "natural_key",
     "read_image",
+    "read_image_2d",
     "split_examples",
+    "split_folder",
 ]
 
 
@@ -120,23 +124,6 @@ def read_image(path: str | os.PathLike[str], mode: str | None = None) -> np.ndar
         ) from exc
 
 
-def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
-    """uint8 [H, W] or [H, W, C] -> float32 [H, W, C] in [0, 1]."""
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image file {path} decoded to dtype {arr.dtype}; expected 8-bit (uint8)")
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return arr.astype(np.float32) / np.float32(255.0)
-
-
-def _check_same_shape(image: np.ndarray, label: np.ndarray, ipath: Path, lpath: Path) -> None:
-    if image.shape[:2] != label.shape[:2]:
-        raise ValueError(
-            f"image/mask shape mismatch: image {ipath} has shape {tuple(image.shape[:2])} but "
-            f"mask {lpath} has shape {tuple(label.shape[:2])}; expected identical H x W"
-        )
-
-
 def _map(fn: Callable[[Any], Example], items: Sequence[Any], num_workers: int) -> list[Example]:
     if num_workers <= 1 or len(items) <= 1:
         return [fn(it) for it in items]
@@ -153,8 +140,306 @@ def _finish(ex: Example, transform: Transform | None) -> Example:
 
 
 # --------------------------------------------------------------------------------------------
-# ISBI 2012 EM membranes
+# any folder of images (and masks)
 # --------------------------------------------------------------------------------------------
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# The folder names each split goes by in the layouts medjax reads (a split folder is used when
+# present; a folder without split sub-folders is the split itself).
+SPLIT_ALIASES = {
+    "train": ("train", "training", "Tr"),
+    "val": ("val", "validation", "valid", "Val"),
+    "test": ("test", "testing", "Ts"),
+}
+
+
+def split_folder(root: str | os.PathLike[str], split: str) -> Path:
+    """``root/<split>`` (or an alias: ``validation``, ``testing``, ...) when it exists, else
+    ``root`` itself (a folder without split sub-folders holds the examples to use)."""
+    if split not in SPLIT_ALIASES:
+        raise ValueError(f"split must be one of {list(SPLIT_ALIASES)}, got {split!r}")
+    root = Path(root)
+    for name in SPLIT_ALIASES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def has_split_folders(root: str | os.PathLike[str]) -> bool:
+    """True when ``root`` holds at least one split folder (``train``, ``val``, ``test``, ...)."""
+    root = Path(root)
+    return any((root / n).is_dir() for names in SPLIT_ALIASES.values() for n in names)
+
+
+def image_stem(path: str | os.PathLike[str]) -> str:
+    """File name without its image suffix (``a.png`` -> ``a``, ``a.nii.gz`` -> ``a``)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def is_image_file(path: Path) -> bool:
+    low = path.name.lower()
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and (path.suffix.lower() in IMAGE_SUFFIXES or low.endswith(NIFTI_SUFFIXES))
+    )
+
+
+def list_image_files(folder: str | os.PathLike[str], what: str = "image") -> list[Path]:
+    """The image files (PNG, JPEG, TIFF, BMP, NIfTI) of ``folder`` in natural name order;
+    FileNotFoundError when the folder is missing or holds none."""
+    folder = _require_dir(Path(folder), what)
+    files = sorted(
+        (p for p in folder.iterdir() if is_image_file(p)), key=lambda p: natural_key(p.name)
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no image files found in {folder} (expected {', '.join(IMAGE_SUFFIXES)}, .nii.gz)"
+        )
+    return files
+
+
+def _nifti_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Data and voxel sizes of a NIfTI file (stored voxel order; scaling applied)."""
+    import nibabel as nib
+
+    from medjax.data.io import _bad_nifti
+
+    try:
+        img = nib.load(str(path), mmap=False)
+        data = np.asarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:  # gzip, EOF and header errors all mean "unreadable"
+        raise _bad_nifti(path, exc) from exc
+    zooms = np.asarray(img.header.get_zooms(), np.float32)
+    return data, zooms
+
+
+def read_image_2d(
+    path: str | os.PathLike[str], mode: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One 2D image as ``(float32 [H, W, C], spacing float32 [2])``.
+
+    PNG / JPEG / TIFF / BMP (PIL; ``mode`` "L" or "RGB" converts): 8-bit pixels / 255 and 16-bit
+    pixels / 65535, so integer images are in [0, 1]; spacing 1 (the formats carry none). NIfTI:
+    ``[X, Y]``, ``[X, Y, 1]`` or ``[X, Y, 1, C]`` in stored voxel order, intensities as stored
+    (float32), spacing from the header. Anything else (a 3D volume) is a ValueError naming the
+    file.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        data, zooms = _nifti_array(path)
+        if data.ndim == 3 and data.shape[2] == 1:
+            data = data[:, :, 0]
+        elif data.ndim == 4 and data.shape[2] == 1:
+            data = data[:, :, 0, :]
+        if data.ndim not in (2, 3):
+            raise ValueError(f"NIfTI file {path} has shape {data.shape}; expected a 2D image")
+        img = data[:, :, None] if data.ndim == 2 else data
+        spacing = np.ones(2, np.float32) if zooms.size < 2 else zooms[:2].astype(np.float32)
+        return np.asarray(img, np.float32), spacing
+    arr = read_image(path, mode)
+    return _to_unit_float(arr, path), np.ones(2, np.float32)
+
+
+def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Integer pixels [H, W] or [H, W, C] -> float32 [H, W, C] in [0, 1] (8- or 16-bit)."""
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype == np.uint8:
+        scale = 255.0
+    elif arr.dtype in (np.uint16, np.int32) and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+        scale = 65535.0  # 16-bit PNG/TIFF (PIL mode "I;16" or "I")
+    else:
+        raise ValueError(
+            f"image file {path} decoded to dtype {arr.dtype}; expected 8- or 16-bit pixels"
+        )
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr.astype(np.float32) / np.float32(scale)
+
+
+def _check_same_shape(image: np.ndarray, label: np.ndarray, ipath: Path, lpath: Path) -> None:
+    if image.shape[:2] != label.shape[:2]:
+        raise ValueError(
+            f"image/mask shape mismatch: image {ipath} has shape {tuple(image.shape[:2])} but "
+            f"mask {lpath} has shape {tuple(label.shape[:2])}; expected identical H x W"
+        )
+
+
+def _shown_values(values: np.ndarray, limit: int = 12) -> str:
+    vals = [f"{v:g}" if isinstance(v, float) else str(v) for v in values[:limit].tolist()]
+    return "{" + ", ".join(vals) + (", ..." if values.size > limit else "") + "}"
+
+
+def mask_to_classes(
+    mask: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    num_classes: int,
+    label_values: Mapping[int, int] | None = None,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """A mask image ``[H, W]`` (or ``[H, W, 1]``) -> int32 classes ``0..num_classes-1``.
+
+    - ``threshold``: binary, ``mask > threshold`` is class 1 (lossy JPEG masks). A mask that
+      has non-zero pixels but none above the threshold (a 0/1 mask read with threshold 127) is
+      an error, not an empty label.
+    - ``label_values``: ``{stored value: class}``; any other stored value is an error.
+    - neither: stored values ``0..num_classes-1`` are the classes, and a binary mask stored as
+      ``{0, 255}`` is 0/1; anything else is an error that names the file and its values.
+    """
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask file {path} has shape {m.shape}; expected one channel [H, W]")
+    if threshold is not None:
+        out = (m > threshold).astype(np.int32)
+        if not out.any() and np.any(m != 0):
+            raise ValueError(
+                f"mask file {path} has values {_shown_values(np.unique(m))} but none above the "
+                f"threshold {threshold:g}: every pixel would be background (a 0/1 mask? lower "
+                f"data.mask_threshold, e.g. to 0)"
+            )
+        return out
+    if not np.issubdtype(m.dtype, np.integer):
+        rounded = np.rint(m)
+        if np.any(np.abs(rounded - m) > 1e-3) or not np.isfinite(m).all():
+            raise ValueError(
+                f"mask file {path} has non-integer values {_shown_values(np.unique(m))}; "
+                f"expected class labels (or set data.mask_threshold for a soft mask)"
+            )
+        m = rounded.astype(np.int64)
+    values = np.unique(m)
+    if label_values:
+        lut = {int(k): int(v) for k, v in label_values.items()}
+        bad = values[~np.isin(values, list(lut))]
+        if bad.size:
+            raise ValueError(
+                f"label file {path} has values {_shown_values(values)}; expected only "
+                f"{sorted(lut)} (data.label_values maps them to classes)"
+            )
+        out = np.zeros(m.shape, np.int32)
+        for k, v in lut.items():
+            out[m == k] = v
+        return out
+    if values.size and 0 <= values.min() and values.max() < num_classes:
+        return m.astype(np.int32)
+    if num_classes == 2 and set(values.tolist()) <= {0, 255}:
+        return (m == 255).astype(np.int32)
+    raise ValueError(
+        f"label file {path} has values {_shown_values(values)}; expected classes "
+        f"0..{num_classes - 1} (or 0/255 for two classes): set data.label_values to map "
+        f"stored values to classes, data.mask_threshold for a binary mask, or data.num_classes"
+    )
+
+
+def pair_files(
+    image_dir: Path,
+    mask_dir: Path,
+    *,
+    image_suffix: str = "",
+    mask_suffix: str = "",
+    require_masks: bool = True,
+) -> list[tuple[str, Path, Path | None]]:
+    """``(id, image, mask)`` for every image of ``image_dir``, the mask matched by name:
+    ``<id><image_suffix>.<ext>`` pairs with ``<id><mask_suffix>.<any ext>`` (e.g. nnU-Net's
+    ``case_0000.png`` with ``case.png``: ``image_suffix="_0000"``; HC18's ``_Annotation``
+    masks: ``mask_suffix="_Annotation"``). Files of ``image_dir`` that end with ``mask_suffix``
+    (when masks share the folder) are not images."""
+    images = list_image_files(image_dir)
+    if mask_suffix and mask_dir == image_dir:
+        images = [p for p in images if not image_stem(p).endswith(mask_suffix)]
+    masks: dict[str, Path] = {}
+    if mask_dir.is_dir():
+        masks = {image_stem(p): p for p in mask_dir.iterdir() if is_image_file(p)}
+    elif require_masks:
+        raise FileNotFoundError(f"mask folder {mask_dir} does not exist (or is not a directory)")
+    out = []
+    for ipath in images:
+        stem = image_stem(ipath)
+        if image_suffix:
+            if not stem.endswith(image_suffix):
+                continue  # another channel of a multi-channel nnU-Net case
+            stem = stem[: -len(image_suffix)]
+        mpath = masks.get(stem + mask_suffix)
+        if mpath is None and require_masks:
+            raise FileNotFoundError(
+                f"image {ipath} has no mask; expected "
+                f"{mask_dir / (stem + mask_suffix + ipath.suffix)} (a mask file with stem "
+                f"{stem + mask_suffix!r} in {mask_dir})"
+            )
+        out.append((stem, ipath, mpath))
+    if not out:
+        raise FileNotFoundError(f"no images ending in {image_suffix!r} found in {image_dir}")
+    return out
+
+
+def load_segmentation_folder(
+    directory: str | os.PathLike[str],
+    *,
+    images: str = "images",
+    masks: str = "masks",
+    num_classes: int = 2,
+    image_suffix: str = "",
+    mask_suffix: str = "",
+    label_values: Mapping[int, int] | None = None,
+    threshold: float | None = None,
+    mode: str | None = None,
+    require_masks: bool = True,
+    transform: Transform | None = None,
+    num_workers: int | None = None,
+) -> list[Example]:
+    """Read 2D images and their masks: ``<directory>/<images>/`` and ``<directory>/<masks>/``.
+
+    Images are PNG / JPEG / TIFF / BMP / 2D NIfTI (:func:`read_image_2d`, ``mode`` "L" or "RGB"
+    converts PIL images), masks are paired by file name (:func:`pair_files`) and mapped to
+    classes by :func:`mask_to_classes` (``label_values``, ``threshold`` or the stored values).
+    Every image must match its mask's H x W. ``id`` is the image stem (without
+    ``image_suffix``). Without ``require_masks`` unlabelled images get ``"label": None``.
+    """
+    root = _require_dir(Path(directory), "data set")
+    image_dir = root / images if images else root
+    mask_dir = root / masks if masks else root
+    pairs = pair_files(
+        image_dir,
+        mask_dir,
+        image_suffix=image_suffix,
+        mask_suffix=mask_suffix,
+        require_masks=require_masks,
+    )
+
+    def read(item: tuple[str, Path, Path | None]) -> Example:
+        cid, ipath, mpath = item
+        img, spacing = read_image_2d(ipath, mode)
+        ex: Example = {"image": img, "label": None, "spacing": spacing, "id": cid}
+        if mpath is not None:
+            if mpath.name.lower().endswith(NIFTI_SUFFIXES):
+                raw = _nifti_array(mpath)[0]
+                raw = raw.reshape(raw.shape[:2]) if raw.size == np.prod(raw.shape[:2]) else raw
+            else:
+                raw = read_image(mpath, "L" if mode == "RGB" else None)
+            _check_same_shape(img, raw, ipath, mpath)
+            ex["label"] = mask_to_classes(
+                raw, mpath, num_classes=num_classes, label_values=label_values, threshold=threshold
+            )
+        return _finish(ex, transform)
+
+    return _map(read, pairs, _default_workers() if num_workers is None else num_workers)
+
+
+# --------------------------------------------------------------------------------------------
+# ISBI 2012 EM membranes and Kvasir-SEG: two instances of the folder layout
+# --------------------------------------------------------------------------------------------
+
+ISBI2012_LABEL_VALUES = {0: 1, 255: 0}  # the PNGs store 0 = membrane, 255 = cell interior
 
 
 def load_isbi2012(
@@ -176,56 +461,22 @@ def load_isbi2012(
     ``split="test"`` reads ``test/image`` only; those examples have ``"label": None``.
     Images are 8-bit grayscale (any other mode is converted to "L"): ``image`` is [H, W, 1].
     ``spacing`` is ``[1, 1]`` (the PNGs carry no pixel size). ``id`` is the file stem.
+    This is :func:`load_segmentation_folder` with ``images="image"``, ``masks="label"``.
     """
     root = _require_dir(Path(directory), "ISBI 2012 data set")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    image_dir = _require_dir(root / split / "image", f"ISBI 2012 {split!r} image")
-    label_dir = root / split / "label"
-    labelled = split == "train"
-    if labelled:
-        _require_dir(label_dir, "ISBI 2012 train label")
-    images = _list_images(image_dir)
-    if not images:
-        raise FileNotFoundError(f"no image files found in {image_dir}")
-    if labelled:
-        missing = [p for p in images if not (label_dir / p.name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"image {missing[0]} has no label file; expected {label_dir / missing[0].name}"
-                + (f" ({len(missing)} images without labels)" if len(missing) > 1 else "")
-            )
-
-    def read(ipath: Path) -> Example:
-        img = read_image(ipath, "L")
-        ex: Example = {
-            "image": _to_unit_float(img, ipath),
-            "label": None,
-            "spacing": np.ones(2, np.float32),
-            "id": ipath.stem,
-        }
-        if labelled:
-            lpath = label_dir / ipath.name
-            lab = read_image(lpath, "L")
-            _check_same_shape(img, lab, ipath, lpath)
-            values = np.unique(lab)
-            bad = values[(values != 0) & (values != 255)]
-            if bad.size:
-                shown = ", ".join(str(int(v)) for v in values[:12])
-                more = ", ..." if values.size > 12 else ""
-                raise ValueError(
-                    f"label file {lpath} has values {{{shown}{more}}}; expected only {{0, 255}} "
-                    f"(0 = membrane, 255 = cell interior)"
-                )
-            ex["label"] = (lab == 0).astype(np.int32)
-        return _finish(ex, transform)
-
-    return _map(read, images, _default_workers() if num_workers is None else num_workers)
-
-
-# --------------------------------------------------------------------------------------------
-# Kvasir-SEG polyps
-# --------------------------------------------------------------------------------------------
+    _require_dir(root / split / "image", f"ISBI 2012 {split!r} image")
+    return load_segmentation_folder(
+        root / split,
+        images="image",
+        masks="label",
+        label_values=ISBI2012_LABEL_VALUES,
+        mode="L",
+        require_masks=split == "train",
+        transform=transform,
+        num_workers=num_workers,
+    )
 
 
 def load_kvasir_seg(
@@ -241,39 +492,19 @@ def load_kvasir_seg(
     transform (pass ``transform=`` to resize while loading and keep memory bounded). The mask
     JPEG is converted to "L" and thresholded ``> threshold`` (JPEG noise) -> class 1 polyp,
     else 0 (:data:`KVASIR_CLASSES`). The mask may use any image suffix; it is matched by stem.
-    ``spacing`` is ``[1, 1]`` (unknown). ``id`` is the file stem.
+    ``spacing`` is ``[1, 1]`` (unknown). ``id`` is the file stem. This is
+    :func:`load_segmentation_folder` with ``threshold``.
     """
     root = _require_dir(Path(directory), "Kvasir-SEG data set")
-    image_dir = _require_dir(root / "images", "Kvasir-SEG images")
-    mask_dir = _require_dir(root / "masks", "Kvasir-SEG masks")
-    images = _list_images(image_dir)
-    if not images:
-        raise FileNotFoundError(f"no image files found in {image_dir}")
-    masks = {p.stem: p for p in _list_images(mask_dir)}
-    pairs = []
-    for ipath in images:
-        mpath = masks.get(ipath.stem)
-        if mpath is None:
-            raise FileNotFoundError(
-                f"image {ipath} has no mask; expected {mask_dir / ipath.name} "
-                f"(a mask file with stem {ipath.stem!r} in {mask_dir})"
-            )
-        pairs.append((ipath, mpath))
-
-    def read(pair: tuple[Path, Path]) -> Example:
-        ipath, mpath = pair
-        img = read_image(ipath, "RGB")
-        mask = read_image(mpath, "L")
-        _check_same_shape(img, mask, ipath, mpath)
-        ex: Example = {
-            "image": _to_unit_float(img, ipath),
-            "label": (mask > threshold).astype(np.int32),
-            "spacing": np.ones(2, np.float32),
-            "id": ipath.stem,
-        }
-        return _finish(ex, transform)
-
-    return _map(read, pairs, _default_workers() if num_workers is None else num_workers)
+    _require_dir(root / "images", "Kvasir-SEG images")
+    _require_dir(root / "masks", "Kvasir-SEG masks")
+    return load_segmentation_folder(
+        root,
+        threshold=threshold,
+        mode="RGB",
+        transform=transform,
+        num_workers=num_workers,
+    )
 
 
 # --------------------------------------------------------------------------------------------

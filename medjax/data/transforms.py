@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -452,6 +452,18 @@ class AugmentConfig:
     gamma_prob: float = 0.3
     fill_mode: str = "constant"
     cval: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> AugmentConfig | None:
+        """The settings of a config block (its fields, plus `enabled`); None when disabled."""
+        d = dict(cfg or {})
+        if not d.pop("enabled", True):
+            return None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"config.augment has unknown keys {unknown}; known: {sorted(fields)}")
+        return cls(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()})
 
     @classmethod
     def identity(cls) -> AugmentConfig:

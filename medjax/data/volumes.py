@@ -37,6 +37,18 @@ Layouts (``layout=`` of :func:`find_cases`):
     :attr:`Case.channels` gives its channel index. A task whose ``"labels"`` are BraTS-like
     (1 edema, 2 non-enhancing tumour, 3 enhancing tumour: Task01_BrainTumour) gets scheme
     ``"msd_brain"``; any other task's labels pass through unchanged (scheme ``"identity"``).
+``"brats2023"``
+    BraTS 2023+ (GLI/MEN/MET/PED/SSA): ``<dir>/<case>/<case>-{t1c,t1n,t2f,t2w}.nii.gz`` and an
+    optional ``<case>-seg.nii.gz`` (labels 0, 1 NCR, 2 edema, 3 enhancing; scheme
+    ``"brats2023"``, already the internal classes). Default modalities
+    ``("t2f", "t1n", "t1c", "t2w")`` (FLAIR, T1, T1c, T2).
+``"nnunet"``
+    An nnU-Net v2 raw dataset folder: ``imagesTr/<case>_<XXXX>.nii.gz`` (one file per channel,
+    ``XXXX`` the 4-digit channel index), ``labelsTr/<case>.nii.gz`` (consecutive integer labels
+    0..K-1), ``imagesTs/`` (and ``labelsTs/``) for ``subset="test"``, and ``dataset.json`` with
+    ``channel_names`` (index -> name), ``labels`` (name -> int, or name -> list of ints for
+    nnU-Net's region-based labels, with ``regions_class_order``) and ``file_ending``. Labels
+    pass through unchanged (scheme ``"identity"``); :func:`label_spec` reads classes and regions.
 ``"generic"``
     One folder per case, one file per modality: ``<dir>/<case>/<modality>.nii(.gz)``, the label
     file ``<label_name>.nii(.gz)`` (default ``"label"``; ``"seg"`` is accepted too when the
@@ -55,7 +67,13 @@ Label conventions. Every BraTS-like source is mapped to ONE internal class schem
                                                         non-enhancing 3 both become NCR/NET,
                                                         as BraTS 2017+ merged them)
     "msd_brain"  0->0, 1->2, 2->1, 3->3                (MSD Task01: 1 edema, 2 non-enh., 3 enh.)
+    "brats2023"  0->0, 1->1, 2->2, 3->3                (BraTS 2023+: 1 NCR, 2 ED, 3 ET)
     "identity"   unchanged (any non-negative integer)
+
+Classes and evaluation regions of a dataset are a :class:`LabelSpec` (:func:`label_spec`),
+declared as nnU-Net declares them (``{"background": 0, "WT": [1, 2, 3], ...}`` with
+``regions_class_order``; :func:`labels_from_nnunet`): the BraTS layouts are one instance of it
+(:data:`BRATS_LABELS`), an nnU-Net or MSD folder brings its own in ``dataset.json``.
 
 Tumour regions (:data:`BRATS_REGIONS`, in internal classes; :func:`region_masks`):
 
@@ -89,11 +107,17 @@ __all__ = [
     "LABEL_SCHEMES",
     "LAYOUTS",
     "REGION_NAMES",
+    "BRATS_LABELS",
+    "BRATS_SPEC",
     "Case",
+    "LabelSpec",
     "find_cases",
+    "label_spec",
+    "labels_from_nnunet",
     "load_case",
     "map_labels",
     "msd_modalities",
+    "read_nnunet_json",
     "region_masks",
     "to_native",
 ]
@@ -105,6 +129,7 @@ LABEL_SCHEMES: dict[str, dict[int, int] | None] = {
     "brats": {0: 0, 1: 1, 2: 2, 4: 3},
     "deepmedic": {0: 0, 1: 1, 3: 1, 2: 2, 4: 3},
     "msd_brain": {0: 0, 1: 2, 2: 1, 3: 3},
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
     "identity": None,
 }
 
@@ -114,24 +139,34 @@ _NATIVE: dict[str, dict[int, int]] = {
     "brats": {0: 0, 1: 1, 2: 2, 3: 4},
     "deepmedic": {0: 0, 1: 1, 2: 2, 3: 4},
     "msd_brain": {0: 0, 1: 2, 2: 1, 3: 3},
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
 }
 
 BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 REGION_NAMES = tuple(BRATS_REGIONS)
 
-LAYOUTS = ("brats", "deepmedic", "msd", "generic")
+# The BraTS classes and regions as nnU-Net declares them (region -> classes, and the class each
+# region paints when regions are turned back into a label map, later regions on top).
+BRATS_LABELS: dict[str, Any] = {"background": 0, "WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+BRATS_REGION_ORDER = (2, 1, 3)
+
+LAYOUTS = ("brats", "brats2023", "deepmedic", "msd", "nnunet", "generic")
 
 DEFAULT_MODALITIES: dict[str, tuple[str, ...] | None] = {
     "brats": ("flair", "t1", "t1ce", "t2"),
+    "brats2023": ("t2f", "t1n", "t1c", "t2w"),
     "deepmedic": ("flair", "t1ce"),
     "msd": None,  # every channel named in dataset.json
+    "nnunet": None,  # every channel of dataset.json's channel_names
     "generic": None,  # every non-label, non-mask NIfTI of the first case
 }
 
 _DEFAULT_SCHEME = {
     "brats": "brats",
+    "brats2023": "brats2023",
     "deepmedic": "deepmedic",
     "msd": "identity",
+    "nnunet": "identity",
     "generic": "identity",
 }
 
@@ -265,31 +300,37 @@ def _missing_label(case_id: str, where: Path, expected: str) -> FileNotFoundErro
 
 
 def _brats_cases(
-    root: Path, modalities: Sequence[str] | None, require_labels: bool, scheme: str
+    root: Path,
+    modalities: Sequence[str] | None,
+    require_labels: bool,
+    scheme: str,
+    layout: str = "brats",
 ) -> list[Case]:
-    mods = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES["brats"])
+    """BraTS 2018-21 (``<case>_<mod>``) or, with ``layout="brats2023"``, ``<case>-<mod>``."""
+    sep = "-" if layout == "brats2023" else "_"
+    mods = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES[layout])
     cases = []
     for folder in _case_dirs(root):
         cid = folder.name
         images: dict[str, Path] = {}
         for mod in mods:
-            path = _find_nifti(folder, f"{cid}_{mod}")
+            path = _find_nifti(folder, f"{cid}{sep}{mod}")
             if path is None:
-                prefix = f"{cid}_"
+                prefix = f"{cid}{sep}"
                 present = [
                     s[len(prefix) :]
                     for s in (_nifti_stem(p.name) for p in _nifti_files(folder))
-                    if s is not None and s.startswith(prefix) and s != f"{cid}_seg"
+                    if s is not None and s.startswith(prefix) and s != f"{cid}{sep}seg"
                 ]
                 raise FileNotFoundError(
                     f"case {cid!r}: modality {mod!r} file {folder / (prefix + mod)}.nii.gz "
                     f"(or .nii) does not exist; this case has modalities {present} "
-                    f"(BraTS layout <case>/<case>_<modality>.nii.gz)"
+                    f"({layout} layout <case>/<case>{sep}<modality>.nii.gz)"
                 )
             images[mod] = path
-        label = _find_nifti(folder, f"{cid}_seg")
+        label = _find_nifti(folder, f"{cid}{sep}seg")
         if label is None and require_labels:
-            raise _missing_label(cid, folder, f"{cid}_seg.nii")
+            raise _missing_label(cid, folder, f"{cid}{sep}seg.nii")
         cases.append(Case(cid, images, label, None, scheme))
     return cases
 
@@ -374,11 +415,23 @@ def msd_modalities(directory: str | os.PathLike[str]) -> tuple[str, ...]:
     return tuple(str(v) for _, v in order)
 
 
+def _subset_dirs(root: Path, subset: str, what: str) -> tuple[Path, Path]:
+    """``imagesTr``/``labelsTr`` (``subset="train"``) or ``imagesTs``/``labelsTs`` ("test")."""
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset must be 'train' or 'test', got {subset!r}")
+    tag = "Tr" if subset == "train" else "Ts"
+    image_dir, label_dir = root / f"images{tag}", root / f"labels{tag}"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{what} folder {root} has no images{tag}/ folder")
+    return image_dir, label_dir
+
+
 def _msd_cases(
     root: Path,
     modalities: Sequence[str] | None,
     require_labels: bool,
     scheme: str | None,
+    subset: str = "train",
 ) -> list[Case]:
     meta = _read_dataset_json(root)
     names = msd_modalities(root)
@@ -386,10 +439,7 @@ def _msd_cases(
     channels = {m: names.index(m) for m in mods}
     if scheme is None:
         scheme = _msd_scheme(meta.get("labels", {}))
-    image_dir = root / "imagesTr"
-    label_dir = root / "labelsTr"
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"MSD task folder {root} has no imagesTr/ folder")
+    image_dir, label_dir = _subset_dirs(root, subset, "MSD task")
     cases = []
     for path in _nifti_files(image_dir):
         cid = _nifti_stem(path.name)
@@ -403,6 +453,82 @@ def _msd_cases(
                 )
             label = None
         cases.append(Case(cid, {m: path for m in mods}, label, None, scheme, dict(channels)))
+    return cases
+
+
+def read_nnunet_json(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """``dataset.json`` of an nnU-Net v2 raw dataset, checked: ``channel_names`` (``"0"``,
+    ``"1"``, ... -> name), ``labels`` (name -> int or list of ints) and ``file_ending``."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"nnU-Net dataset folder {root} has no dataset.json (expected {path} next to imagesTr/)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    for key, kind in (("channel_names", dict), ("labels", dict)):
+        if not isinstance(meta.get(key), kind):
+            alt = " (an MSD / nnU-Net v1 file? use layout 'msd')" if "modality" in meta else ""
+            raise ValueError(f"{path} has no {key!r} dict{alt}")
+    try:
+        idx = sorted(int(k) for k in meta["channel_names"])
+    except ValueError as exc:
+        raise ValueError(
+            f"{path}: channel_names keys must be channel indices '0', '1', ...; got "
+            f"{list(meta['channel_names'])}"
+        ) from exc
+    if idx != list(range(len(idx))):
+        raise ValueError(f"{path}: channel_names keys {idx} are not 0..{len(idx) - 1}")
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in _NIFTI_SUFFIXES:
+        raise ValueError(
+            f"{path}: file_ending {ending!r} is not supported for volumes; expected one of "
+            f"{list(_NIFTI_SUFFIXES)}"
+        )
+    return meta
+
+
+def _nnunet_cases(
+    root: Path, modalities: Sequence[str] | None, require_labels: bool, subset: str
+) -> list[Case]:
+    meta = read_nnunet_json(root)
+    names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
+    mods = _select_modalities(names, modalities, f"nnU-Net dataset {root}")
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    image_dir, label_dir = _subset_dirs(root, subset, "nnU-Net dataset")
+    by_case: dict[str, dict[int, Path]] = {}
+    for path in sorted(image_dir.iterdir(), key=lambda p: natural_key(p.name)):
+        if path.name.startswith(".") or not path.name.endswith(ending):
+            continue
+        stem = path.name[: -len(ending)]
+        cid, sep, channel = stem.rpartition("_")
+        if not sep or len(channel) != 4 or not channel.isdigit():
+            raise ValueError(
+                f"{path}: nnU-Net image files are named <case>_<XXXX>{ending} with a 4-digit "
+                f"channel index"
+            )
+        by_case.setdefault(cid, {})[int(channel)] = path
+    cases = []
+    for cid, files in by_case.items():
+        missing = [
+            f"{cid}_{names.index(m):04d}{ending}" for m in mods if names.index(m) not in files
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"case {cid!r} in {image_dir} has no {missing} (dataset.json declares channels "
+                f"{dict(enumerate(names))})"
+            )
+        label = label_dir / f"{cid}{ending}"
+        if not label.is_file():
+            if require_labels:
+                raise FileNotFoundError(
+                    f"case {cid!r} has no label file: expected {label} (labels are required)"
+                )
+            label = None
+        images = {m: files[names.index(m)] for m in mods}
+        cases.append(Case(cid, images, label, None, "identity"))
     return cases
 
 
@@ -471,6 +597,7 @@ def find_cases(
     mask_name: str | None = None,
     label_scheme: str | None = None,
     require_labels: bool = False,
+    subset: str = "train",
 ) -> list[Case]:
     """The cases of ``directory`` in ``layout`` (see the module docstring), in natural id order.
 
@@ -485,6 +612,8 @@ def find_cases(
       label_scheme: overrides the layout's scheme (e.g. ``"brats"`` for a generic folder of
         BraTS labels).
       require_labels: raise when a case has no label file (otherwise its ``label`` is None).
+      subset: ``"msd"`` / ``"nnunet"``: ``"train"`` reads ``imagesTr``, ``"test"``
+        ``imagesTs`` (with ``labelsTs`` when present).
 
     Raises:
       FileNotFoundError: missing folder, no cases, a missing modality file (names the file and
@@ -497,18 +626,21 @@ def find_cases(
     if not root.is_dir():
         raise FileNotFoundError(f"{layout} data folder {root} does not exist (or is not a folder)")
     scheme = _check_scheme(label_scheme) if label_scheme is not None else None
-    if layout == "brats":
-        cases = _brats_cases(root, modalities, require_labels, scheme or "brats")
+    if layout in ("brats", "brats2023"):
+        cases = _brats_cases(root, modalities, require_labels, scheme or layout, layout)
     elif layout == "deepmedic":
         cases = _deepmedic_cases(root, modalities, require_labels, scheme or "deepmedic")
     elif layout == "msd":
-        cases = _msd_cases(root, modalities, require_labels, scheme)
+        cases = _msd_cases(root, modalities, require_labels, scheme, subset)
+    elif layout == "nnunet":
+        cases = _nnunet_cases(root, modalities, require_labels, subset)
     else:
         cases = _generic_cases(
             root, modalities, require_labels, scheme or "identity", label_name, mask_name
         )
     if not cases:
-        where = root / "imagesTr" if layout == "msd" else root
+        tag = "Tr" if subset == "train" else "Ts"
+        where = root / f"images{tag}" if layout in ("msd", "nnunet") else root
         raise FileNotFoundError(f"no cases found in {where} (layout {layout!r})")
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
@@ -632,6 +764,168 @@ def region_masks(label: Any) -> Any:
             m = m | (lab == c)
         masks.append(m)
     return xp.stack(masks, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# classes and regions of a dataset
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+    """The classes a network predicts and the regions it is scored on.
+
+    Attributes:
+      class_names: names of the internal classes ``0..K-1`` (0 is background).
+      regions: region name -> internal classes, in evaluation order (a class on its own is a
+        region of one; BraTS whole tumour is ``(1, 2, 3)``).
+      scheme: key of :data:`LABEL_SCHEMES` mapping the label files to internal classes.
+      region_order: nnU-Net's ``regions_class_order`` (the class each region paints, in order)
+        when the regions were declared as overlapping label groups, else None.
+    """
+
+    class_names: tuple[str, ...]
+    regions: dict[str, tuple[int, ...]]
+    scheme: str = "identity"
+    region_order: tuple[int, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def labels_from_nnunet(
+    labels: Mapping[str, Any],
+    regions_class_order: Sequence[int] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    scheme: str = "identity",
+    where: str = "dataset.json",
+) -> LabelSpec:
+    """A :class:`LabelSpec` from nnU-Net v2's ``labels`` (name -> int, or name -> list of ints
+    for region-based labels) and ``regions_class_order``.
+
+    Plain labels: class ``v`` is named by its key and every foreground class is a region of
+    its own. Region-based labels: the regions are the list entries (a bare int is a region of
+    one class); class ``c`` is named by the region that paints it in ``regions_class_order``
+    (unless ``class_names`` are given). Labels must be the consecutive integers ``0..K-1`` with
+    0 the background, as nnU-Net requires; otherwise ValueError naming ``where``.
+    """
+    if not labels:
+        raise ValueError(f"{where}: 'labels' is empty")
+    groups: dict[str, tuple[int, ...]] = {}
+    region_based = False
+    for name, value in labels.items():
+        vals = value if isinstance(value, list | tuple) else [value]
+        region_based |= isinstance(value, list | tuple)
+        try:
+            groups[str(name)] = tuple(int(v) for v in vals)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: label {name!r} has value {value!r}; expected ints") from exc
+    values = sorted({v for vs in groups.values() for v in vs} | {0})
+    if values != list(range(len(values))):
+        raise ValueError(
+            f"{where}: label values {values} are not the consecutive integers 0..{len(values) - 1} "
+            f"(nnU-Net needs consecutive labels, background 0)"
+        )
+    k = len(values)
+    regions = {n: v for n, v in groups.items() if v != (0,)}
+    order = tuple(int(c) for c in regions_class_order) if regions_class_order else None
+    if region_based and order is not None and len(order) != len(regions):
+        raise ValueError(
+            f"{where}: regions_class_order {list(order)} needs one class per region {list(regions)}"
+        )
+    if class_names is not None:
+        names = tuple(str(n) for n in class_names)
+    elif region_based:
+        names_l = ["background"] + [f"class{c}" for c in range(1, k)]
+        for region, c in zip(regions, order or (), strict=False):
+            names_l[c] = region
+        names = tuple(names_l)
+    else:
+        by_value = {v[0]: n for n, v in groups.items()}
+        names = tuple(by_value.get(c, f"class{c}") for c in range(k))
+    if len(names) != k:
+        raise ValueError(f"{where}: {len(names)} class names for {k} classes")
+    return LabelSpec(names, regions, scheme, order if region_based else None)
+
+
+BRATS_SPEC = labels_from_nnunet(
+    BRATS_LABELS, BRATS_REGION_ORDER, class_names=BRATS_CLASSES, scheme="brats"
+)
+
+
+def label_spec(
+    directory: str | os.PathLike[str] | None,
+    layout: str,
+    *,
+    label_scheme: str | None = None,
+    num_classes: int = 0,
+    class_names: Sequence[str] = (),
+    regions: Mapping[str, Sequence[int]] | None = None,
+) -> LabelSpec:
+    """Classes and regions of a dataset in ``layout``.
+
+    - ``"brats"``, ``"brats2023"``, ``"deepmedic"``: the BraTS classes and regions WT/TC/ET
+      (:data:`BRATS_SPEC`, with the layout's label scheme);
+    - ``"nnunet"``: ``dataset.json``'s ``labels`` / ``regions_class_order``
+      (:func:`labels_from_nnunet`);
+    - ``"msd"``: ``dataset.json``'s ``labels`` (index -> name); BraTS-like Task01 labels map to
+      the BraTS classes and regions (scheme ``"msd_brain"``);
+    - ``"generic"``: ``num_classes`` classes (``class_names`` or ``class0``...), identity labels.
+
+    ``regions`` (name -> classes) and ``class_names`` override what the dataset declares.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
+    root = Path(directory) if directory is not None else None
+    if layout in ("brats", "brats2023", "deepmedic"):
+        spec = dataclasses.replace(BRATS_SPEC, scheme=label_scheme or _DEFAULT_SCHEME[layout])
+    elif layout == "nnunet":
+        if root is None:
+            raise ValueError("an nnU-Net dataset needs its folder (data.directory)")
+        meta = read_nnunet_json(root)
+        spec = labels_from_nnunet(
+            meta["labels"], meta.get("regions_class_order"), where=str(root / "dataset.json")
+        )
+    elif layout == "msd":
+        if root is None:
+            raise ValueError("an MSD task needs its folder (data.directory)")
+        meta = _read_dataset_json(root)
+        scheme = label_scheme or _msd_scheme(meta.get("labels", {}))
+        if scheme == "msd_brain":
+            spec = dataclasses.replace(BRATS_SPEC, scheme=scheme)
+        else:
+            names = {int(k): str(v) for k, v in (meta.get("labels") or {"0": "background"}).items()}
+            spec = labels_from_nnunet(
+                {v: k for k, v in names.items()}, where=str(root / "dataset.json")
+            )
+    else:
+        if num_classes < 2 and not class_names:
+            raise ValueError(
+                "a generic-layout dataset needs data.num_classes (>= 2) or data.class_names"
+            )
+        names = tuple(class_names) or tuple(f"class{c}" for c in range(int(num_classes)))
+        spec = LabelSpec(
+            names, {n: (c,) for c, n in enumerate(names) if c}, label_scheme or "identity"
+        )
+    if class_names:
+        if len(class_names) != spec.num_classes:
+            raise ValueError(
+                f"data.class_names has {len(class_names)} names; the dataset has "
+                f"{spec.num_classes} classes {spec.class_names}"
+            )
+        spec = dataclasses.replace(spec, class_names=tuple(str(n) for n in class_names))
+    if regions:
+        bad = {
+            n: c for n, c in regions.items() if any(not 0 < int(x) < spec.num_classes for x in c)
+        }
+        if bad:
+            raise ValueError(f"data.regions {bad} name classes outside 1..{spec.num_classes - 1}")
+        spec = dataclasses.replace(
+            spec, regions={str(n): tuple(int(x) for x in c) for n, c in regions.items()}
+        )
+    return spec
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medjax import inference
+from medjax import inference, parallel
 from medjax.data import pipeline
-from medjax.train import parallel
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.logging import MetricWriter, Progress
 

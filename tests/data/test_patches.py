@@ -13,9 +13,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
+from medjax import parallel
 from medjax.data import patches as PT
 from medjax.data.paths import data_dir
-from medjax.train import parallel
 
 # ---------------------------------------------------------------------------------------------
 # helpers: independent references

@@ -378,10 +378,10 @@ def test_no_cases_and_bad_arguments(tmp_path: Path) -> None:
         volumes.find_cases(tmp_path / "empty", "brats")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         volumes.find_cases(tmp_path / "nope", "brats")
-    with pytest.raises(ValueError, match="unknown layout 'nnunet'"):
-        volumes.find_cases(tmp_path / "empty", "nnunet")
+    with pytest.raises(ValueError, match="unknown layout 'nnunet2'"):
+        volumes.find_cases(tmp_path / "empty", "nnunet2")
     with pytest.raises(ValueError, match="unknown label scheme"):
-        volumes.find_cases(tmp_path / "empty", "generic", label_scheme="brats2023")
+        volumes.find_cases(tmp_path / "empty", "generic", label_scheme="brats2031")
     with pytest.raises(FileNotFoundError, match="dataset.json"):
         volumes.find_cases(tmp_path / "empty", "msd")
     dm = write_layout(tmp_path / "dm", "deepmedic", {"D1": "A"}, labels=False)

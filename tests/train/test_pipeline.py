@@ -1,4 +1,4 @@
-"""tf.data pipelines (medjax.data.pipeline) and the mesh helpers they use (medjax.train.parallel).
+"""tf.data pipelines (medjax.data.pipeline) and the mesh helpers they use (medjax.parallel).
 
 References are written out here from the documented contract -- epoch `e` visits
 `default_rng([seed, e]).permutation(N)` and step `s` takes the next `global_batch_size` of that
@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medjax import parallel
 from medjax.data import pipeline
-from medjax.train import parallel
 
 
 @pytest.fixture(scope="module")
