@@ -497,7 +497,13 @@ def test_map_labels_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="negative"):
         volumes.map_labels(np.array([0, -2]), "identity")
     with pytest.raises(ValueError, match="unknown label scheme"):
-        volumes.map_labels(np.array([0]), "brats2023")
+        volumes.map_labels(np.array([0]), "brats2031")
+    # BraTS 2023+ files already hold the internal classes (1 NCR, 2 ED, 3 ET); 4 is not a label
+    np.testing.assert_array_equal(
+        volumes.map_labels(np.array([0, 3, 1, 2]), "brats2023"), [0, 3, 1, 2]
+    )
+    with pytest.raises(ValueError, match=r"values \{4\}.*\[0, 1, 2, 3\]"):
+        volumes.map_labels(np.array([0, 4]), "brats2023")
     # a scaled mask-like value within 1e-3 of an integer counts as that integer
     np.testing.assert_array_equal(
         volumes.map_labels(np.array([0.99999994, 2.0002]), "brats"), [1, 2]
