@@ -57,6 +57,7 @@ Array = jax.Array
 
 __all__ = [
     "accuracy",
+    "classification_scores",
     "confusion_counts",
     "dice",
     "ellipse_circumference",
@@ -71,6 +72,7 @@ __all__ = [
     "precision",
     "psnr",
     "region_scores",
+    "roc_auc",
     "segmentation_metrics",
     "sensitivity",
     "specificity",
@@ -328,6 +330,40 @@ def summarize_rows(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
         out[key] = float(np.mean(finite)) if finite else float("nan")
         if len(finite) != len(vals):
             out[f"{key}_n"] = len(finite)
+    return out
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney U);
+    NaN without positives or negatives."""
+    from scipy.stats import rankdata
+
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def classification_scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the classes present), mean cross-entropy
+    and, for two classes, the ROC AUC of class 1, from logits ``[N, K]`` and labels ``[N]``."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels).astype(int)
+    pred = logits.argmax(-1)
+    recalls = [
+        np.mean(pred[labels == c] == c) for c in range(logits.shape[-1]) if (labels == c).any()
+    ]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    out = {
+        "accuracy": float(np.mean(pred == labels)),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "loss": float(-np.mean(log_p[np.arange(len(labels)), labels])),
+    }
+    if logits.shape[-1] == 2:
+        out["auc"] = roc_auc(np.exp(log_p[:, 1]), labels == 1)
     return out
 
 

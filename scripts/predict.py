@@ -1,48 +1,22 @@
-"""Predict label maps for whole volumes with a trained volume run; one NIfTI per case.
+"""Prediction files for inputs a run never saw (`medjax predict`).
 
-    python scripts/predict.py --workdir runs/unet3d_brats \\
-        --input /data/BraTS2021/BraTS2021_00001 [--input /data/other_dataset_folder ...] \\
+    python scripts/predict.py --workdir runs/unet3d_brats --input /data/BraTS2021/BraTS2021_00001 \
         --output predictions/ [--checkpoint best|latest] [--overwrite]
+    python scripts/predict.py --workdir runs/isbi2012 --input test_images/ --output masks/
+    python scripts/predict.py --workdir runs/pix2pix_tcia --input T1_DICOM_SERIES/ --output t2/
 
-Each --input is a dataset folder in the run's layout (config.data.layout) or one case folder of
-one. Outputs `<output>/<case id>.nii.gz`: uint8 labels in the case's own convention (BraTS
-0/1/2/4, deepmedic 0/1/2/4, MSD 0-3), on the input's voxel grid with its affine and orientation,
-so it overlays the input in any viewer. Existing files are kept unless --overwrite.
+Segmentation runs write label maps: 2D masks as PNG (the dataset's own mask values), volumes as
+NIfTI on the input's grid with its affine (the dataset's own label values, e.g. BraTS 0/1/2/4).
+Translation runs (pix2pix, Vox2Vox, CycleGAN) write translated images (PNG) or volumes (NIfTI)
+from image files or folders, NIfTI volumes or DICOM series. Existing files are kept unless
+--overwrite.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+import sys
 
-from medjax.train.platform import configure_xla
-
-flags.DEFINE_string("workdir", None, "The run folder (config.json + checkpoints).")
-flags.DEFINE_multi_string("input", None, "A dataset folder or a case folder (repeatable).")
-flags.DEFINE_string("output", None, "Folder for the predicted NIfTI files.")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to restore.")
-flags.DEFINE_bool("overwrite", False, "Replace existing prediction files.")
-flags.mark_flags_as_required(["workdir", "input", "output"])
-FLAGS = flags.FLAGS
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    configure_xla()
-    if FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.ERROR)
-    from medjax.train.evaluate import predict_volumes
-
-    written = predict_volumes(
-        FLAGS.workdir,
-        FLAGS.input,
-        FLAGS.output,
-        checkpoint=FLAGS.checkpoint,
-        overwrite=FLAGS.overwrite,
-    )
-    for path in written:
-        print(path)
-
+from medjax.train.cli import run_command
 
 if __name__ == "__main__":
-    app.run(main)
+    run_command("predict", sys.argv[1:])

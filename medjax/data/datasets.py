@@ -1,14 +1,24 @@
-"""Named 2D segmentation datasets: which reader, which classes, how to preprocess and split.
+"""2D segmentation datasets: which reader, which classes, how to preprocess and split.
 
-`load_segmentation(cfg)` turns a config's `data` block into train/validation example lists of one
-fixed image size, and `stack_examples` into the `{name: [N, ...]}` arrays the pipelines feed.
-Every reader takes a directory: `cfg.directory` when set, else the shared data folder.
+A *source* (`config.data.source`) names a reader of one folder of examples: `"folder"` is the
+general one (any image/mask folder pair, `medjax.data.sources.load_segmentation_folder`), the
+named ones are instances of it or of a special layout (`isbi2012`, `kvasir_seg`: folders with
+fixed names and label conventions; `hc18`: outlines to fill and a pixel-size CSV; `mni152`: the
+template shipped in nilearn; `brats_slices`: tumour slices of BraTS-layout volumes).
+
+`load_examples(cfg, split)` returns the examples of one split at their ORIGINAL resolution
+(`medjax.data.sources` convention: image float32 [H, W, C], label int32 [H, W], spacing, id);
+`preprocess` resizes and normalises one for the network; `stack_examples` turns same-size
+examples into the `{name: [N, ...]}` arrays the pipelines feed. Every reader takes a directory:
+`cfg.directory` when set, else the shared data folder; a dataset folder with split sub-folders
+(`train/`, `val/`, `test/`, ...) is read split by split, any other folder is one split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,41 +26,47 @@ import numpy as np
 from medjax.data import sources, transforms
 from medjax.data.paths import data_dir
 
+SPLITS = ("train", "val", "test")
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A dataset layout: `load(directory) -> examples`, its class names and its shared folder."""
+    """A dataset layout: `load(folder, cfg) -> examples` reads ONE split folder; its class
+    names, channels and shared folder(s)."""
 
-    load: Callable[[str | None, Mapping[str, Any]], list[dict[str, Any]]]
-    class_names: tuple[str, ...]
+    load: Callable[[Path | None, Mapping[str, Any]], list[dict[str, Any]]]
+    class_names: tuple[str, ...] | None  # None: from the config (`folder`)
     shared_folder: str | None
-    channels: int
+    channels: int | None  # None: from the config (`folder`)
     shared_val_folder: str | None = None  # a separate validation folder, when the data has one
 
 
-SOURCES: dict[str, Source] = {
-    "mni152": Source(
-        lambda d, cfg: sources.load_mni152_slices(axis=2, directory=d),
-        sources.MNI152_CLASSES,
-        None,
-        1,
-    ),
-    "isbi2012": Source(
-        lambda d, cfg: sources.load_isbi2012(d, "train"),
-        sources.ISBI2012_CLASSES,
-        "isbi2012_em_membrane",
-        1,
-    ),
-    "kvasir_seg": Source(
-        lambda d, cfg: sources.load_kvasir_seg(d), sources.KVASIR_CLASSES, "kvasir_seg_polyps", 3
-    ),
-    "hc18": Source(
-        lambda d, cfg: sources.load_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
-    ),
-}
+def _mode(cfg: Mapping[str, Any]) -> str | None:
+    channels = int(cfg.get("channels") or 0)
+    return {0: None, 1: "L", 3: "RGB"}.get(channels, None)
 
 
-def load_brats_slices(directory: str | None, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _folder(directory: Path | None, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if directory is None:
+        raise ValueError("config.data.source='folder' needs config.data.directory")
+    values = cfg.get("label_values") or None
+    threshold = cfg.get("mask_threshold")
+    return sources.load_segmentation_folder(
+        directory,
+        images=str(cfg.get("images", "images")),
+        masks=str(cfg.get("masks", "masks")),
+        num_classes=int(cfg["num_classes"]),
+        image_suffix=str(cfg.get("image_suffix", "")),
+        mask_suffix=str(cfg.get("mask_suffix", "")),
+        label_values={int(k): int(v) for k, v in dict(values).items()} if values else None,
+        threshold=None if threshold is None or float(threshold) < 0 else float(threshold),
+        mode=_mode(cfg),
+    )
+
+
+def load_brats_region_slices(
+    directory: Path | None, cfg: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """Axial 2D slices of BraTS-like volumes, binary: `cfg.region` (WT, TC or ET) vs the rest.
 
     Every case of `directory` (layout `cfg.layout`, see `medjax.data.volumes`) is z-scored inside
@@ -95,13 +111,39 @@ def load_brats_slices(directory: str | None, cfg: Mapping[str, Any]) -> list[dic
     return out
 
 
-SOURCES["brats_slices"] = Source(
-    load_brats_slices,
-    ("background", "tumour"),
-    "brats2015_deepmedic_3d/train",
-    1,
-    "brats2015_deepmedic_3d/validation",
-)
+SOURCES: dict[str, Source] = {
+    "folder": Source(_folder, None, None, None),
+    "mni152": Source(
+        lambda d, cfg: sources.load_mni152_slices(axis=2, directory=d),
+        sources.MNI152_CLASSES,
+        None,
+        1,
+    ),
+    "isbi2012": Source(
+        lambda d, cfg: sources.load_segmentation_folder(
+            d, images="image", masks="label", label_values=sources.ISBI2012_LABEL_VALUES, mode="L"
+        ),
+        sources.ISBI2012_CLASSES,
+        "isbi2012_em_membrane",
+        1,
+    ),
+    "kvasir_seg": Source(
+        lambda d, cfg: sources.load_segmentation_folder(d, threshold=127, mode="RGB"),
+        sources.KVASIR_CLASSES,
+        "kvasir_seg_polyps",
+        3,
+    ),
+    "hc18": Source(
+        lambda d, cfg: sources.load_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
+    ),
+    "brats_slices": Source(
+        load_brats_region_slices,
+        ("background", "tumour"),
+        "brats2015_deepmedic_3d/train",
+        1,
+        "brats2015_deepmedic_3d/validation",
+    ),
+}
 
 
 def get_source(name: str) -> Source:
@@ -110,21 +152,90 @@ def get_source(name: str) -> Source:
     return SOURCES[name]
 
 
-def resolve_directory(cfg: Mapping[str, Any]) -> str | None:
+def class_names(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The source's classes, or for `folder` `cfg.class_names` (default `background`,
+    `class1`, ...) of `cfg.num_classes`; ValueError when the count disagrees."""
+    src = get_source(cfg["source"])
+    n = int(cfg["num_classes"])
+    names = (
+        src.class_names
+        or tuple(cfg.get("class_names") or ())
+        or (
+            "background",
+            *(f"class{c}" for c in range(1, n)),
+        )
+    )
+    if len(names) != n:
+        raise ValueError(
+            f"config.data.num_classes={n} but dataset {cfg['source']!r} has classes {tuple(names)}"
+        )
+    return tuple(str(x) for x in names)
+
+
+def channels(cfg: Mapping[str, Any]) -> int | None:
+    """Image channels of the source (`cfg.channels` for `folder`; None when as stored)."""
+    src = get_source(cfg["source"])
+    return src.channels if src.channels is not None else (int(cfg.get("channels") or 0) or None)
+
+
+def resolve_directory(cfg: Mapping[str, Any]) -> Path | None:
     """`cfg.directory`, else the shared folder of `cfg.source` (None for embedded data)."""
     if cfg.get("directory"):
-        return str(cfg["directory"])
+        return Path(str(cfg["directory"]))
     folder = get_source(cfg["source"]).shared_folder
-    return None if folder is None else str(data_dir(folder))
+    return None if folder is None else data_dir(folder)
 
 
-def resolve_val_directory(cfg: Mapping[str, Any]) -> str | None:
+def resolve_val_directory(cfg: Mapping[str, Any]) -> Path | None:
     """`cfg.val_directory`, else the source's shared validation folder, else None (the
     validation split is then cut from the training folder by `split`)."""
     if cfg.get("val_directory"):
-        return str(cfg["val_directory"])
+        return Path(str(cfg["val_directory"]))
     folder = get_source(cfg["source"]).shared_val_folder
-    return None if folder is None or cfg.get("directory") else str(data_dir(folder))
+    return None if folder is None or cfg.get("directory") else data_dir(folder)
+
+
+def _read(src: Source, folder: Path | None, cfg: Mapping[str, Any], split: str):
+    return src.load(None if folder is None else sources.split_folder(folder, split), cfg)
+
+
+def load_examples(
+    cfg: Mapping[str, Any], split: str, seed: int = 0, *, directory: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The examples of `split` ("train", "val" or "test") at their original resolution.
+
+    With `directory`: every example of that folder's `split` folder (or of the folder itself
+    when it has no split folders), any folder in the source's layout. Without it: the configured
+    data, split as in training (`val_directory`, else `val_ids` / `val_slices` / `val_fraction`
+    of the training folder; `max_examples` caps each split); "test" reads `cfg.test_directory`
+    or the `test` folder of the dataset.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    src = get_source(cfg["source"])
+    if directory is not None:
+        return _read(src, Path(directory), cfg, split)
+    root = resolve_directory(cfg)
+    cap = int(cfg.get("max_examples") or 0)
+    if split == "test":
+        test_dir = cfg.get("test_directory") or None
+        if test_dir is None and (root is None or sources.split_folder(root, "test") == root):
+            raise FileNotFoundError(
+                f"dataset {cfg['source']!r} at {root} has no test folder; pass one "
+                "(evaluate.py --data_dir DIR) or set config.data.test_directory"
+            )
+        return _read(src, Path(test_dir) if test_dir else root, cfg, "test")
+    val_dir = resolve_val_directory(cfg)
+    if val_dir is not None:  # validation cases live in their own folder
+        chosen = _read(src, root if split == "train" else val_dir, cfg, split)
+    else:
+        train, val = split_examples(_read(src, root, cfg, "train"), cfg, seed)
+        chosen = train if split == "train" else val
+    if cap:  # smoke runs: cap each split after splitting
+        chosen = chosen[:cap]
+    if not chosen:
+        raise ValueError(f"dataset {cfg['source']!r} at {root}: the {split} split is empty")
+    return chosen
 
 
 def preprocess(ex: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,7 +249,7 @@ def preprocess(ex: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     return ex
 
 
-def split(
+def split_examples(
     examples: list[dict[str, Any]], cfg: Mapping[str, Any], seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train/validation split (when there is no validation folder): explicit `val_ids`, else a
@@ -168,32 +279,8 @@ def split(
     return sources.split_examples(examples, float(cfg.get("val_fraction", 0.2)), seed)
 
 
-def load_segmentation(cfg: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
-    """Reads, preprocesses and splits the dataset named by `cfg.source`.
-
-    Returns `{"train": [...], "val": [...], "class_names": (...), "directory": str | None}`.
-    """
-    src = get_source(cfg["source"])
-    directory = resolve_directory(cfg)
-    examples = [preprocess(ex, cfg) for ex in src.load(directory, cfg)]
-    val_dir = resolve_val_directory(cfg)
-    if val_dir:  # validation cases live in their own folder
-        train = examples
-        val = [preprocess(ex, cfg) for ex in src.load(val_dir, cfg)]
-    else:
-        train, val = split(examples, cfg, seed)
-    if cfg.get("max_examples"):  # smoke runs: cap each split after splitting
-        train, val = train[: int(cfg["max_examples"])], val[: int(cfg["max_examples"])]
-    if not train or not val:
-        raise ValueError(
-            f"dataset {cfg['source']!r} at {directory} split into {len(train)} training and "
-            f"{len(val)} validation examples; both must be non-empty"
-        )
-    return {"train": train, "val": val, "class_names": src.class_names, "directory": directory}
-
-
 def stack_examples(
-    examples: Sequence[dict[str, Any]], keys: Sequence[str] = ("image", "label", "spacing")
+    examples: Sequence[dict[str, Any]], keys: Sequence[str] = ("image", "label")
 ) -> dict[str, np.ndarray]:
     """List of same-size examples -> `{key: [N, ...]}` (image float32, label int32)."""
     if not examples:

@@ -167,21 +167,29 @@ def _find_npz(path: Path) -> Path:
 
 
 def load_medmnist(
-    path: PathLike, split: str = "train", *, size: Sequence[int] | None = None
+    path: PathLike,
+    split: str = "train",
+    *,
+    size: Sequence[int] | None = None,
+    spatial_dims: int | None = None,
 ) -> ImageSet:
     """Read one split of a MedMNIST ``.npz`` as GAN images.
 
     Args:
       path: the ``.npz`` file, or a folder holding exactly one ``.npz`` (its name does not
         matter: ``BreastMNIST.npz``, ``pneumoniamnist.npz``, ...).
-      split: the key prefix: reads ``<split>_images`` (uint8 ``[N, H, W]`` grey or
-        ``[N, H, W, 3]`` RGB) and ``<split>_labels`` (``[N]`` or ``[N, 1]``).
-      size: ``(H', W')`` to resample to (e.g. ``(64, 64)`` for a 64x64 DCGAN), or None to keep
-        the stored size. Bilinear, ``scipy.ndimage.zoom`` order 1 with half-pixel centres and
-        repeated edges (see the module docstring; anti-aliased when shrinking).
+      split: the key prefix: reads ``<split>_images`` (uint8 ``[N, H, W]`` grey,
+        ``[N, H, W, 3]`` RGB, or the 3D sets' ``[N, D, H, W]`` volumes) and ``<split>_labels``
+        (``[N]`` or ``[N, 1]``).
+      size: ``(H', W')`` (``(D', H', W')`` for volumes) to resample to (e.g. ``(64, 64)`` for a
+        64x64 DCGAN), or None to keep the stored size. Bilinear, ``scipy.ndimage.zoom`` order 1
+        with half-pixel centres and repeated edges (see the module docstring; anti-aliased when
+        shrinking 2D images); trilinear for volumes.
+      spatial_dims: 2 or 3; None decides from the array: ``[N, D, H, W]`` with a last axis
+        other than 1 or 3 is a stack of volumes (never 28 channels), ``[N, D, H, W, C]`` too.
 
     Returns:
-      ``{"image": float32 [N, H, W, C] = uint8 / 127.5 - 1 in [-1, 1] (C = 1 for grey),
+      ``{"image": float32 [N, *spatial, C] = uint8 / 127.5 - 1 in [-1, 1] (C = 1 for grey),
       "label": int32 [N]}``.
 
     Raises:
@@ -190,7 +198,6 @@ def load_medmnist(
         message names the file and lists the keys present), non-uint8 images, multi-label or
         mismatched label arrays.
     """
-    out_size = _as_size(size)
     npz = _find_npz(Path(path))
     img_key, lab_key = f"{split}_images", f"{split}_labels"
     try:
@@ -209,11 +216,15 @@ def load_medmnist(
     images, labels = found[img_key], found[lab_key]
     if images.dtype != np.uint8:
         raise ValueError(f"{npz}: {img_key} has dtype {images.dtype}; expected uint8 pixels")
-    if images.ndim == 3:
+    dims = spatial_dims
+    if dims is None:
+        dims = 3 if images.ndim == 5 or (images.ndim == 4 and images.shape[-1] not in (1, 3)) else 2
+    if images.ndim == dims + 1:
         images = images[..., None]
-    if images.ndim != 4:
+    if images.ndim != dims + 2:
+        want = "[N, H, W] or [N, H, W, C]" if dims == 2 else "[N, D, H, W] or [N, D, H, W, C]"
         raise ValueError(
-            f"{npz}: {img_key} has shape {images.shape}; expected [N, H, W] or [N, H, W, C]"
+            f"{npz}: {img_key} has shape {images.shape}; expected {want} ({dims}D images)"
         )
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
@@ -222,11 +233,28 @@ def load_medmnist(
             f"{npz}: {lab_key} has shape {labels.shape}; expected [{images.shape[0]}] or "
             f"[{images.shape[0]}, 1] (one class per image; multi-label sets are not supported)"
         )
+    if not np.issubdtype(labels.dtype, np.integer):
+        frac = labels[np.abs(labels - np.rint(labels)) > 0]
+        if frac.size or not np.isfinite(labels).all():
+            raise ValueError(
+                f"{npz}: {lab_key} holds non-integer values {np.unique(frac)[:6].tolist()}; "
+                "expected integer class labels"
+            )
     image = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    if out_size is not None:
-        image = _resize_stack(image, out_size, order=1)
+    if size is not None and dims == 3:
+        from medjax.data.transforms import resample_to_spacing
+
+        shape = tuple(int(v) for v in size)
+        if len(shape) != 3:
+            raise ValueError(f"size must be (D, H, W) for volumes, got {size!r}")
+        image = np.stack(
+            [resample_to_spacing(v, (1.0,) * 3, None, order=1, shape=shape)[0] for v in image]
+        )
         np.clip(image, -1.0, 1.0, out=image)
-    return {"image": image, "label": labels.astype(np.int32)}
+    elif size is not None:
+        image = _resize_stack(image, _as_size(size), order=1)
+        np.clip(image, -1.0, 1.0, out=image)
+    return {"image": image, "label": np.rint(labels).astype(np.int32)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,3 +654,599 @@ def split_slice_block(
     is_val = (idx >= lo) & (idx < hi)
     train = {k: np.asarray(v)[~is_val] for k, v in arrays.items()}
     return train, {k: np.asarray(v)[is_val] for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# folders of images in the layouts of other tools (2D files or 3D NIfTI volumes)
+# --------------------------------------------------------------------------------------------
+
+
+def _mode(channels: int | None) -> str | None:
+    return {1: "L", 3: "RGB"}.get(int(channels or 0))
+
+
+def read_scaled(
+    path: PathLike,
+    *,
+    spatial_dims: int = 2,
+    channels: int | None = None,
+    size: Sequence[int] | None = None,
+) -> np.ndarray:
+    """One image file as float32 ``[*spatial, C]`` in [-1, 1] (the GAN / classifier range).
+
+    2D files (PNG, JPEG, TIFF, BMP; ``channels`` 1 or 3 converts): 8/16-bit pixels map linearly
+    (``2 x / max - 1``). NIfTI (2D, or 3D ``[X, Y, Z(, C)]`` volumes in canonical RAS+ order for
+    ``spatial_dims=3``): :func:`scale_to_unit_range` over the whole image (0.5-99.5
+    percentiles). With ``size`` the spatial axes are resampled to it (bilinear, anti-aliased
+    when shrinking, in 2D; trilinear in 3D).
+    """
+    from medjax.data import io, sources, transforms
+
+    path = Path(path)
+    nifti = path.name.lower().endswith(sources.NIFTI_SUFFIXES)
+    if spatial_dims == 2:
+        image, _ = sources.read_image_2d(path, _mode(channels))
+        image = scale_to_unit_range(image) if nifti else image * 2.0 - 1.0
+    elif spatial_dims == 3:
+        if not nifti:
+            raise ValueError(f"{path}: 3D images must be NIfTI volumes (.nii / .nii.gz)")
+        vol, _ = io.read_nifti(path)
+        io.check_finite(vol, path)
+        image = scale_to_unit_range(vol if vol.ndim == 4 else vol[..., None])
+    else:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if channels and image.shape[-1] != int(channels):
+        raise ValueError(f"{path} has {image.shape[-1]} channels; config.data.channels={channels}")
+    if size:
+        size = tuple(int(s) for s in size)
+        if len(size) != spatial_dims:
+            raise ValueError(f"image_size {size} must have {spatial_dims} entries")
+        if spatial_dims == 2:
+            image = transforms.resize_2d(image, size, order=1)
+        else:
+            image, _ = transforms.resample_to_spacing(image, (1.0,) * 3, None, order=1, shape=size)
+        np.clip(image, -1.0, 1.0, out=image)
+    return image.astype(np.float32, copy=False)
+
+
+def _stack(images: Sequence[np.ndarray], where: PathLike) -> np.ndarray:
+    shapes = sorted({im.shape for im in images})
+    if len(shapes) != 1:
+        raise ValueError(
+            f"images in {where} have different shapes {shapes[:4]}; set config.data.image_size"
+        )
+    return np.stack(images).astype(np.float32, copy=False)
+
+
+def load_image_folder(
+    folder: PathLike,
+    *,
+    spatial_dims: int = 2,
+    channels: int | None = None,
+    size: Sequence[int] | None = None,
+) -> ImageSet:
+    """Every image of one folder (natural name order) as ``{"image": [N, *spatial, C] in
+    [-1, 1], "id": [N]}`` (:func:`read_scaled`); ids are the file stems."""
+    from medjax.data import sources
+
+    files = sources.list_image_files(folder)
+    images = [
+        read_scaled(f, spatial_dims=spatial_dims, channels=channels, size=size) for f in files
+    ]
+    return {"image": _stack(images, folder), "id": np.array([sources.image_stem(f) for f in files])}
+
+
+def load_class_folders(
+    root: PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    spatial_dims: int = 2,
+    channels: int | None = None,
+    size: Sequence[int] | None = None,
+) -> ImageSet:
+    """A folder per class (torchvision's ImageFolder): ``root/<class name>/<image>``.
+
+    Class ``c`` is ``class_names[c]`` (default: the sub-folder names in natural order; a class
+    without a folder is allowed only when ``class_names`` are given). Returns ``{"image",
+    "label" int32 [N], "id"}``; a sub-folder that is not a class is an error naming it.
+    """
+    from medjax.data import sources
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"class folder root {root} does not exist (or is not a folder)")
+    present = sorted(
+        (p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=natural_key,
+    )
+    names = list(class_names) if class_names else present
+    extra = sorted(set(present) - set(names))
+    if extra:
+        raise ValueError(f"{root} has folders {extra} that are not among the classes {names}")
+    if not present:
+        raise FileNotFoundError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
+    images, labels, ids = [], [], []
+    for c, name in enumerate(names):
+        if name not in present:
+            continue
+        for f in sources.list_image_files(root / name):
+            images.append(read_scaled(f, spatial_dims=spatial_dims, channels=channels, size=size))
+            labels.append(c)
+            ids.append(f"{name}/{sources.image_stem(f)}")
+    return {
+        "image": _stack(images, root),
+        "label": np.asarray(labels, np.int32),
+        "id": np.array(ids),
+    }
+
+
+def load_paired_folders(
+    a_dir: PathLike,
+    b_dir: PathLike,
+    *,
+    mask_dir: PathLike | None = None,
+    spatial_dims: int = 2,
+    channels: int | None = None,
+    size: Sequence[int] | None = None,
+) -> ImageSet:
+    """Aligned pairs from two folders with matching file names (pix2pix's ``A/`` and ``B/``):
+    ``{"source": [N, *spatial, Ca], "target": [N, *spatial, Cb], "mask": bool [N, *spatial],
+    "id"}``. The optional ``mask_dir`` holds a mask per pair (non-zero = inside; default: every
+    pixel). An A image without its B partner is an error naming both paths."""
+    from medjax.data import sources
+
+    a_files = sources.list_image_files(a_dir)
+    b_files = {sources.image_stem(p): p for p in sources.list_image_files(b_dir)}
+    kw = dict(spatial_dims=spatial_dims, channels=channels, size=size)
+    src, tgt, masks, ids = [], [], [], []
+    for fa in a_files:
+        stem = sources.image_stem(fa)
+        fb = b_files.get(stem)
+        if fb is None:
+            raise FileNotFoundError(
+                f"{fa} has no partner in {b_dir} (expected a file with stem {stem!r})"
+            )
+        a, b = read_scaled(fa, **kw), read_scaled(fb, **kw)
+        if a.shape[:-1] != b.shape[:-1]:
+            raise ValueError(f"{fa} {a.shape[:-1]} and {fb} {b.shape[:-1]} differ in size")
+        m = np.ones(a.shape[:-1], bool)
+        if mask_dir is not None:
+            fm = next(
+                (p for p in sources.list_image_files(mask_dir) if sources.image_stem(p) == stem),
+                None,
+            )
+            if fm is None:
+                raise FileNotFoundError(f"{fa} has no mask in {mask_dir} (stem {stem!r})")
+            m = read_scaled(fm, spatial_dims=spatial_dims, channels=1, size=size)[..., 0] > -1.0
+        src.append(a)
+        tgt.append(b)
+        masks.append(m)
+        ids.append(stem)
+    return {
+        "source": _stack(src, a_dir),
+        "target": _stack(tgt, b_dir),
+        "mask": np.stack(masks),
+        "id": np.array(ids),
+    }
+
+
+def load_side_by_side(
+    folder: PathLike, *, channels: int | None = None, size: Sequence[int] | None = None
+) -> ImageSet:
+    """pytorch-CycleGAN-and-pix2pix's aligned images: each file is ``[A | B]`` side by side
+    (width 2W); returns the keys of :func:`load_paired_folders` (A left, B right)."""
+    from medjax.data import sources, transforms
+
+    src, tgt, ids = [], [], []
+    for f in sources.list_image_files(folder):
+        ab = read_scaled(f, channels=channels)
+        w2 = ab.shape[1]
+        if w2 % 2:
+            raise ValueError(f"{f} has odd width {w2}; an aligned AB image is two halves [A | B]")
+        a, b = ab[:, : w2 // 2], ab[:, w2 // 2 :]
+        if size:
+            a = np.clip(transforms.resize_2d(a, size, order=1), -1, 1)
+            b = np.clip(transforms.resize_2d(b, size, order=1), -1, 1)
+        src.append(a)
+        tgt.append(b)
+        ids.append(sources.image_stem(f))
+    source = _stack(src, folder)
+    return {
+        "source": source,
+        "target": _stack(tgt, folder),
+        "mask": np.ones(source.shape[:-1], bool),
+        "id": np.array(ids),
+    }
+
+
+def _take(d: ImageSet, idx: np.ndarray) -> ImageSet:
+    return {k: np.asarray(v)[idx] for k, v in d.items()}
+
+
+def _holdout(d: ImageSet, split: str, cfg: Any) -> ImageSet:
+    """`split` of a set read from a folder without split folders: a seeded
+    `data.val_fraction` (default 0.2) is validation, the rest training."""
+    from medjax.data import sources
+
+    if split == "test":
+        raise FileNotFoundError("no test folder in the data folder; pass one (--data_dir)")
+    n = len(next(iter(d.values())))
+    train_i, val_i = sources.split_examples(
+        list(range(n)), float(cfg.get("val_fraction", 0.2)), int(cfg.get("split_seed", 0))
+    )
+    return _take(d, np.asarray(train_i if split == "train" else val_i, np.int64))
+
+
+def _root(cfg: Any, directory: PathLike | None) -> Path:
+    """The dataset folder: `directory` (evaluate.py --data_dir), else `data.directory`, else
+    the shared folder `data.shared_folder`."""
+    from medjax.data.paths import data_dir
+
+    if directory is not None:
+        return Path(directory)
+    if cfg.get("directory"):
+        return Path(str(cfg["directory"]))
+    if cfg.get("shared_folder"):
+        return data_dir(str(cfg["shared_folder"]))
+    raise ValueError("config.data.directory is empty and config.data.shared_folder is not set")
+
+
+def _sized(cfg: Any) -> dict[str, Any]:
+    size = tuple(int(s) for s in (cfg.get("image_size") or ())) or None
+    return {
+        "spatial_dims": int(cfg.get("spatial_dims") or (len(size) if size else 2)),
+        "channels": int(cfg.get("channels") or 0) or None,
+        "size": size,
+    }
+
+
+def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any) -> ImageSet:
+    """`read(folder)` of the split folder of `root` when it has one, else a holdout of `root`."""
+    from medjax.data import sources
+
+    if sources.has_split_folders(root):
+        folder = sources.split_folder(root, split)
+        if folder == root:
+            raise FileNotFoundError(f"{root} has no {split!r} folder (it has split folders)")
+        return read(folder)
+    return _holdout(read(root), split, cfg)
+
+
+def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
+    """Images with a class label for `split`: ``{"image" [N, *spatial, C] in [-1, 1], "label"
+    int32 [N]}`` from `data.source`:
+
+    - ``"medmnist"``: a MedMNIST ``.npz`` (:func:`load_medmnist`; 3D sets for
+      ``data.spatial_dims=3``);
+    - ``"class_folders"``: ``<root>/<split>/<class>/<image>`` (or ``<root>/<class>/<image>`` with
+      a seeded ``data.val_fraction`` held out).
+    """
+    source = str(cfg["source"])
+    kw = _sized(cfg)
+    if source == "medmnist":
+        d = load_medmnist(
+            _root(cfg, directory), split, size=kw["size"], spatial_dims=kw["spatial_dims"]
+        )
+    elif source == "class_folders":
+        names = tuple(cfg.get("class_names") or ()) or None
+        d = _split_or_holdout(
+            _root(cfg, directory),
+            split,
+            cfg,
+            lambda f: load_class_folders(f, class_names=names, **kw),
+        )
+    else:
+        raise ValueError(
+            f"config.data.source={source!r} is not one of ['class_folders', 'medmnist']"
+        )
+    cap = int(cfg.get("max_examples") or 0)
+    return {k: v[:cap] if cap else v for k, v in d.items() if k in ("image", "label")}
+
+
+def brats_patches(directory: PathLike, cfg: Any, seed: int) -> np.ndarray:
+    """`[cases * patches_per_case, *image_size, 1]` brain-centred 3D patches of the first of
+    `cfg.modalities`, scaled to [-1, 1] in the brain mask, resampled to `cfg.spacing` and padded
+    with -1 outside the volume (a fixed seeded set)."""
+    from medjax.data import patches, transforms, volumes
+
+    size = tuple(int(s) for s in cfg["image_size"])
+    mods = tuple(cfg.get("modalities") or ("flair",))[:1]
+    spacing = tuple(float(s) for s in (cfg.get("spacing") or ()))
+    per_case = int(cfg.get("patches_per_case", 64))
+    rng = np.random.default_rng(seed)
+    layout = str(cfg.get("layout", "deepmedic"))
+    out = []
+    for case in volumes.find_cases(directory, layout, modalities=mods):
+        ex = volumes.load_case(case, modalities=mods)
+        image = scale_to_unit_range(ex["image"], ex["mask"])
+        mask = ex["mask"].astype(np.uint8)
+        if spacing:
+            image, _ = transforms.resample_to_spacing(image, ex["spacing"], spacing, order=1)
+            mask, _ = transforms.resample_to_spacing(
+                mask, ex["spacing"], spacing, order=0, shape=image.shape[:-1]
+            )
+        starts = patches.sample_patch_starts(
+            rng, image.shape[:-1], size, fg_index=patches.foreground_index(mask),
+            fg_fraction=1.0, n=per_case,
+        )  # fmt: skip
+        out.extend(patches.extract_patch(image, st, size, pad_value=-1.0) for st in starts)
+    if not out:
+        raise ValueError(f"no cases found in {directory} for config.data.source='brats_patches'")
+    return np.stack(out).astype(np.float32)
+
+
+def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
+    """Real images of `split` for an unconditional (or class-conditional) GAN:
+    ``{"image": [N, *spatial, C] in [-1, 1]}`` (plus ``"label"`` when the source has classes),
+    from `data.source`:
+
+    - ``"folder"``: every image of ``<root>/<split>/`` (or of ``<root>`` with a seeded
+      ``data.val_fraction`` held out): PNG / JPEG / TIFF / NIfTI, 2D or (``data.spatial_dims=3``)
+      3D volumes, resized to ``data.image_size``;
+    - ``"medmnist"`` / ``"class_folders"``: as :func:`load_labelled_images`;
+    - ``"brats_flair"``: axial brain slices of the first of ``data.modalities`` of BraTS-layout
+      case folders (:func:`load_brats_slices`);
+    - ``"brats_patches"``: 3D brain-centred patches (:func:`brats_patches`).
+    """
+    from medjax.data import paths
+
+    source = str(cfg["source"])
+    kw = _sized(cfg)
+    if source in ("medmnist", "class_folders"):
+        return load_labelled_images(cfg, split, directory=directory)
+    if source == "folder":
+        d = _split_or_holdout(
+            _root(cfg, directory), split, cfg, lambda f: load_image_folder(f, **kw)
+        )
+        d = {"image": d["image"]}
+    elif source in ("brats_flair", "brats_patches"):
+        folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
+        if source == "brats_flair":
+            mods = tuple(cfg.get("modalities") or ("flair",))[:1]
+            d = load_brats_slices(
+                folder, layout=str(cfg.get("layout", "deepmedic")), modalities=mods, size=kw["size"]
+            )
+            d = {"image": d["image"]}
+        else:
+            d = {"image": brats_patches(folder, cfg, seed=0 if split == "train" else 1)}
+    else:
+        raise ValueError(
+            f"config.data.source={source!r} is not one of ['brats_flair', 'brats_patches', "
+            "'class_folders', 'folder', 'medmnist']"
+        )
+    cap = int(cfg.get("max_examples") or 0)
+    return {k: v[:cap] if cap else v for k, v in d.items()}
+
+
+def prepare_volume_pair(case: Any, cfg: Any, modalities: Sequence[str]) -> dict[str, Any]:
+    """One BraTS-layout case for 3D translation (Vox2Vox): ``{"id", "image": [*grid, M] in
+    [-1, 1] (scaled in the brain mask), "mask": bool [*grid], "label": int32 [*grid]}`` cropped
+    to the brain (``cfg.crop_margin``) and resampled to ``cfg.spacing``, plus what maps a
+    prediction back (``bbox``, ``crop_shape``, ``full_shape``, ``net_spacing``, ``geometry``,
+    ``label_scheme``)."""
+    from medjax.data import transforms, volumes
+
+    ex = volumes.load_case(case, modalities=list(modalities))
+    image = scale_to_unit_range(ex["image"], ex["mask"])
+    image = np.concatenate([image, ex["mask"][..., None].astype(np.float32)], -1)
+    bbox = transforms.foreground_bbox(ex["mask"], margin=int(cfg.get("crop_margin", 4)))
+    image = transforms.crop_to_bbox(image, bbox)
+    crop_shape = image.shape[:-1]
+    label = ex.get("label")
+    label = np.zeros(ex["mask"].shape, np.int32) if label is None else label
+    label = transforms.crop_to_bbox(label, bbox)
+    spacing = tuple(float(s) for s in ex["spacing"])
+    net_spacing = spacing
+    target = tuple(float(s) for s in (cfg.get("spacing") or ()))
+    if target:
+        image, net_spacing = transforms.resample_to_spacing(image, spacing, target, order=1)
+        label, _ = transforms.resample_to_spacing(
+            label, spacing, target, order=0, shape=image.shape[:-1]
+        )
+    return {
+        "id": ex["id"],
+        "image": image[..., :-1].astype(np.float32),
+        "mask": image[..., -1] > 0.5,
+        "label": label.astype(np.int32),
+        "bbox": bbox,
+        "crop_shape": crop_shape,
+        "full_shape": tuple(ex["mask"].shape),
+        "net_spacing": tuple(float(s) for s in net_spacing),
+        "geometry": ex["geometry"],
+        "label_scheme": ex["label_scheme"],
+    }
+
+
+def brats_volume_pairs(
+    directory: PathLike, cfg: Any, modalities: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Every case of a BraTS-layout folder prepared by :func:`prepare_volume_pair`."""
+    from medjax.data import volumes
+
+    found = volumes.find_cases(
+        directory, str(cfg.get("layout", "deepmedic")), modalities=list(modalities)
+    )
+    if cfg.get("max_examples"):
+        found = found[: int(cfg["max_examples"])]
+    if not found:
+        raise ValueError(f"no cases in {directory} for config.data.source='brats_volumes'")
+    return [prepare_volume_pair(c, cfg, modalities) for c in found]
+
+
+def _pair_folders(root: Path, split: str) -> tuple[Path, Path, Path | None] | None:
+    """``(A, B, mask)`` folders of a pairs dataset: ``root/A/<split>`` (pix2pix's
+    combine_A_and_B layout) or ``root/<split>/A``; None when ``root`` has no split folders."""
+    from medjax.data import sources
+
+    for a, b, m in (
+        (root / "A", root / "B", root / "mask"),
+        (sources.split_folder(root, split) / "A", sources.split_folder(root, split) / "B", None),
+    ):
+        if not (a.is_dir() and b.is_dir()):
+            continue
+        if sources.has_split_folders(a):
+            a_s, b_s = sources.split_folder(a, split), sources.split_folder(b, split)
+            if a_s == a:
+                raise FileNotFoundError(f"{a} has no {split!r} folder")
+            m_s = sources.split_folder(m, split) if m is not None and m.is_dir() else None
+            return a_s, b_s, m_s
+        if a.parent != root:  # root/<split>/A
+            mask = a.parent / "mask"
+            return a, b, mask if mask.is_dir() else None
+        return None
+    raise FileNotFoundError(
+        f"{root} holds no pix2pix pairs: expected A/ and B/ folders with matching file names "
+        f"(A/<split>/, B/<split>/ or <split>/A/, <split>/B/)"
+    )
+
+
+def load_paired_images(
+    cfg: Any,
+    split: str,
+    modalities: Sequence[str] = (),
+    *,
+    directory: PathLike | None = None,
+    n_source: int | None = None,
+) -> ImageSet | list[dict[str, Any]]:
+    """Aligned (source, target) images of `split` for paired translation (pix2pix):
+    ``{"source": [N, *spatial, Cs], "target": [N, *spatial, Ct], "mask": bool [N, *spatial],
+    "label": int32 [N, *spatial]}``, everything in [-1, 1], from `data.source`:
+
+    - ``"pairs"``: two folders with matching file names, ``A/`` (source) and ``B/`` (target),
+      split as ``A/<split>/`` or ``<split>/A/`` (or held out by ``data.val_fraction``), an
+      optional ``mask/`` folder; 2D files or 3D NIfTI (``data.spatial_dims=3``), any channels;
+    - ``"aligned"``: pytorch-CycleGAN-and-pix2pix's side-by-side ``[A | B]`` images in
+      ``<root>/<split>/``;
+    - ``"brats_slices"``: axial slices of BraTS-layout cases, `modalities` = source channels
+      then target channels (:func:`load_brats_slices`);
+    - ``"tcia"``: a co-registered DICOM exam (:func:`load_tcia_series`), validation = the
+      slice block ``data.val_slices``;
+    - ``"brats_volumes"``: whole 3D cases, a list of :func:`brats_volume_pairs` dicts (with
+      ``"image"`` holding the modalities).
+
+    Without a label the ``label`` maps are zeros; without a mask every pixel is inside.
+    """
+    from medjax.data import paths
+
+    source = str(cfg["source"])
+    kw = _sized(cfg)
+    if source == "brats_volumes":
+        folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
+        return brats_volume_pairs(folder, cfg, modalities)
+    if source in ("brats_slices", "tcia"):
+        n_src = n_source or len(tuple(cfg.get("source_modalities") or ())) or 1
+        if source == "brats_slices":
+            folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
+            d = load_brats_slices(
+                folder,
+                layout=str(cfg.get("layout", "deepmedic")),
+                modalities=tuple(modalities),
+                size=kw["size"],
+            )
+        else:
+            d = load_tcia_series(_root(cfg, directory), tuple(modalities), size=kw["size"])
+            if directory is None:
+                train, val = split_slice_block(d, cfg["val_slices"])
+                if split == "test":
+                    raise FileNotFoundError("the TCIA exam has no test slices; pass --data_dir")
+                d = train if split == "train" else val
+        out = {
+            "source": d["image"][..., :n_src],
+            "target": d["image"][..., n_src:],
+            "mask": d["mask"],
+            "label": d["label"],
+        }
+    elif source == "pairs":
+        root = _root(cfg, directory)
+        folders = _pair_folders(root, split)
+        if folders is None:
+            out = _holdout(
+                load_paired_folders(root / "A", root / "B", mask_dir=_opt(root / "mask"), **kw),
+                split,
+                cfg,
+            )
+        else:
+            out = load_paired_folders(folders[0], folders[1], mask_dir=folders[2], **kw)
+    elif source == "aligned":
+        root = _root(cfg, directory)
+        out = _split_or_holdout(
+            root,
+            split,
+            cfg,
+            lambda f: load_side_by_side(f, channels=kw["channels"], size=kw["size"]),
+        )
+    else:
+        raise ValueError(
+            f"config.data.source={source!r} is not one of ['aligned', 'brats_slices', "
+            "'brats_volumes', 'pairs', 'tcia']"
+        )
+    out.setdefault("label", np.zeros(out["mask"].shape, np.int32))
+    out = {k: out[k] for k in ("source", "target", "mask", "label")}
+    cap = int(cfg.get("max_examples") or 0)
+    if cap:
+        out = {k: v[:cap] for k, v in out.items()}
+    if not len(out["source"]):
+        raise ValueError(f"the {split} split of config.data.source={source!r} is empty")
+    return out
+
+
+def _opt(path: Path) -> Path | None:
+    return path if path.is_dir() else None
+
+
+def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
+    """Two image domains of `split` for unpaired translation (CycleGAN): ``{"a": [Na, ...],
+    "b": [Nb, ...], "mask": bool [Na, *spatial] | None}``, in [-1, 1], from `data.source`:
+
+    - ``"unpaired"``: pytorch-CycleGAN-and-pix2pix's ``trainA/ trainB/ testA/ testB/`` (the
+      validation split reads ``valA/ valB/`` when present, else ``testA/ testB/``); 2D files
+      or 3D NIfTI, any channels. When the two test folders hold files of the same names, the
+      pairs are aligned for scoring (`"paired"`);
+    - ``"brats_slices"`` / ``"tcia"``: paired slices of `data.domain_a` and `data.domain_b`
+      (:func:`load_paired_images`); for training each domain takes one seeded random half of
+      the slices (:func:`split_unpaired`), so no slice is seen in both.
+    """
+    source = str(cfg["source"])
+    if source == "unpaired":
+        root = _root(cfg, directory)
+        tags = {"train": ("train",), "val": ("val", "test"), "test": ("test",)}[split]
+        tag = next(
+            (t for t in tags if (root / f"{t}A").is_dir() and (root / f"{t}B").is_dir()), None
+        )
+        if tag is None:
+            raise FileNotFoundError(
+                f"{root} has no {'/'.join(f'{t}A+{t}B' for t in tags)} folders "
+                "(the CycleGAN layout trainA/ trainB/ testA/ testB/)"
+            )
+        kw = _sized(cfg)
+        a = load_image_folder(root / f"{tag}A", **kw)
+        b = load_image_folder(root / f"{tag}B", **kw)
+        paired = list(a["id"]) == list(b["id"])
+        cap = int(cfg.get("max_examples") or 0) or None
+        return {
+            "a": a["image"][:cap],
+            "b": b["image"][:cap],
+            "mask": np.ones(a["image"].shape[:-1], bool)[:cap] if paired else None,
+            "paired": paired,
+        }
+    if source not in ("brats_slices", "tcia"):
+        raise ValueError(
+            f"config.data.source={source!r} is not one of ['brats_slices', 'tcia', 'unpaired']"
+        )
+    mods = (str(cfg["domain_a"]), str(cfg["domain_b"]))
+    d = load_paired_images(cfg, split, mods, directory=directory, n_source=1)
+    cap = int(cfg.get("max_examples") or 0) or None
+    if split != "train":
+        return {
+            "a": d["source"][:cap],
+            "b": d["target"][:cap],
+            "mask": d["mask"][:cap],
+            "paired": True,
+        }
+    idx_a, idx_b = split_unpaired(len(d["source"]), seed=int(cfg.get("split_seed", 0)))
+    return {
+        "a": d["source"][idx_a][:cap],
+        "b": d["target"][idx_b][:cap],
+        "mask": None,
+        "paired": False,
+    }

@@ -40,6 +40,8 @@ from numpy.typing import DTypeLike
 __all__ = [
     "Geometry",
     "check_finite",
+    "refuse_existing",
+    "write_png",
     "orientation_codes",
     "read_dicom_series",
     "read_nifti",
@@ -469,6 +471,56 @@ def _atomic_save(img: nib.Nifti1Image, path: Path, suffix: str, overwrite: bool)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "output") -> None:
+    """Raises FileExistsError (before anything is computed) when any of ``paths`` exists and
+    ``overwrite`` is False; the message names one and the count."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{len(existing)} {what} file(s) already exist, e.g. {existing[0]}; pass --overwrite "
+            "to replace them or choose another output folder"
+        )
+
+
+def write_png(path: PathLike, array: np.ndarray, *, overwrite: bool = False) -> Path:
+    """A 2D image ``[H, W]`` (label values: uint8, or uint16 past 255) or ``[H, W, 3]`` uint8
+    as PNG, written atomically (a temp file in the same folder, then a rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    refuse_existing([path], overwrite)
+    arr = np.asarray(array)
+    if arr.ndim == 2 and arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"{path}: values outside 0..65535 cannot be stored in a PNG")
+        arr = arr.astype(np.uint8 if arr.max(initial=0) <= 255 else np.uint16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp.png"
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_nifti_like(
+    path: PathLike, array: np.ndarray, reference: PathLike, *, overwrite: bool = False
+) -> Path:
+    """``array`` in the stored voxel order of the NIfTI ``reference`` (any dimensionality,
+    e.g. a 2D image), saved with the reference's affine; atomic like :func:`write_nifti`."""
+    path = Path(path)
+    ref = nib.load(str(reference))
+    data = np.asarray(array).reshape(
+        tuple(ref.shape[: np.ndim(array)]) + (1,) * max(0, min(len(ref.shape), 3) - np.ndim(array))
+    )
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    img = nib.Nifti1Image(data, ref.affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(img, path, suffix, overwrite)
+    return path
 
 
 def write_nifti(

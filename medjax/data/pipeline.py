@@ -23,7 +23,8 @@ from medjax import parallel
 MASK_KEY = "_mask"
 
 
-def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
+def num_examples(arrays: Mapping[str, np.ndarray]) -> int:
+    """The common number of rows of `arrays`; ValueError when they disagree or are empty."""
     if not arrays:
         raise ValueError("the dataset has no arrays")
     sizes = {k: len(v) for k, v in arrays.items()}
@@ -35,14 +36,20 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
     return n
 
 
-def step_indices(step: int, *, num_examples: int, global_batch_size: int, seed: int) -> np.ndarray:
-    """Example indices of global batch `step` (an int64 array of length `global_batch_size`)."""
+def step_indices(
+    step: int, *, num_examples: int, global_batch_size: int, seed: int, stream: int | None = None
+) -> np.ndarray:
+    """Example indices of global batch `step` (an int64 array of length `global_batch_size`).
+
+    `stream` gives an independent order over the same seed (`default_rng([seed, stream,
+    epoch])`), e.g. for the second image domain of unpaired data."""
     start = int(step) * global_batch_size
     out = np.empty(global_batch_size, np.int64)
     filled = 0
     while filled < global_batch_size:
         epoch, offset = divmod(start + filled, num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        key = [seed, epoch] if stream is None else [seed, stream, epoch]
+        perm = np.random.default_rng(key).permutation(num_examples)
         take = min(global_batch_size - filled, num_examples - offset)
         out[filled : filled + take] = perm[offset : offset + take]
         filled += take
@@ -99,6 +106,7 @@ def make_train_iter(
     start_step: int = 0,
     num_steps: int | None = None,
     prefetch: int = 2,
+    independent: bool = False,
 ) -> Iterator[dict[str, jax.Array]]:
     """Yields the global batches for steps `start_step, start_step + 1, ...` (endless if None).
 
@@ -107,16 +115,32 @@ def make_train_iter(
       global_batch_size: rows per step summed over all devices and processes.
       mesh: batches are sharded over its data axis.
       seed: data-order seed.
+      independent: every key is its own dataset (any length), drawn in its own seeded order
+        (`step_indices(..., stream=i)`): the two domains of unpaired data.
     """
-    n = _check_arrays(arrays)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    if independent:
+        for k, v in arrays.items():
+            if not len(v):
+                raise ValueError(f"the dataset array {k!r} is empty")
+    else:
+        num_examples(arrays)
     parallel.check_batch_size(global_batch_size, mesh)
     rows = parallel.process_slice(global_batch_size)
     local = rows.stop - rows.start
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
 
     def host_batch(step: int) -> dict[str, np.ndarray]:
-        idx = step_indices(step, num_examples=n, global_batch_size=global_batch_size, seed=seed)
-        return {k: v[idx[rows]] for k, v in arrays.items()}
+        out = {}
+        for i, (k, v) in enumerate(arrays.items()):
+            idx = step_indices(
+                step,
+                num_examples=len(v),
+                global_batch_size=global_batch_size,
+                seed=seed,
+                stream=i if independent else None,
+            )
+            out[k] = v[idx[rows]]
+        return out
 
     spec = {k: ((local, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
     return iterate_steps(
@@ -133,7 +157,7 @@ def make_eval_iter(
 ) -> Iterator[dict[str, jax.Array]]:
     """Yields every example once, in order; the last batch is padded (rows repeat example 0)
     and `batch["_mask"]` is False on the padding."""
-    n = _check_arrays(arrays)
+    n = num_examples(arrays)
     parallel.check_batch_size(global_batch_size, mesh, "eval_batch_size")
     rows = parallel.process_slice(global_batch_size)
     for b in range(num_eval_batches(n, global_batch_size)):

@@ -1,22 +1,46 @@
-"""What the GAN tasks share: their train state, model application, EMA and optimizers.
+"""What the GAN tasks share: their train state, optimizers, EMA, and the latent-GAN base.
 
 A GAN is pure functions over several parameter trees (`"g"`/`"d"`, or CycleGAN's
-`"g_ab"`/`"g_ba"`/`"d_a"`/`"d_b"`). The state holds them side by side in dicts, so Orbax saves one
-plain pytree and the loop's sharding rules map over it. "Detach" is `jax.lax.stop_gradient`;
-alternating updates are separate `value_and_grad` calls inside one jitted step (see the tasks).
+`{"g": {"ab", "ba"}, "d": {"a", "b"}}`). The state holds them side by side in dicts, so Orbax
+saves one plain pytree and the loop's sharding rules map over it. "Detach" is
+`jax.lax.stop_gradient`; alternating updates are separate `value_and_grad` calls inside one
+jitted step.
+
+`LatentGAN` is the generator-from-noise family (DCGAN, WGAN-GP, the class-conditional GAN):
+the D / G updates, fixed-noise samples and the evaluation by distribution distances beside their
+real-vs-real floor and a trivial baseline. Each task file subclasses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from medjax import gan_metrics, losses, visualize
+from medjax.data import image_sets
+from medjax.train import task
 from medjax.train.optim import make_optimizer
+from medjax.train.state import apply_model, init_model, step_key, to_float32
+
+__all__ = [
+    "GANState",
+    "LatentGAN",
+    "apply_gradients",
+    "apply_model",
+    "ema_update",
+    "init_model",
+    "loss_kind",
+    "make_optimizers",
+    "new_state",
+    "to_float32",
+]
 
 
 @flax.struct.dataclass
@@ -26,7 +50,8 @@ class GANState:
     - `step`: int32 generator steps taken.
     - `params`, `batch_stats`, `opt_state`: dicts keyed by network name (`batch_stats` holds
       batch-norm statistics and spectral-norm power-iteration vectors; `{}` for a network without).
-    - `ema`: exponential moving averages of the generators' params (`{}` when disabled).
+    - `ema`: exponential moving averages of the params of the networks named in `ema_networks`
+      (the generators; `{}` when disabled).
     - `rng`: raw base key data; the step key is `fold_in(key, step)`.
     - `extra`: task-specific arrays (CycleGAN's image pools).
     """
@@ -40,37 +65,6 @@ class GANState:
     extra: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
-def init_model(module: Any, key: jax.Array, *args: Any) -> tuple[Any, Any]:
-    """(params, batch_stats or {}) of `module` for example inputs `args` (train=False)."""
-    pkey, dkey = jax.random.split(key)
-    variables = module.init({"params": pkey, "dropout": dkey}, *args, train=False)
-    return variables["params"], variables.get("batch_stats", {})
-
-
-def apply_model(
-    module: Any,
-    params: Any,
-    stats: Any,
-    *args: Any,
-    train: bool,
-    key: jax.Array | None = None,
-) -> tuple[jax.Array, Any]:
-    """`module(*args, train=train)` -> (output, new batch_stats).
-
-    With `train=True` and a non-empty `stats` collection the statistics are updated (batch norm
-    running averages, spectral-norm vectors) and returned; otherwise `stats` comes back unchanged.
-    `key` feeds dropout.
-    """
-    variables = {"params": params, **({"batch_stats": stats} if stats else {})}
-    rngs = {"dropout": key} if key is not None else None
-    if train and stats:
-        out, updates = module.apply(
-            variables, *args, train=True, mutable=["batch_stats"], rngs=rngs
-        )
-        return out, updates["batch_stats"]
-    return module.apply(variables, *args, train=train, rngs=rngs), stats
-
-
 def new_state(
     params: dict[str, Any],
     batch_stats: dict[str, Any],
@@ -78,15 +72,17 @@ def new_state(
     key: jax.Array,
     *,
     ema_decay: float = 0.0,
+    ema_networks: Sequence[str] = ("g",),
     extra: dict[str, Any] | None = None,
 ) -> GANState:
-    """Step 0: optimizer states from `tx[name].init`, the EMA (of `params["g"]`) when enabled."""
+    """Step 0: optimizer states from `tx[name].init`; the EMA of every network in
+    `ema_networks` when `ema_decay > 0`."""
     return GANState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state={k: tx[k].init(v) for k, v in params.items()},
-        ema={"g": params["g"]} if ema_decay > 0 else {},
+        ema={k: params[k] for k in ema_networks} if ema_decay > 0 else {},
         rng=jax.random.key_data(key),
         extra=extra or {},
     )
@@ -103,15 +99,17 @@ def apply_gradients(
     extra: dict[str, Any] | None = None,
 ) -> GANState:
     """One optimizer update of each network in `grads` (others untouched), their new
-    `batch_stats`, the generator EMA when `"g"` was updated, and `step + 1` when `count_step`
-    (a generator step; WGAN-GP's extra critic updates do not count)."""
+    `batch_stats`, the EMA of every updated network that has one, and `step + 1` when
+    `count_step` (a generator step; WGAN-GP's extra critic updates do not count)."""
     params, opt_state = dict(state.params), dict(state.opt_state)
     for name, g in grads.items():
         updates, opt_state[name] = tx[name].update(g, state.opt_state[name], params[name])
         params[name] = optax.apply_updates(params[name], updates)
-    ema = state.ema
-    if ema_decay > 0 and "g" in grads:
-        ema = {"g": ema_update(ema["g"], params["g"], ema_decay)}
+    ema = dict(state.ema)
+    if ema_decay > 0:
+        for name in grads:
+            if name in ema:
+                ema[name] = ema_update(ema[name], params[name], ema_decay)
     return state.replace(
         step=state.step + 1 if count_step else state.step,
         params=params,
@@ -135,37 +133,326 @@ def make_optimizers(
     return {net: make_optimizer(config[block], num_steps) for net, block in names.items()}
 
 
-def to_float32(x: jax.Array) -> jax.Array:
-    return jnp.asarray(x, jnp.float32)
+def loss_kind(config: Any) -> str:
+    """`config.loss.kind`, checked against `medjax.losses.GAN_LOSS_KINDS`."""
+    kind = str(config.loss.kind)
+    if kind not in losses.GAN_LOSS_KINDS:
+        raise ValueError(f"config.loss.kind={kind!r} is not one of {losses.GAN_LOSS_KINDS}")
+    return kind
 
 
-def synthetic_batch(config: Any, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """Random numpy data shaped like one global batch of a GAN-family task's real data (for
-    benchmarks and step tests: speed and sharding do not depend on the values).
+def generator_params(state: GANState, name: str = "g") -> Any:
+    """The EMA of network `name` when one is kept, else its params (samples, evaluation)."""
+    return state.ema[name] if name in state.ema else state.params[name]
 
-    dcgan / wgan_gp: `{"image"}`; cyclegan: `{"a", "b"}`; pix2pix: `{"image": [source, target,
-    brain mask] channels, "label": BraTS classes}`; classification: `{"image", "label"}`.
+
+def axial_slices(x: np.ndarray) -> np.ndarray:
+    """Volumes `[N, X, Y, Z, C]` -> every axial slice `[N * Z, X, Y, C]`; 2D images as they are."""
+    if x.ndim == 5:
+        return np.moveaxis(x, 3, 1).reshape(-1, *x.shape[1:3], x.shape[-1])
+    return x
+
+
+class LatentGAN(task.Task):
+    """A generator of images from latent vectors, a discriminator, and their evaluation.
+
+    Config: `model.generator` (`medjax.models.DCGANGenerator` fields), `model.discriminator`
+    (`DCGANDiscriminator` fields), `loss.kind`, `optimizer_g`, `optimizer_d`, `ema_decay`,
+    `data.*` (`medjax.data.image_sets.load_gan_images`), `eval.{num_samples,
+    classifier_workdir}`, `num_pictures`.
+
+    One jitted step = one discriminator update on a real batch and a fresh fake batch, then one
+    generator update (two `value_and_grad` calls). Subclasses change `d_loss` (WGAN-GP),
+    `train_step` (n_critic) or condition both networks on labels (`conditional`).
+
+    Evaluation, on a fixed set of latent vectors so numbers are comparable across steps:
+    `swd_mean` (sliced Wasserstein distance on Laplacian-pyramid patches, Karras et al. 2018)
+    between generated images and one random half of the validation images, beside
+    `swd_mean_real` = the same distance from the OTHER half (the real-vs-real floor: same
+    reference, same set size); with `eval.classifier_workdir` (a medjax classifier run on the
+    same kind of images) also FID and KID on its penultimate features, each with its
+    real-vs-real value. The trivial generator (`gan_metrics.pixel_gaussian` of the training
+    images: every pixel drawn with its own mean and standard deviation) gives `_trivial`: a GAN
+    should land between `_trivial` and `_real`.
     """
-    import numpy as np
 
-    rng = np.random.default_rng(seed)
-    task = str(config.task)
-    if task in ("dcgan", "wgan_gp", "cyclegan", "classification"):
-        shape = (batch_size, *[int(s) for s in config.data.image_size], 1)
-        if task == "cyclegan":
-            return {k: rng.uniform(-1, 1, shape).astype(np.float32) for k in ("a", "b")}
-        out = {"image": rng.uniform(-1, 1, shape).astype(np.float32)}
-        if task == "classification":
-            out["label"] = rng.integers(0, int(config.data.num_classes), batch_size).astype(
-                np.int32
+    progress_keys = ("d_loss", "g_loss")
+    summary_keys = (
+        "swd_mean", "swd_mean_real", "swd_mean_trivial",
+        "fid", "fid_real", "fid_trivial", "kid", "kid_real", "kid_trivial",
+    )  # fmt: skip
+    networks = {"g": "optimizer_g", "d": "optimizer_d"}
+    picture_name = "eval_samples"
+    #: class-conditional: both networks see a label, batches carry "label"
+    conditional = False
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        from medjax.models import DCGANDiscriminator, DCGANGenerator
+
+        self.spatial = tuple(int(s) for s in config.data.image_size)
+        self.channels = int(config.data.channels)
+        dims = len(self.spatial)
+        gcfg, dcfg = dict(config.model.generator), dict(config.model.discriminator)
+        self.latent_dim = int(gcfg.get("latent_dim", 128))
+        self.num_classes = int(config.data.get("num_classes", 0) or 0) if self.conditional else 0
+        if self.conditional:
+            if self.num_classes < 2:
+                raise ValueError("a class-conditional GAN needs config.data.num_classes >= 2")
+            gcfg["num_classes"] = dcfg["num_classes"] = self.num_classes
+        self.generator = DCGANGenerator(
+            output_shape=self.spatial, channels=self.channels, spatial_dims=dims, **gcfg
+        )
+        self.discriminator = DCGANDiscriminator(spatial_dims=dims, **dcfg)
+        self.loss_kind = loss_kind(config)
+        self.ema_decay = float(config.get("ema_decay", 0.0))
+        self.tx = make_optimizers(config, self.networks, int(config.num_steps))
+        self._cache: dict[str, Any] = {}
+
+    # -- data --------------------------------------------------------------------------------------
+    def _images(self, split: str, directory: str | Path | None = None) -> dict[str, np.ndarray]:
+        d = image_sets.load_gan_images(self.config.data, split, directory=directory)
+        x = d["image"]
+        if x.shape[1:] != (*self.spatial, self.channels):
+            raise ValueError(
+                f"{split} images have shape {x.shape[1:]}, but config.data.image_size="
+                f"{self.spatial} and data.channels={self.channels}"
             )
+        out = {"image": x}
+        if self.conditional:
+            if "label" not in d:
+                raise ValueError(
+                    f"config.data.source={self.config.data.source!r} has no class labels; a "
+                    "class-conditional GAN needs labelled images (medmnist, class_folders)"
+                )
+            out["label"] = d["label"].astype(np.int32)
+            bad = sorted(set(np.unique(out["label"]).tolist()) - set(range(self.num_classes)))
+            if bad:
+                raise ValueError(f"{split} labels {bad} are outside 0..{self.num_classes - 1}")
         return out
-    if task != "pix2pix":
-        raise ValueError(f"synthetic_batch: config.task={task!r} is not a GAN-family task")
-    patch = config.get("patch_size") or ()
-    spatial = tuple(int(s) for s in (patch or config.data.image_size))
-    channels = len(config.data.source_modalities) + len(config.data.get("target_modalities") or ())
-    image = rng.uniform(-1, 1, (batch_size, *spatial, channels + 1)).astype(np.float32)
-    image[..., -1] = rng.uniform(0, 1, (batch_size, *spatial)) > 0.3  # brain mask channel
-    label = rng.integers(0, 4, (batch_size, *spatial)).astype(np.int32)
-    return {"image": image, "label": label}
+
+    def load_data(self) -> task.TaskData:
+        train = self._images("train")
+        return task.TaskData.from_arrays(train, self._eval_set(self._images("val"), train))
+
+    def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
+        return self._eval_set(self._images(split, directory), self._images("train"))
+
+    def _eval_set(self, reference: dict[str, np.ndarray], train: dict[str, np.ndarray]):
+        return {**reference, "train_image": train["image"]}
+
+    def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {
+            "image": rng.uniform(-1, 1, (batch_size, *self.spatial, self.channels)).astype(
+                np.float32
+            )
+        }
+        if self.conditional:
+            out["label"] = rng.integers(0, self.num_classes, batch_size).astype(np.int32)
+        return out
+
+    # -- pure functions ----------------------------------------------------------------------------
+    def _g_args(self, z: jax.Array, y: jax.Array | None) -> tuple:
+        return (z, y) if self.conditional else (z,)
+
+    def init(self, key: jax.Array, batch_spec: Mapping[str, Any]) -> GANState:
+        kg, kd, base = jax.random.split(key, 3)
+        z = jnp.zeros((1, self.latent_dim), jnp.float32)
+        x = jnp.zeros((1, *self.spatial, self.channels), jnp.float32)
+        y = jnp.zeros((1,), jnp.int32) if self.conditional else None
+        pg, sg = init_model(self.generator, kg, *self._g_args(z, y))
+        pd, sd = init_model(self.discriminator, kd, *self._g_args(x, y))
+        return new_state(
+            {"g": pg, "d": pd}, {"g": sg, "d": sd}, self.tx, base, ema_decay=self.ema_decay
+        )
+
+    def latent(self, key: jax.Array, n: int) -> jax.Array:
+        return jax.random.normal(key, (n, self.latent_dim), jnp.float32)
+
+    def d_loss(
+        self,
+        params_d: Any,
+        stats_d: Any,
+        real: jax.Array,
+        fake: jax.Array,
+        key: jax.Array,
+        y: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
+        """Mean discriminator loss on one real and one (detached) fake batch."""
+        real_logits, stats_d = apply_model(
+            self.discriminator, params_d, stats_d, *self._g_args(real, y), train=True
+        )
+        fake_logits, stats_d = apply_model(
+            self.discriminator, params_d, stats_d, *self._g_args(fake, y), train=True
+        )
+        loss = jnp.mean(losses.gan_discriminator_loss(real_logits, fake_logits, self.loss_kind))
+        aux = {
+            "d_real": jnp.mean(to_float32(real_logits)),
+            "d_fake": jnp.mean(to_float32(fake_logits)),
+        }
+        return loss, (stats_d, aux)
+
+    def discriminator_update(
+        self, state: GANState, real: jax.Array, key: jax.Array, y: jax.Array | None = None
+    ) -> tuple[GANState, dict[str, jax.Array]]:
+        k_z, k_loss = jax.random.split(key)
+        z = self.latent(k_z, real.shape[0])
+        fake, _ = apply_model(
+            self.generator, state.params["g"], state.batch_stats["g"], *self._g_args(z, y),
+            train=True,
+        )  # fmt: skip
+        fake = jax.lax.stop_gradient(fake)
+        (loss, (stats_d, aux)), grads = jax.value_and_grad(self.d_loss, has_aux=True)(
+            state.params["d"], state.batch_stats["d"], real, fake, k_loss, y
+        )
+        state = apply_gradients(
+            state, {"d": grads}, self.tx, batch_stats={"d": stats_d}, count_step=False
+        )
+        return state, {"d_loss": loss, "d_grad_norm": optax.tree.norm(grads), **aux}
+
+    def generator_update(
+        self, state: GANState, n: int, key: jax.Array, y: jax.Array | None = None
+    ) -> tuple[GANState, dict[str, jax.Array]]:
+        z = self.latent(key, n)
+
+        def loss_fn(params_g):
+            fake, stats_g = apply_model(
+                self.generator, params_g, state.batch_stats["g"], *self._g_args(z, y), train=True
+            )
+            # D's statistics are not updated by the generator's pass (the D step owns them).
+            logits, _ = apply_model(
+                self.discriminator, state.params["d"], state.batch_stats["d"],
+                *self._g_args(fake, y), train=True,
+            )  # fmt: skip
+            return jnp.mean(losses.gan_generator_loss(logits, self.loss_kind)), stats_g
+
+        (loss, stats_g), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["g"])
+        state = apply_gradients(
+            state, {"g": grads}, self.tx, batch_stats={"g": stats_g}, ema_decay=self.ema_decay
+        )
+        return state, {"g_loss": loss, "g_grad_norm": optax.tree.norm(grads)}
+
+    def train_step(
+        self, state: GANState, batch: Mapping[str, jax.Array]
+    ) -> tuple[GANState, dict[str, jax.Array]]:
+        k_d, k_g = jax.random.split(step_key(state))
+        real, y = batch["image"], batch.get("label")
+        state, m_d = self.discriminator_update(state, real, k_d, y)
+        state, m_g = self.generator_update(state, real.shape[0], k_g, y)
+        return state, {**m_d, **m_g}
+
+    def predict(self, state: GANState, inputs: Any) -> jax.Array:
+        """Generated images `[B, *spatial, C]` (float32, tanh range) for latents `z [B, latent]`
+        (and `{"z", "label"}` for a conditional GAN), from the EMA generator when enabled."""
+        z, y = (inputs["z"], inputs["label"]) if self.conditional else (inputs, None)
+        out, _ = apply_model(
+            self.generator, generator_params(state), state.batch_stats["g"],
+            *self._g_args(z, y), train=False,
+        )  # fmt: skip
+        return to_float32(out)
+
+    # -- host side ---------------------------------------------------------------------------------
+    def fixed_latents(self, n: int, seed: int | None = None) -> np.ndarray:
+        """The same `n` latent vectors at every evaluation (seeded by `config.seed` + 1)."""
+        seed = int(self.config.seed) + 1 if seed is None else int(seed)
+        return np.asarray(self.latent(jax.random.key(seed), n))
+
+    def generate(
+        self,
+        runner: task.Runner,
+        state: GANState,
+        n: int,
+        seed: int | None = None,
+        labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`n` samples `[n, *spatial, C]` on the host from fixed latents (and `labels`)."""
+        z = self.fixed_latents(n, seed)
+        if self.conditional:
+            y = np.arange(n) % self.num_classes if labels is None else np.asarray(labels)
+            return runner.map_batches(state, {"z": z, "label": y.astype(np.int32)}, "predict")
+        return runner.map_batches(state, z, "predict")
+
+    def sample(
+        self, runner: task.Runner, state: GANState, num: int, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """`num` samples from the latent seed `seed` (default: the evaluation noise)."""
+        out = {"samples": self.generate(runner, state, num, seed)}
+        if self.conditional:
+            out["label"] = np.arange(num) % self.num_classes
+        return out
+
+    def training_picture(self, runner: task.Runner, state: GANState) -> np.ndarray:
+        """The fixed-noise sample grid (RGB uint8)."""
+        n = int(self.config.get("num_pictures", 64))
+        return visualize.sample_grid(self.generate(runner, state, n), cols=8)
+
+    def _features(self, runner: task.Runner):
+        """Penultimate features of medjax's own classifier run (`eval.classifier_workdir`)."""
+        workdir = str(self.config.eval.get("classifier_workdir") or "")
+        if not workdir:
+            return None
+        if "features" not in self._cache:
+            cls_runner, cls_state = runner.restore_run(workdir)
+            self._cache["features"] = lambda x: cls_runner.map_batches(cls_state, x, "features")
+            self._cache["classify"] = lambda x: cls_runner.map_batches(cls_state, x, "predict")
+        return self._cache["features"]
+
+    def distribution_metrics(
+        self, runner: task.Runner, reference: np.ndarray, sets: Mapping[str, np.ndarray]
+    ) -> dict[str, float]:
+        """SWD (and FID/KID with a classifier) of each image set vs `reference`, keyed
+        `<metric><suffix>` (`sets` maps a key suffix, e.g. "" or "_real", to images). Volumes
+        are compared slice by slice (every axial slice)."""
+        seed = int(self.config.seed)
+        out: dict[str, float] = {}
+        for suffix, x in sets.items():
+            swd = gan_metrics.swd(axial_slices(x), axial_slices(reference), seed=seed)
+            out.update({f"{k}{suffix}": float(v) for k, v in swd.items()})
+        features = self._features(runner)
+        if features is not None:
+            f_ref = features(reference)
+            mu2, s2 = gan_metrics.feature_statistics(f_ref)
+            for suffix, x in sets.items():
+                f = features(x)
+                mu1, s1 = gan_metrics.feature_statistics(f)
+                out[f"fid{suffix}"] = float(gan_metrics.frechet_distance(mu1, s1, mu2, s2))
+                kid, kid_std = gan_metrics.kernel_inception_distance(f, f_ref, seed=seed)
+                out[f"kid{suffix}"], out[f"kid_std{suffix}"] = float(kid), float(kid_std)
+        return out
+
+    def halves(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(real sample A, reference B, half size): two seeded random halves of the evaluation
+        images (at most `2 * eval.num_samples`)."""
+        cap = int(self.config.eval.get("num_samples") or 0)
+        if cap:
+            images = images[: 2 * cap]
+        if len(images) < 4:
+            raise ValueError(
+                f"GAN evaluation needs at least 4 evaluation images, got {len(images)}"
+            )
+        perm = np.random.default_rng(int(self.config.seed)).permutation(len(images))
+        half = len(images) // 2
+        return images[np.sort(perm[:half])], images[np.sort(perm[half : 2 * half])], half
+
+    def evaluate(
+        self, runner: task.Runner, state: GANState, eval_set: Any, num_pictures: int = 64
+    ) -> task.Evaluation:
+        """Distribution distances of `n` generated images to a held-out reference, beside the
+        real-vs-real floor and the trivial generator (both computed once: they do not depend on
+        the model)."""
+        real_sample, reference, half = self.halves(eval_set["image"])
+        key = f"baselines-{id(eval_set)}"
+        if key not in self._cache:
+            trivial = gan_metrics.pixel_gaussian(
+                eval_set["train_image"], half, seed=int(self.config.seed)
+            )
+            self._cache[key] = self.distribution_metrics(
+                runner, reference, {"_real": real_sample, "_trivial": trivial}
+            )
+        fake = self.generate(runner, state, half)
+        summary = self.distribution_metrics(runner, reference, {"": fake})
+        summary.update(self._cache[key])
+        summary["sample_std"] = float(np.std(fake))  # collapse detector: 0 when all samples agree
+        pictures = {"samples": self.training_picture(runner, state)} if num_pictures else {}
+        return task.Evaluation(summary, pictures=pictures)

@@ -4,6 +4,7 @@
 builds the mesh, initialises (or resumes) the state on its shardings, and trains for
 `config.num_steps` steps, evaluating every `eval_every`, checkpointing every `checkpoint_every`
 and on preemption (SIGTERM), logging to `workdir/metrics.jsonl`, TensorBoard and PNGs.
+Everything task-specific goes through the task contract (`medjax.train.task`).
 
 A resumed run continues the same run: the state holds the step, optimizer state and base PRNG key,
 step keys are `fold_in(key, step)` and the data order is a pure function of `(seed, step)`.
@@ -14,19 +15,22 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import pkgutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from medjax import inference, parallel
+from medjax import inference, parallel, visualize
 from medjax.data import pipeline
+from medjax.train import task as task_lib
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.logging import MetricWriter, Progress
 
@@ -39,18 +43,33 @@ RESUMABLE_CHANGES = (
     "data.directory",
     "data.val_directory",
 )
+EXAMPLE_SPEC = "example_spec.json"  # shapes of one training example, written at the first run
 
 
-def get_task(config: Any) -> Any:
+def task_names() -> list[str]:
+    """Every experiment type: the modules of `medjax/train/tasks/` (private ones excluded)."""
+    from medjax.train import tasks
+
+    return sorted(
+        m.name for m in pkgutil.iter_modules(tasks.__path__) if not m.name.startswith("_")
+    )
+
+
+def get_task(config: Any) -> task_lib.Task:
     """`medjax.train.tasks.<config.task>.Task(config)`: a new task is one new file, no registry."""
-    name = config.task
+    name = str(config.task)
     try:
         module = importlib.import_module(f"medjax.train.tasks.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"medjax.train.tasks.{name}":
             raise
-        raise ValueError(f"config.task={name!r}: no module medjax/train/tasks/{name}.py") from e
-    return module.Task(config)
+        raise ValueError(
+            f"config.task={name!r}: no module medjax/train/tasks/{name}.py (tasks: {task_names()})"
+        ) from e
+    task = module.Task(config)
+    if not isinstance(task, task_lib.Task):
+        raise TypeError(f"medjax.train.tasks.{name}.Task must subclass medjax.train.task.Task")
+    return task
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -78,6 +97,14 @@ def _config_dict(config: Any) -> dict[str, Any]:
     )
 
 
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with (its `config.json`)."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a medjax run folder?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def check_workdir_config(config: Any, workdir: Path) -> None:
     """Refuses to resume a run in `workdir` whose saved config differs in a way that would make
     its checkpoints incompatible; writes `config.json` for a new run."""
@@ -98,6 +125,25 @@ def check_workdir_config(config: Any, workdir: Path) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(new, indent=2, sort_keys=True))
+
+
+def write_example_spec(workdir: Path, spec: Mapping[str, jax.ShapeDtypeStruct]) -> None:
+    """Records the shapes of one training example, so evaluation restores without the data."""
+    if jax.process_index() == 0:
+        rows = {
+            k: {"shape": list(v.shape), "dtype": np.dtype(v.dtype).name} for k, v in spec.items()
+        }
+        (workdir / EXAMPLE_SPEC).write_text(json.dumps(rows, indent=2, sort_keys=True))
+
+
+def read_example_spec(workdir: Path) -> dict[str, jax.ShapeDtypeStruct] | None:
+    path = Path(workdir) / EXAMPLE_SPEC
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())
+    return {
+        k: jax.ShapeDtypeStruct(tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in rows.items()
+    }
 
 
 class StopSignal:
@@ -127,21 +173,34 @@ class StopSignal:
             self._previous = None
 
 
-class Trainer:
-    """Compiled task functions on a mesh: what `run`, evaluation scripts and notebooks share."""
+def _leading_dim(data: Any) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("map_batches: no arrays given")
+    return len(leaves[0])
 
-    def __init__(self, config: Any, *, task: Any | None = None, mesh: Any | None = None):
+
+class Trainer:
+    """Compiled task functions on a mesh: what `run`, the scripts and notebooks share.
+
+    It is the `medjax.train.task.Runner` that a task's host-side methods receive: `call`,
+    `map_batches` and `sliding_window` jit any task method on the mesh; `restore_run` loads
+    another finished run (e.g. the classifier behind FID).
+    """
+
+    def __init__(self, config: Any, *, task: task_lib.Task | None = None, mesh: Any = None):
         self.config = config
         self.task = task if task is not None else get_task(config)
         self.mesh = mesh if mesh is not None else parallel.make_mesh(config.get("num_devices"))
         self.rep = parallel.replicated(self.mesh)
         self.data_sh = parallel.data_sharding(self.mesh)
-        self._compiled: dict[str, Callable[..., Any]] = {}  # `compiled(method)` cache
+        self.state_sh: Any = None
+        self._compiled: dict[Any, Callable[..., Any]] = {}
 
     def init_state(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
         """Initial state placed on its shardings (shapes from `eval_shape`, no host copy)."""
         key = jax.random.key(int(self.config.seed))
-        init = functools.partial(self.task.init, batch=batch_spec)
+        init = functools.partial(self.task.init, batch_spec=batch_spec)
         abstract = jax.eval_shape(init, key)
         self.state_sh = parallel.state_sharding(abstract, self.mesh)
         return jax.jit(init, out_shardings=self.state_sh)(key)
@@ -155,105 +214,94 @@ class Trainer:
             donate_argnums=0,
         )
 
-    @functools.cached_property
-    def eval_step(self) -> Callable[..., Any]:
-        return jax.jit(self.task.eval_step, in_shardings=(self.state_sh, self.data_sh))
+    def compiled(self, method: str) -> Callable[..., Any]:
+        """`task.<method>` jitted (any signature; arguments keep their shardings), cached."""
+        if method not in self._compiled:
+            self._compiled[method] = jax.jit(getattr(self.task, method))
+        return self._compiled[method]
 
-    @functools.cached_property
-    def predict(self) -> Callable[..., Any]:
-        return jax.jit(self.task.predict, in_shardings=(self.state_sh, self.data_sh))
-
-    @functools.cached_property
-    def _sliding_window(self) -> Callable[..., Any]:
-        inf = self.config.get("inference") or {}
-        window = tuple(int(w) for w in (inf.get("window") or self.config.patch_size))
-        window_batch = int(inf.get("window_batch", 2))
-        n_dev = self.mesh.devices.size
-        # Windows of one group spread over the devices when they divide evenly.
-        sharding = self.data_sh if n_dev > 1 and window_batch % n_dev == 0 else None
-
-        def fn(state: Any, volume: jax.Array) -> jax.Array:
-            return inference.sliding_window_inference(
-                functools.partial(self.task.predict, state),
-                volume,
-                window,
-                overlap=float(inf.get("overlap", 0.5)),
-                window_batch=window_batch,
-                sigma_scale=float(inf.get("sigma_scale", 0.125)),
-                mode=str(inf.get("mode", "gaussian")),
-                window_sharding=sharding,
-            )
-
-        return jax.jit(fn, in_shardings=(self.state_sh, self.rep))
-
-    def sliding_window(self, state: Any, volume: np.ndarray) -> np.ndarray:
-        """Blended float32 logits `[*spatial, classes]` of one whole volume `[*spatial, C]`
-        (windows and blending from `config.inference`; see `medjax.inference`)."""
-        return to_host(self._sliding_window(state, volume))
+    def call(self, method: str, state: Any, *args: Any) -> Any:
+        """`task.<method>(state, *args)`, compiled on the mesh."""
+        return self.compiled(method)(state, *args)
 
     @property
     def eval_batch_size(self) -> int:
         return int(self.config.get("eval_batch_size") or self.config.batch_size)
 
-    def evaluate(
-        self, state: Any, arrays: Mapping[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None]:
-        """Per-example eval outputs over every example once (padding dropped; the bulky "pred"
-        maps are dropped too), and the first batch with all its outputs (for pictures)."""
-        rows: dict[str, list[np.ndarray]] = {}
-        first = None
-        for batch in pipeline.make_eval_iter(
-            arrays, global_batch_size=self.eval_batch_size, mesh=self.mesh
-        ):
-            out = self.eval_step(state, batch)
-            mask = to_host(batch[pipeline.MASK_KEY])
-            host = {k: to_host(v) for k, v in out.items() if k != "pred" or first is None}
-            if first is None:
-                first = ({k: to_host(v) for k, v in batch.items()}, host)
-            for k, v in host.items():
-                if k != "pred":
-                    rows.setdefault(k, []).append(v[mask])
-        return {k: np.concatenate(v) for k, v in rows.items()}, first
-
-    def compiled(self, method: str) -> Callable[..., Any]:
-        """`task.<method>(state, batch_array)` jitted on the mesh (e.g. "features"), cached."""
-        if method == "predict":
-            return self.predict
-        if method not in self._compiled:
-            fn = getattr(self.task, method)
-            self._compiled[method] = jax.jit(fn, in_shardings=(self.state_sh, self.data_sh))
-        return self._compiled[method]
-
-    def predict_all(self, state: Any, images: np.ndarray, method: str = "predict") -> np.ndarray:
-        """`task.<method>` (float32 logits by default) for every row of `images`
-        `[N, *spatial, C]`, batched and padded."""
+    def map_batches(
+        self, state: Any, data: Any, method: str = "predict", *, batch_size: int | None = None
+    ) -> Any:
+        """`task.<method>(state, batch)` over every row of `data` (an array `[N, ...]`, or a
+        dict of them: the method then gets the batch dict) in padded global batches sharded over
+        the mesh; returns the outputs' pytree as host numpy `[N, ...]` (padding dropped)."""
         fn = self.compiled(method)
-        out = []
+        is_array = not isinstance(data, Mapping)
+        arrays = {"x": data} if is_array else dict(data)
+        n = _leading_dim(arrays)
+        outs: list[Any] = []
         for batch in pipeline.make_eval_iter(
-            {"image": images}, global_batch_size=self.eval_batch_size, mesh=self.mesh
+            arrays, global_batch_size=int(batch_size or self.eval_batch_size), mesh=self.mesh
         ):
-            logits = to_host(fn(state, batch["image"]))
-            out.append(logits[to_host(batch[pipeline.MASK_KEY])])
-        return np.concatenate(out)
+            mask = to_host(batch.pop(pipeline.MASK_KEY))
+            out = fn(state, batch["x"] if is_array else batch)
+            outs.append(jax.tree.map(lambda x, m=mask: to_host(x)[m], out))
+        result = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+        assert _leading_dim(result) == n
+        return result
+
+    def _window_fn(self, method: str, window: tuple[int, ...]) -> Callable[..., Any]:
+        key = ("sliding_window", method, window)
+        if key not in self._compiled:
+            inf = self.config.get("inference") or {}
+            window_batch = int(inf.get("window_batch", 2))
+            n_dev = self.mesh.devices.size
+            # Windows of one group spread over the devices when they divide evenly.
+            sharding = self.data_sh if n_dev > 1 and window_batch % n_dev == 0 else None
+            predict = getattr(self.task, method)
+
+            def fn(state: Any, volume: jax.Array) -> jax.Array:
+                return inference.sliding_window_inference(
+                    functools.partial(predict, state),
+                    volume,
+                    window,
+                    overlap=float(inf.get("overlap", 0.5)),
+                    window_batch=window_batch,
+                    sigma_scale=float(inf.get("sigma_scale", 0.125)),
+                    mode=str(inf.get("mode", "gaussian")),
+                    window_sharding=sharding,
+                )
+
+            self._compiled[key] = jax.jit(fn, in_shardings=(self.state_sh, self.rep))
+        return self._compiled[key]
+
+    def sliding_window(
+        self,
+        state: Any,
+        volume: np.ndarray,
+        *,
+        method: str = "predict",
+        window: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Blended float32 `task.<method>` outputs `[*spatial, C_out]` of one whole array
+        `[*spatial, C]`; windows (default `config.inference.window`, else `config.patch_size`)
+        and blending from `config.inference` (see `medjax.inference`)."""
+        inf = self.config.get("inference") or {}
+        win = tuple(int(w) for w in (window or inf.get("window") or self.config.patch_size))
+        return to_host(self._window_fn(method, win)(state, volume))
+
+    def restore_run(self, workdir: str | Path, checkpoint: str = "best") -> tuple[Trainer, Any]:
+        """(trainer, state) of another finished run in `workdir`, on this trainer's mesh."""
+        config = load_run_config(workdir)
+        return restore(config, workdir, best=checkpoint == "best", mesh=self.mesh)
 
 
-def batch_spec_of(task: Any, data: Mapping[str, Any], global_batch_size: int) -> dict[str, Any]:
-    """Shapes of one global training batch: `task.batch_spec(gb)` when the task samples its
-    batches itself (and returns shapes), else those of the in-memory `data["train"]` arrays."""
-    spec = task.batch_spec(global_batch_size) if hasattr(task, "batch_spec") else None
-    if spec is not None:
-        return spec
-    return {
-        k: jax.ShapeDtypeStruct((global_batch_size, *v.shape[1:]), v.dtype)
-        for k, v in data["train"].items()
-    }
-
-
-def _count(data: Mapping[str, Any], split: str) -> int:
-    arrays = data.get(split)
-    if isinstance(arrays, Mapping):
-        return len(next(iter(arrays.values())))
-    return len(arrays) if arrays is not None else 0
+def combine_pictures(pictures: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The evaluation pictures stacked into one (what the loop logs)."""
+    if not pictures:
+        return None
+    if len(pictures) == 1:
+        return next(iter(pictures.values()))
+    return visualize.grid(list(pictures.values()), cols=1, uneven=True)
 
 
 def run(config: Any, workdir: str | Path) -> dict[str, float]:
@@ -266,8 +314,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     data = task.load_data()
     gb = int(config.batch_size)
     parallel.check_batch_size(gb, mesh)
-    batch_spec = batch_spec_of(task, data, gb)
-    state = trainer.init_state(batch_spec)
+    state = trainer.init_state(data.batch_spec(gb))
+    write_example_spec(workdir, data.example_spec)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
     ckpt = Checkpointer(
@@ -284,34 +332,29 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     if jax.process_index() == 0:
         print(
             f"medjax: task={config.task} devices={mesh.devices.size} "
-            f"processes={jax.process_count()} "
-            f"params={n_params:,} train={_count(data, 'train')} eval={_count(data, 'eval')} "
+            f"processes={jax.process_count()} params={n_params:,} train={data.num_train} "
+            f"eval={data.num_eval} "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {num_steps}",
             flush=True,
         )
+    num_pictures = int(config.get("num_pictures", 4))
 
     def do_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        if hasattr(task, "evaluate"):  # e.g. whole volumes by sliding window
-            summary, picture = task.evaluate(trainer, state, data)
-        else:
-            per_example, first = trainer.evaluate(state, data["eval"])
-            summary = task.summarize(per_example)
-            picture = task.visualize(*first) if first and hasattr(task, "visualize") else None
+        ev = task.evaluate(trainer, state, data.eval, num_pictures=num_pictures)
+        summary = {k: float(v) for k, v in ev.summary.items()}
         summary["eval_seconds"] = time.perf_counter() - t0
         writer.scalars(step, summary, split="eval")
+        picture = combine_pictures(ev.pictures)
         if picture is not None:
-            writer.image(step, getattr(task, "picture_name", "eval_predictions"), picture)
+            writer.image(step, task.picture_name, picture)
         ckpt.save_best(step, state, summary)
         return summary
 
-    # Sample grids from fixed noise every `sample_every` steps (GANs), besides the evaluation.
-    sample_every = int(config.get("sample_every") or 0) if hasattr(task, "samples") else 0
-
+    # A picture from the task every `sample_every` steps (GAN sample grids), besides evaluation.
+    sample_every = int(config.get("sample_every") or 0)
     progress = Progress(num_steps, start=start, every=int(config.log_every))
-    # What the progress line shows and checks for divergence, and what the eval line prints.
-    progress_keys = tuple(getattr(task, "progress_keys", ("loss",)))
-    summary_keys = getattr(task, "summary_keys", None)
+    summary_keys = task.summary_keys
 
     def show_in_summary(k: str) -> bool:
         if summary_keys is not None:
@@ -323,12 +366,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     summary: dict[str, float] = {}
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
-    # A task may sample its own batches (e.g. patches of volumes); else in-memory arrays.
-    if hasattr(task, "make_train_iter"):
-        make_iter = functools.partial(task.make_train_iter, data)
-    else:
-        make_iter = functools.partial(pipeline.make_train_iter, data["train"])
-    it = make_iter(
+    it = data.make_train_iter(
         global_batch_size=gb,
         mesh=mesh,
         seed=int(config.seed),
@@ -355,7 +393,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                 now = time.perf_counter()
                 train_seconds += now - t_last
                 writer.scalars(step, {**host, "train_seconds": train_seconds}, split="train")
-                shown = {k: host[k] for k in progress_keys}
+                shown = {k: host[k] for k in task.progress_keys}
                 progress.update(step, shown, force=True)
                 bad = {k: v for k, v in shown.items() if not np.isfinite(v)}
                 if bad:  # never checkpoint a diverged state
@@ -366,7 +404,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                     )
                 t_last = time.perf_counter()
             if sample_every and step % sample_every == 0:
-                writer.image(step, "samples", task.samples(trainer, state))
+                writer.image(step, "samples", task.training_picture(trainer, state))
                 t_last = time.perf_counter()
             if save_now:  # before the evaluation: an error there loses no training
                 ckpt.save(step, state, force=True)
@@ -405,14 +443,18 @@ def restore(
     *,
     best: bool = True,
     trainer: Trainer | None = None,
-    batch_spec: Mapping[str, jax.ShapeDtypeStruct] | None = None,
+    mesh: Any = None,
 ) -> tuple[Trainer, Any]:
     """(trainer, state) restored from `workdir`'s best checkpoint (or latest when `best=False`,
-    or when no best one was kept), for evaluation and prediction."""
-    trainer = trainer or Trainer(config)
-    if batch_spec is None:
-        raise ValueError("restore() needs batch_spec (shapes of one input batch)")
-    state = trainer.init_state(batch_spec)
+    or when no best one was kept), for evaluation, prediction and sampling.
+
+    The state's shapes come from the run's `example_spec.json`; runs older than that file load
+    their training data once to find them."""
+    trainer = trainer or Trainer(config, mesh=mesh)
+    spec = read_example_spec(Path(workdir))
+    if spec is None:
+        spec = trainer.task.load_data().example_spec
+    state = trainer.init_state(task_lib.batch_spec(spec, int(config.batch_size)))
     ckpt = Checkpointer(workdir, best_metric=config.get("best_metric") or None, read_only=True)
     use_best = best and ckpt.best_step() is not None
     state = ckpt.restore(state, best=use_best)

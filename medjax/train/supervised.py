@@ -9,6 +9,7 @@ The segmentation and classification tasks subclass it and add their data and eva
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,10 +18,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medjax import losses
 from medjax.data import transforms
 from medjax.train import task
 from medjax.train.optim import make_optimizer, make_schedule
 from medjax.train.state import TrainState, apply_model, new_train_state, step_key
+
+SEGMENTATION_LOSSES = {
+    "ce": losses.cross_entropy,
+    "dice": losses.soft_dice_loss,
+    "dice_ce": losses.dice_ce_loss,
+    "focal": losses.focal_loss,
+}
+
+
+def segmentation_loss(loss_cfg: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The per-example loss named by `config.loss.name` with its other keys as arguments."""
+    cfg = dict(loss_cfg)
+    name = cfg.pop("name")
+    if name not in SEGMENTATION_LOSSES:
+        raise ValueError(f"config.loss.name={name!r} is not one of {sorted(SEGMENTATION_LOSSES)}")
+    return functools.partial(SEGMENTATION_LOSSES[name], **cfg)
 
 
 class Supervised(task.Task):

@@ -97,17 +97,25 @@ class TaskData:
 
     @classmethod
     def from_arrays(
-        cls, train: Mapping[str, np.ndarray], eval: Any, *, num_eval: int | None = None
+        cls,
+        train: Mapping[str, np.ndarray],
+        eval: Any,
+        *,
+        num_eval: int | None = None,
+        independent: bool = False,
     ) -> TaskData:
         """In-memory training arrays `{key: [N, ...]}` (equal N), batched in a seeded order
-        (`medjax.data.pipeline.make_train_iter`)."""
+        (`medjax.data.pipeline.make_train_iter`); `independent`: every key is its own set,
+        drawn in its own order (unpaired domains)."""
         from medjax.data import pipeline
 
         arrays = {k: np.asarray(v) for k, v in train.items()}
-        n = pipeline.num_examples(arrays)
+        n = max(len(v) for v in arrays.values()) if independent else pipeline.num_examples(arrays)
         return cls(
             example_spec={k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in arrays.items()},
-            make_train_iter=functools.partial(pipeline.make_train_iter, arrays),
+            make_train_iter=functools.partial(
+                pipeline.make_train_iter, arrays, independent=independent
+            ),
             eval=eval,
             num_train=n,
             num_eval=_count(eval) if num_eval is None else num_eval,

@@ -146,7 +146,7 @@ def test_volume_task_step_augmentation_moves_image_and_label_together():
     label = rng.integers(0, 4, (4, *shape)).astype(np.int32)
     noise = rng.random((4, *shape)).astype(np.float32)
     image = np.stack([label.astype(np.float32), noise], -1)
-    aug = jax.jit(task._augment)
+    aug = jax.jit(task.augment_batch)
     oi, ol = aug(jax.random.key(2), jnp.asarray(image), jnp.asarray(label))
     oi, ol = np.asarray(oi), np.asarray(ol)
     assert oi.shape == image.shape and ol.shape == label.shape

@@ -46,59 +46,59 @@ def _isbi_dir():
 
 
 def test_split_by_val_ids_keeps_order():
-    train, val = datasets.split(_examples(), {"val_ids": ("case7", "case3")}, seed=0)
+    train, val = datasets.split_examples(_examples(), {"val_ids": ("case7", "case3")}, seed=0)
     assert _ids(val) == ["case3", "case7"]
     assert _ids(train) == [f"case{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)]
 
 
 def test_split_val_ids_are_compared_as_strings():
     exs = [{"id": str(i), "slice_index": i} for i in range(5)]
-    train, val = datasets.split(exs, {"val_ids": (1, 4)}, seed=0)
+    train, val = datasets.split_examples(exs, {"val_ids": (1, 4)}, seed=0)
     assert _ids(val) == ["1", "4"] and _ids(train) == ["0", "2", "3"]
 
 
 def test_split_missing_val_ids_raise_naming_them():
     with pytest.raises(ValueError, match=r"config\.data\.val_ids \['case42', 'x'\]"):
-        datasets.split(_examples(), {"val_ids": ("case1", "x", "case42")}, seed=0)
+        datasets.split_examples(_examples(), {"val_ids": ("case1", "x", "case42")}, seed=0)
 
 
 def test_split_val_ids_take_precedence_over_slices_and_fraction():
     cfg = {"val_ids": ("case0",), "val_slices": (4, 7), "val_gap": 1, "val_fraction": 0.5}
-    train, val = datasets.split(_examples(), cfg, seed=0)
+    train, val = datasets.split_examples(_examples(), cfg, seed=0)
     assert _ids(val) == ["case0"] and len(train) == 9
 
 
 def test_split_by_slice_block_with_gap():
     cfg = {"val_slices": (4, 7), "val_gap": 1, "val_fraction": 0.5}
-    train, val = datasets.split(_examples(), cfg, seed=0)
+    train, val = datasets.split_examples(_examples(), cfg, seed=0)
     assert [ex["slice_index"] for ex in val] == [4, 5, 6]
     # Slices 3 and 7 touch the block and are dropped from training.
     assert [ex["slice_index"] for ex in train] == [0, 1, 2, 8, 9]
 
 
 def test_split_by_slice_block_without_gap():
-    train, val = datasets.split(_examples(), {"val_slices": [4, 7]}, seed=0)
+    train, val = datasets.split_examples(_examples(), {"val_slices": [4, 7]}, seed=0)
     assert [ex["slice_index"] for ex in val] == [4, 5, 6]
     assert [ex["slice_index"] for ex in train] == [0, 1, 2, 3, 7, 8, 9]
     # A wide gap can leave a short training set, never an overlap.
-    train, val = datasets.split(_examples(), {"val_slices": (0, 2), "val_gap": 5}, seed=0)
+    train, val = datasets.split_examples(_examples(), {"val_slices": (0, 2), "val_gap": 5}, seed=0)
     assert [ex["slice_index"] for ex in train] == [7, 8, 9]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_split_by_fraction(seed):
     exs = _examples(10)
-    train, val = datasets.split(exs, {"val_fraction": 0.3}, seed=seed)
+    train, val = datasets.split_examples(exs, {"val_fraction": 0.3}, seed=seed)
     # round(0.3 * 10) = 3 examples chosen by default_rng(seed).permutation(10)[:3], in input order.
     chosen = sorted(np.random.default_rng(seed).permutation(10)[:3].tolist())
     assert _ids(val) == [f"case{i}" for i in chosen]
     assert _ids(train) == [f"case{i}" for i in range(10) if i not in chosen]
-    again = datasets.split(exs, {"val_fraction": 0.3}, seed=seed)
+    again = datasets.split_examples(exs, {"val_fraction": 0.3}, seed=seed)
     assert _ids(again[1]) == _ids(val)
 
 
 def test_split_default_fraction_is_a_fifth():
-    train, val = datasets.split(_examples(10), {}, seed=0)
+    train, val = datasets.split_examples(_examples(10), {}, seed=0)
     assert len(val) == 2 and len(train) == 8
     assert sorted(_ids(train + val)) == sorted(_ids(_examples(10)))
 
@@ -110,8 +110,9 @@ def test_split_default_fraction_is_a_fifth():
 
 def test_stack_examples():
     exs = _examples(3)
-    out = datasets.stack_examples(exs)
+    out = datasets.stack_examples(exs, keys=("image", "label", "spacing"))
     assert set(out) == {"image", "label", "spacing"}
+    assert set(datasets.stack_examples(exs)) == {"image", "label"}
     assert out["image"].shape == (3, 2, 3, 1) and out["image"].dtype == np.float32
     assert out["label"].shape == (3, 2, 3) and out["label"].dtype == np.int32
     assert out["spacing"].shape == (3, 2) and out["spacing"].dtype == np.float32
@@ -152,7 +153,7 @@ def test_preprocess_zscore_and_resize():
 
 def test_unknown_source_raises():
     with pytest.raises(ValueError, match=r"config\.data\.source='nope'"):
-        datasets.load_segmentation({"source": "nope"})
+        datasets.load_examples({"source": "nope"}, "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,20 +161,31 @@ def test_unknown_source_raises():
 # ---------------------------------------------------------------------------------------------
 
 
+def _load(cfg):
+    """train / val examples of a config, preprocessed for the network."""
+    return {
+        split: [datasets.preprocess(ex, cfg) for ex in datasets.load_examples(cfg, split)]
+        for split in ("train", "val")
+    }
+
+
 @pytest.fixture(scope="module")
 def isbi():
     folder = _isbi_dir()
     cfg = {"source": "isbi2012", "directory": "", "normalize": "zscore", "val_ids": ISBI_VAL}
-    return folder, datasets.load_segmentation(cfg)
+    return folder, _load(cfg)
 
 
 def test_load_isbi_split(isbi):
     folder, data = isbi
-    assert data["directory"] == str(folder)
+    assert datasets.resolve_directory({"source": "isbi2012"}) == folder
     assert len(data["train"]) == 15 and len(data["val"]) == 5
     assert _ids(data["val"]) == list(ISBI_VAL)
     assert sorted(_ids(data["train"]), key=int) == [str(i) for i in range(15)]
-    assert data["class_names"] == datasets.SOURCES["isbi2012"].class_names
+    assert datasets.class_names({"source": "isbi2012", "num_classes": 2}) == (
+        "interior",
+        "membrane",
+    )
 
 
 def test_load_isbi_images_are_zscored(isbi):
@@ -201,7 +213,7 @@ def test_load_isbi_images_are_zscored(isbi):
 def test_load_isbi_max_examples_caps_each_split():
     folder = _isbi_dir()
     cfg = {"source": "isbi2012", "directory": str(folder), "val_ids": ISBI_VAL, "max_examples": 4}
-    data = datasets.load_segmentation(cfg)
+    data = _load(cfg)
     assert _ids(data["train"]) == ["0", "1", "2", "3"]
     assert _ids(data["val"]) == ["15", "16", "17", "18"]
 
@@ -210,6 +222,9 @@ def test_load_isbi_errors():
     folder = _isbi_dir()
     base = {"source": "isbi2012", "directory": str(folder)}
     with pytest.raises(ValueError, match=r"val_ids \['20', 'abc'\]"):
-        datasets.load_segmentation({**base, "val_ids": ("1", "abc", "20")})
-    with pytest.raises(ValueError, match="0 validation examples; both must be non-empty"):
-        datasets.load_segmentation({**base, "val_fraction": 0.0})
+        datasets.load_examples({**base, "val_ids": ("1", "abc", "20")}, "val")
+    with pytest.raises(ValueError, match="the val split is empty"):
+        datasets.load_examples({**base, "val_fraction": 0.0}, "val")
+    # the test split of the shared folder has no masks (they are withheld)
+    with pytest.raises(FileNotFoundError, match="mask"):
+        datasets.load_examples(base, "test")

@@ -35,8 +35,7 @@ def main(root: str) -> None:
         final = loop.run(cfg, f"{root}/dev{n}")
         rows = [json.loads(x) for x in open(f"{root}/dev{n}/metrics.jsonl")]
         losses = [r["loss"] for r in rows if r["split"] == "train"]
-        spec = {"image": jax.ShapeDtypeStruct((8, 49, 58, 1), np.float32)}
-        trainer, state = loop.restore(cfg, f"{root}/dev{n}", best=False, batch_spec=spec)
+        trainer, state = loop.restore(cfg, f"{root}/dev{n}", best=False)
         leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
         out[n] = {
             "losses": losses,

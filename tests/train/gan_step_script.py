@@ -22,7 +22,7 @@ from medjax.configs import (
     vox2vox_brats,
     wgan_gp_medmnist,
 )
-from medjax.train import gan, loop
+from medjax.train import loop
 
 B = 8  # global batch: one row per simulated device
 
@@ -54,7 +54,7 @@ def main(names: list[str]) -> None:
         if names and name not in names:
             continue
         t0 = time.perf_counter()
-        batch = gan.synthetic_batch(cfg, cfg.batch_size)
+        batch = loop.Trainer(cfg).task.synthetic_batch(cfg.batch_size)
         res = {}
         for n in (1, 8):
             cfg.num_devices = n

@@ -191,13 +191,7 @@ def test_cyclegan_resume_equals_uninterrupted_run_with_pools(tmp_path):
     loop.run(part, tmp_path / "resumed")
     resumed = loop.run(cfg, tmp_path / "resumed")  # continues 2 -> 4
     assert full["step"] == resumed["step"] == 4
-    spec = {
-        "a": jax.ShapeDtypeStruct((cfg.batch_size, 32, 32, 1), np.float32),
-        "b": jax.ShapeDtypeStruct((cfg.batch_size, 32, 32, 1), np.float32),
-    }
-    states = [
-        loop.restore(cfg, tmp_path / d, best=False, batch_spec=spec)[1] for d in ("full", "resumed")
-    ]
+    states = [loop.restore(cfg, tmp_path / d, best=False)[1] for d in ("full", "resumed")]
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(states[0].extra["count_a"]) == min(cfg.pool_size, 4 * cfg.batch_size)
@@ -244,10 +238,7 @@ def test_dcgan_trains_on_medmnist_and_sample_script_writes_outputs(tmp_path):
     assert samples.shape == (5, 28, 28, 1) and np.abs(samples).max() <= 1
     assert len(list(out.glob("sample_*.png"))) == 5 and (out / "grid.png").exists()
     # the same latents as the run's evaluation noise: identical to generating in-process
-    trainer, state = loop.restore(
-        cfg, tmp_path / "run", best=False,
-        batch_spec={"image": jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)},
-    )  # fmt: skip
+    trainer, state = loop.restore(cfg, tmp_path / "run", best=False)
     np.testing.assert_allclose(samples, trainer.task.generate(trainer, state, 5), atol=1e-5)
     before = (out / "samples.npz").read_bytes()
     again = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), timeout=300)
@@ -269,7 +260,7 @@ def test_vox2vox_segmentation_runs_on_volumes_and_samples_nifti(tmp_path):
     from medjax.data.volumes import BRATS_REGIONS
     from medjax.train.tasks import pix2pix
 
-    vols = pix2pix.Task(cfg).load_data()["eval_volumes"]
+    vols = pix2pix.Task(cfg).load_data().eval["data"]
     for region, classes in BRATS_REGIONS.items():
         dice = []
         for v in vols:

@@ -38,8 +38,7 @@ def _tiny_config(num_steps=8):
 
 
 def _params(cfg, workdir):
-    spec = {"image": jax.ShapeDtypeStruct((cfg.batch_size, 49, 58, 1), np.float32)}
-    _, state = loop.restore(cfg, workdir, best=False, batch_spec=spec)
+    _, state = loop.restore(cfg, workdir, best=False)
     return state, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
@@ -150,7 +149,7 @@ def test_train_and_evaluate_scripts_end_to_end(tmp_path):
         timeout=600,
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
-    out = work / "eval" / "latest-embedded"
+    out = work / "eval" / "latest-val"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and summary["cases"] == 20
     assert 0.0 <= summary["dice_grey_matter"] <= 1.0

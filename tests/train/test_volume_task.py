@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medjax import metrics
 from medjax.data import datasets
 from medjax.train import evaluate
 from medjax.train.tasks import volume_segmentation as vs
@@ -48,7 +49,9 @@ def test_region_rows_against_hand_counts():
     # internal classes: 0 bg, 1 NCR/NET, 2 edema, 3 enhancing
     label = np.array([[0, 1, 2, 3], [0, 0, 2, 3]])
     pred = np.array([[0, 1, 1, 0], [2, 0, 2, 3]])
-    row = vs.region_rows(pred, label, (1.0, 1.0), {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)})
+    row = metrics.region_scores(
+        pred, label, {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, spacing=(1.0, 1.0)
+    )
     # WT: truth {01,02,03,12,13} pred {01,02,10,12,13}: tp 4, fp 1, fn 1, tn 2
     assert row["dice_WT"] == pytest.approx(8 / 10)
     assert row["sensitivity_WT"] == pytest.approx(4 / 5)
@@ -69,7 +72,7 @@ class _OracleTrainer:
     def __init__(self, prepared):
         self.prepared = prepared
 
-    def sliding_window(self, state, image):
+    def sliding_window(self, state, image, **kw):
         lab = self.prepared["label"]
         assert image.shape[:-1] == lab.shape
         return np.eye(4, dtype=np.float32)[lab] * 20.0
@@ -88,7 +91,7 @@ def test_predict_case_maps_back_to_the_original_grid(brats_root, spacing):
     if not spacing:
         np.testing.assert_array_equal(pred, truth)  # no resampling: exact
     else:  # 2 mm and back: only boundary voxels may change
-        row = vs.region_rows(pred, truth, (1, 1, 1), vs.Task(config).regions)
+        row = metrics.region_scores(pred, truth, vs.Task(config).regions, spacing=(1, 1, 1))
         assert row["dice_WT"] > 0.9 and row["dice_TC"] > 0.8
 
 
@@ -133,7 +136,7 @@ def test_train_evaluate_predict_scripts_on_volumes(brats_root, tmp_path):
     assert list((work / "images").glob("eval_predictions_*.png"))
 
     ev = _run(["scripts/evaluate.py", f"--workdir={work}", "--pictures=1"])
-    out = work / "eval" / "best-validation"
+    out = work / "eval" / "best-val"
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "id"
     for m in ("dice", "sensitivity", "specificity", "hd95"):
@@ -170,7 +173,7 @@ def test_brats_slices_crop_the_densest_window(tmp_path):
     tv.deepmedic_dir()
     root = tv.write_layout(tmp_path / "dm", "deepmedic", {"case_a": "A"})
     cfg = {"layout": "deepmedic", "modalities": ("t1ce",), "region": "TC", "slice_crop": (16, 16)}
-    examples = datasets.load_brats_slices(str(root), cfg)
+    examples = datasets.load_brats_region_slices(str(root), cfg)
     label = _canonical_internal_dm(root / "case_a" / "OTMultiClass.nii.gz")
     core = np.isin(label, (1, 3))  # tumour core = necrosis, non-enhancing, enhancing
     zs = [z for z in range(core.shape[2]) if core[:, :, z].any()]
@@ -184,7 +187,7 @@ def test_brats_slices_crop_the_densest_window(tmp_path):
         )
         assert ex["image"].shape == (16, 16, 1) and ex["label"].shape == (16, 16)
         assert ex["label"].sum() == best  # brute force over every window
-    whole = datasets.load_brats_slices(str(root), {**cfg, "slice_crop": ()})
+    whole = datasets.load_brats_region_slices(str(root), {**cfg, "slice_crop": ()})
     assert whole[0]["image"].shape == (40, 40, 1)
     assert sum(int(ex["label"].sum()) for ex in whole) == int(core.sum())
 

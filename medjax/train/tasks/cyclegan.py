@@ -10,18 +10,24 @@ direction (Shrivastava et al. 2017) that the discriminators see instead of the l
 the time. The pools are device arrays in the train state (`extra`), so they survive checkpoints
 and the step stays one pure jitted function.
 
-Data: two domains from `data.source` (`brats_slices`: axial slices with `data.domain_a` /
-`data.domain_b` modalities, e.g. FLAIR <-> T1c; `tcia`: two series of the TCIA exam). The pair
-information is discarded for training: domain A comes from one random half of the training
-slices and domain B from the other half (`image_sets.split_unpaired`), so no slice is seen in
-both. It is used only to evaluate: validation slices translated A -> B are compared with their
-true B (MAE, PSNR, SSIM inside the brain mask), and B -> A likewise, beside the identity
-baseline (the untranslated input).
+Data (`medjax.data.image_sets.load_unpaired_images`): two domains from `data.source`:
+`unpaired` (pytorch-CycleGAN-and-pix2pix's `trainA/ trainB/ testA/ testB/` folders, 2D files or
+3D NIfTI with `model.spatial_dims=3`, `data.channels` channels; each domain drawn in its own
+order), `brats_slices` (axial slices with `data.domain_a` / `data.domain_b` modalities, e.g.
+FLAIR <-> T1c) or `tcia` (two series of the TCIA exam). For the paired sources the pairing is
+discarded for training: domain A comes from one random half of the training slices and domain B
+from the other half (`image_sets.split_unpaired`), so no slice is seen in both.
+
+Evaluation: translated A is compared with B and translated B with A by the sliced Wasserstein
+distance (`swd_ab`, `swd_ba`, beside the untranslated input `_identity`); when the evaluation
+pairs are aligned (the paired sources, or test folders with matching file names) also MAE, PSNR
+and SSIM inside the mask (brain, or every pixel), beside the identity baseline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import losses, visualize
-from medjax.train import gan
+from medjax.data import image_sets
+from medjax.train import gan, task, translate
 from medjax.train.gan import GANState
+from medjax.train.state import step_key
 
 
 def pool_query(
@@ -65,87 +73,75 @@ def pool_query(
     return out.astype(images.dtype), pool, count
 
 
-class Task:
+class Task(task.Task):
     """Two generators and two discriminators over unpaired domains A and B.
 
     Config: `model.generator` (`ResnetGenerator` fields), `model.discriminator` (`PatchGAN`),
-    `loss.{kind, cycle_weight, identity_weight}`, `pool_size`, `optimizer_g`, `optimizer_d`,
-    `ema_decay`, `data.{source, domain_a, domain_b, image_size, ...}`.
+    `model.spatial_dims`, `loss.{kind, cycle_weight, identity_weight}`, `pool_size`,
+    `optimizer_g`, `optimizer_d`, `ema_decay`, `data.{source, domain_a, domain_b, channels,
+    image_size, ...}`.
     """
 
     progress_keys = ("d_loss", "g_gan", "g_cycle")
     summary_keys = tuple(
         f"{m}_{d}{b}"
         for d in ("ab", "ba")
-        for m in ("mae", "psnr", "ssim")
+        for m in ("mae", "psnr", "ssim", "swd")
         for b in ("", "_identity")
     )
     networks = {"g": "optimizer_g", "d": "optimizer_d"}
     picture_name = "translations"
 
     def __init__(self, config: Any):
+        super().__init__(config)
         from medjax.models import PatchGAN, ResnetGenerator
 
-        self.config = config
         self.dims = int(config.model.get("spatial_dims", 2))
-        self.channels = 1
+        self.channels = int(config.data.get("channels") or 1)
         self.g = ResnetGenerator(
             out_channels=self.channels, spatial_dims=self.dims, **dict(config.model.generator)
         )
         self.d = PatchGAN(spatial_dims=self.dims, **dict(config.model.discriminator))
-        self.loss_kind = str(config.loss.kind)
-        if self.loss_kind not in losses.GAN_LOSS_KINDS:
-            raise ValueError(
-                f"config.loss.kind={self.loss_kind!r} is not one of {losses.GAN_LOSS_KINDS}"
-            )
+        self.loss_kind = gan.loss_kind(config)
         self.cycle_weight = float(config.loss.cycle_weight)
         self.identity_weight = float(config.loss.identity_weight)
         self.pool_size = int(config.get("pool_size", 50))
         self.ema_decay = float(config.get("ema_decay", 0.0))
         self.tx = gan.make_optimizers(config, self.networks, int(config.num_steps))
-        self._baseline: dict[str, float] | None = None
+        self._baseline: dict[int, dict[str, float]] = {}
+        self._preview: dict[str, Any] | None = None
 
     # -- data --------------------------------------------------------------------------------------
-    def load_data(self) -> dict[str, Any]:
-        from medjax.data import image_sets
-        from medjax.train.tasks.volume_segmentation import resolve_split_dir
+    def _load(self, split: str, directory: str | Path | None = None) -> dict[str, Any]:
+        d = image_sets.load_unpaired_images(self.config.data, split, directory=directory)
+        for k in ("a", "b"):
+            if d[k].shape[-1] != self.channels or d[k].ndim != self.dims + 2:
+                raise ValueError(
+                    f"domain {k.upper()} images have shape {d[k].shape[1:]}; the config expects "
+                    f"{self.dims}D images with data.channels={self.channels}"
+                )
+        return d
 
-        cfg = self.config.data
-        mods = (str(cfg.domain_a), str(cfg.domain_b))
-        size = tuple(int(s) for s in (cfg.get("image_size") or ())) or None
-        source = str(cfg.source)
-        if source == "brats_slices":
-            kw = dict(layout=str(cfg.get("layout", "deepmedic")), modalities=mods, size=size)
-            train = image_sets.load_brats_slices(resolve_split_dir(cfg, "train"), **kw)
-            val = image_sets.load_brats_slices(resolve_split_dir(cfg, "val"), **kw)
-        elif source == "tcia":
-            from medjax.data.paths import data_dir
+    def load_data(self) -> task.TaskData:
+        train = self._load("train")
+        val = self._load("val")
+        self._preview = val
+        return task.TaskData.from_arrays(
+            {"a": train["a"], "b": train["b"]}, val, num_eval=len(val["a"]), independent=True
+        )
 
-            directory = str(cfg.get("directory") or "") or data_dir(str(cfg.shared_folder))
-            d = image_sets.load_tcia_series(directory, mods, size=size)
-            train, val = image_sets.split_slice_block(d, cfg.val_slices)
-        else:
-            raise ValueError(
-                f"config.data.source={source!r} is not one of ['brats_slices', 'tcia']"
-            )
-        idx_a, idx_b = image_sets.split_unpaired(len(train["image"]), seed=int(self.config.seed))
-        n = min(len(idx_a), len(idx_b))
-        cap = int(cfg.get("max_examples") or 0)
-        if cap:
-            n = min(n, cap)
-            val = {k: np.asarray(v)[:cap] for k, v in val.items()}
-        images = np.asarray(train["image"], np.float32)
-        arrays = {"a": images[idx_a[:n], ..., :1], "b": images[idx_b[:n], ..., 1:2]}
-        val_arrays = {
-            "image": np.asarray(val["image"], np.float32),
-            "mask": np.asarray(val["mask"], bool),
-        }
-        return {"train": arrays, "eval": val_arrays}
+    def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
+        return self._load(split, directory)
+
+    def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        shape = (batch_size, *[int(s) for s in self.config.data.image_size], self.channels)
+        return {k: rng.uniform(-1, 1, shape).astype(np.float32) for k in ("a", "b")}
 
     # -- pure functions ----------------------------------------------------------------------------
-    def init(self, key: jax.Array, batch: Mapping[str, Any]) -> GANState:
+    def init(self, key: jax.Array, batch_spec: Mapping[str, Any]) -> GANState:
         k1, k2, k3, k4, base = jax.random.split(key, 5)
-        spatial = tuple(batch["a"].shape[1:-1])
+        spatial = tuple(batch_spec["a"].shape[1:-1])
         x = jnp.zeros((1, *spatial, self.channels), jnp.float32)
         p_ab, s_ab = gan.init_model(self.g, k1, x)
         p_ba, s_ba = gan.init_model(self.g, k2, x)
@@ -167,8 +163,7 @@ class Task:
         )
 
     def train_step(self, state: GANState, batch: Mapping[str, jax.Array]):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_a, k_b = jax.random.split(key)
+        k_a, k_b = jax.random.split(step_key(state))
         a, b = batch["a"], batch["b"]
         pd, sd, sg = state.params["d"], state.batch_stats["d"], state.batch_stats["g"]
 
@@ -240,49 +235,111 @@ class Task:
             "d_loss": d_loss,
         }
 
+    def _translate(self, state: GANState, image: jax.Array, direction: str) -> jax.Array:
+        params = gan.generator_params(state)
+        out, _ = gan.apply_model(
+            self.g, params[direction], state.batch_stats["g"][direction], image, train=False
+        )
+        return gan.to_float32(out)
+
     def predict(self, state: GANState, image: jax.Array) -> jax.Array:
-        """`[B, *, 2]` (A, B) -> `[B, *, 2]` (G_ab(A), G_ba(B)), float32 (EMA when enabled)."""
-        params = state.ema["g"] if state.ema else state.params["g"]
-        stats = state.batch_stats["g"]
-        ab, _ = gan.apply_model(self.g, params["ab"], stats["ab"], image[..., :1], train=False)
-        ba, _ = gan.apply_model(self.g, params["ba"], stats["ba"], image[..., 1:2], train=False)
-        return jnp.concatenate([gan.to_float32(ab), gan.to_float32(ba)], -1)
+        """G_ab: domain A images `[B, *, C]` -> domain B, float32 (EMA when enabled)."""
+        return self._translate(state, image, "ab")
+
+    def predict_ba(self, state: GANState, image: jax.Array) -> jax.Array:
+        """G_ba: domain B images -> domain A."""
+        return self._translate(state, image, "ba")
 
     # -- evaluation (host) -------------------------------------------------------------------------
-    def _scores(self, pred: np.ndarray, image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    def _scores(self, eval_set: Mapping[str, Any], ab: np.ndarray, ba: np.ndarray) -> dict:
+        """Per direction: SWD of the translations to the real other domain; MAE / PSNR / SSIM
+        against the aligned partner when the evaluation pairs are aligned."""
         from medjax import gan_metrics
 
-        out = {}
-        for name, p, t in (
-            ("ab", pred[..., :1], image[..., 1:2]),
-            ("ba", pred[..., 1:2], image[..., :1]),
-        ):
-            m = gan_metrics.translation_metrics(p, t, mask, data_range=2.0)
-            out.update({f"{k}_{name}": float(np.nanmean(np.asarray(v))) for k, v in m.items()})
+        out: dict[str, float] = {}
+        seed = int(self.config.seed)
+        for name, pred, real in (("ab", ab, eval_set["b"]), ("ba", ba, eval_set["a"])):
+            swd = gan_metrics.swd(gan.axial_slices(pred), gan.axial_slices(real), seed=seed)
+            out[f"swd_{name}"] = float(swd["swd_mean"])
+            if eval_set.get("paired"):
+                m = gan_metrics.translation_metrics(pred, real, eval_set["mask"], data_range=2.0)
+                out.update({f"{k}_{name}": float(np.nanmean(np.asarray(v))) for k, v in m.items()})
         return out
 
     def evaluate(
-        self, trainer: Any, state: GANState, data: Mapping[str, Any]
-    ) -> tuple[dict[str, float], np.ndarray]:
-        image, mask = data["eval"]["image"], data["eval"]["mask"]
-        pred = trainer.predict_all(state, image)
-        summary = self._scores(pred, image, mask)
-        if self._baseline is None:  # the untranslated input as the prediction: A for B, B for A
-            scores = self._scores(image[..., :2], image, mask)
-            self._baseline = {f"{k}_identity": v for k, v in scores.items()}
-        summary.update(self._baseline)
+        self, runner: task.Runner, state: GANState, eval_set: Any, num_pictures: int = 4
+    ) -> task.Evaluation:
+        a, b = eval_set["a"], eval_set["b"]
+        ab = runner.map_batches(state, a, "predict")
+        ba = runner.map_batches(state, b, "predict_ba")
+        summary = self._scores(eval_set, ab, ba)
+        key = id(eval_set)
+        if key not in self._baseline:  # the untranslated input as the prediction
+            scores = self._scores(eval_set, a, b)
+            self._baseline[key] = {f"{k}_identity": v for k, v in scores.items()}
+        summary.update(self._baseline[key])
+        picture = self._picture(a, ab, b, ba, num_pictures)
+        return task.Evaluation(summary, pictures={"translations": picture} if num_pictures else {})
+
+    @staticmethod
+    def _picture(a, ab, b, ba, n: int) -> np.ndarray:
+        """Rows A | G_ab(A) | B | G_ba(B) of `n` evaluation examples spread over the set."""
+
+        def to(x: np.ndarray) -> np.ndarray:  # a volume shows its middle axial slice
+            x = x[:, :, x.shape[2] // 2] if x.ndim == 4 else x
+            return visualize.to_uint8(x[..., 0], lo=-1, hi=1)
+
+        m = min(len(a), len(b))
+        rows = [
+            visualize.hstack([to(a[i]), to(ab[i]), to(b[i]), to(ba[i])])
+            for i in np.linspace(0, m - 1, max(1, min(n, m))).astype(int)
+        ]
+        return visualize.grid(rows, cols=1)
+
+    def training_picture(self, runner: task.Runner, state: GANState) -> np.ndarray:
+        """The evaluation picture on the first `num_pictures` validation images."""
+        if self._preview is None:
+            raise self.cannot("draw a training picture before load_data()")
         n = int(self.config.get("num_pictures", 4))
-        rows = []
-        for i in np.linspace(0, len(image) - 1, min(n, len(image))).astype(int):
-            to = lambda x: visualize.to_uint8(x, lo=-1, hi=1)  # noqa: E731
-            rows.append(
-                visualize.hstack(
-                    [
-                        to(image[i, ..., 0]),
-                        to(pred[i, ..., 0]),
-                        to(image[i, ..., 1]),
-                        to(pred[i, ..., 1]),
-                    ]
-                )  # fmt: skip
+        a, b = self._preview["a"][:n], self._preview["b"][:n]
+        ab = runner.map_batches(state, a, "predict")
+        ba = runner.map_batches(state, b, "predict_ba")
+        return self._picture(a, ab, b, ba, n)
+
+    def sample(
+        self, runner: task.Runner, state: GANState, num: int, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """The first `num` validation images of domain A translated to B (`source` beside)."""
+        a = self._load("val")["a"][:num]
+        return {"samples": runner.map_batches(state, a, "predict"), "source": a}
+
+    def predict_files(
+        self,
+        runner: task.Runner,
+        state: GANState,
+        inputs: Sequence[str | Path],
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+    ) -> list[Path]:
+        """Domain A files (images, NIfTI volumes, DICOM series) translated to domain B
+        (`medjax.train.translate`); `config.predict_direction="ba"` translates B to A."""
+        method = (
+            "predict_ba" if str(self.config.get("predict_direction", "ab")) == "ba" else "predict"
+        )
+        size = tuple(int(s) for s in (self.config.data.get("image_size") or ()))
+        fn = lambda x: runner.map_batches(state, x, method)  # noqa: E731
+        volume_fn = None
+        if self.dims == 3:
+            volume_fn = lambda v: runner.sliding_window(  # noqa: E731
+                state, v, method=method, window=size
             )
-        return summary, visualize.grid(rows, cols=1)
+        return translate.translate_files(
+            inputs,
+            out_dir,
+            translate_2d=fn if self.dims == 2 else None,
+            translate_volume=volume_fn,
+            image_size=size,
+            channels=self.channels,
+            overwrite=overwrite,
+        )

@@ -8,26 +8,31 @@ for D, L1 weight 100, Adam(2e-4, b1=0.5).
 
 Two kinds of target (`config.target`):
 
-* `"image"`: modality synthesis (e.g. FLAIR -> T1c). Images are scaled to [-1, 1] per case inside
-  the brain mask; the reconstruction term is the L1 distance. Evaluation: MAE, PSNR and SSIM
-  (`medjax.gan_metrics.translation_metrics`, data range 2) inside the brain mask, beside two
-  trivial baselines: the source itself (identity) and the mean training target.
+* `"image"`: synthesis (e.g. FLAIR -> T1c). Images are in [-1, 1]; the reconstruction term is the
+  L1 distance. Evaluation: MAE, PSNR and SSIM (`medjax.gan_metrics.translation_metrics`, data
+  range 2) inside the mask (the brain; every pixel for image folders), beside two trivial
+  baselines: the source itself (identity, when channel counts agree) and the mean training
+  target.
 * `"label"`: segmentation as translation (Vox2Vox's BraTS task). The generator outputs class
   logits; the discriminator sees (source, softmax) for fakes and (source, one-hot truth) for real
   pairs; the reconstruction term is Dice + cross-entropy (`medjax.losses.dice_ce_loss`) with
   weight `loss.recon_weight`. Evaluation: Dice and sensitivity per BraTS region, beside the
   trivial baseline that predicts the whole brain mask as every region (`_brain`).
 
-Data (`config.data.source`): `brats_slices` (2D axial slices of BraTS-layout folders),
-`tcia` (the co-registered TCIA Brain-Tumor-Progression exam; validation = a block of slices),
-`brats_volumes` (3D: whole cases, cropped to the brain, resampled to `data.spacing`, trained on
-`patch_size` patches, evaluated on whole validation volumes by sliding window).
-Batches carry `image = [source channels, target channels, brain mask]` and `label` (BraTS classes).
+Data (`config.data.source`, `medjax.data.image_sets.load_paired_images`): `pairs` (folders
+`A/` and `B/` of files with matching names, as pytorch-CycleGAN-and-pix2pix's combine_A_and_B
+input; 2D files or 3D NIfTI, any channels: `data.source_channels` / `data.target_channels`),
+`aligned` (that repo's side-by-side `[A | B]` images), `brats_slices` (2D axial slices of
+BraTS-layout folders), `tcia` (the co-registered TCIA exam), `brats_volumes` (3D: whole cases,
+cropped to the brain, resampled to `data.spacing`, trained on `patch_size` patches, evaluated
+on whole volumes by sliding window). Batches carry `image = [source, target, mask]` channels and
+`label` (classes; zeros without).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,18 +40,37 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import losses, metrics, visualize
-from medjax.train import gan
+from medjax import gan_metrics, losses, metrics, visualize
+from medjax.data import image_sets, io, volumes
+from medjax.train import gan, task, translate
 from medjax.train.gan import GANState
+from medjax.train.state import step_key
+
+FOLDER_SOURCES = ("pairs", "aligned")
 
 
-class Task:
+def _mean_over_examples(rows: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """NaN-skipping mean over all examples of per-batch metric rows `{name: [B]}`."""
+    acc: dict[str, list[np.ndarray]] = {}
+    for row in rows:
+        for k, v in row.items():
+            acc.setdefault(k, []).append(np.atleast_1d(np.asarray(v, np.float64)))
+    columns = {k: np.concatenate(v) for k, v in acc.items()}
+    n = len(next(iter(columns.values()))) if columns else 0
+    summary = metrics.summarize_rows(
+        [{k: float(c[i]) for k, c in columns.items()} for i in range(n)]
+    )
+    summary.pop("cases")
+    return summary
+
+
+class Task(task.Task):
     """Conditional GAN `G: source -> target` with a conditional PatchGAN `D(source, target)`.
 
     Config: `target` ("image" | "label"), `model.generator` (`UNetGenerator` fields),
     `model.discriminator` (`PatchGAN` fields), `loss.{kind, recon_weight}`, `optimizer_g`,
-    `optimizer_d`, `ema_decay`, `data.{source, source_modalities, target_modalities, ...}`,
-    3D: `patch_size`, `data.spacing`, `inference.*`.
+    `optimizer_d`, `ema_decay`, `data.{source, source_modalities, target_modalities,
+    source_channels, target_channels, ...}`, 3D: `patch_size`, `data.spacing`, `inference.*`.
     """
 
     progress_keys = ("d_loss", "g_gan", "g_recon")
@@ -54,38 +78,43 @@ class Task:
     picture_name = "translations"
 
     def __init__(self, config: Any):
-        from medjax.data import volumes
+        super().__init__(config)
         from medjax.models import PatchGAN, UNetGenerator
 
-        self.config = config
         self.target = str(config.get("target", "image"))
         if self.target not in ("image", "label"):
             raise ValueError(f"config.target={self.target!r} is not 'image' or 'label'")
         data = config.data
-        self.source_mods = tuple(str(m) for m in data.source_modalities)
+        self.folders = str(data.source) in FOLDER_SOURCES
+        self.source_mods = tuple(str(m) for m in data.get("source_modalities") or ())
         self.target_mods = tuple(str(m) for m in data.get("target_modalities") or ())
-        if self.target == "image" and not self.target_mods:
-            raise ValueError("config.data.target_modalities is empty (target='image')")
+        if self.folders:
+            self.cs = int(data.get("source_channels") or 1)
+            n_target = int(data.get("target_channels") or 1)
+        else:
+            if not self.source_mods:
+                raise ValueError("config.data.source_modalities is empty")
+            if self.target == "image" and not self.target_mods:
+                raise ValueError("config.data.target_modalities is empty (target='image')")
+            self.cs, n_target = len(self.source_mods), len(self.target_mods)
         self.dims = int(config.model.get("spatial_dims", 2))
-        self.cs = len(self.source_mods)
         self.regions = dict(volumes.BRATS_REGIONS)
         self.num_classes = len(volumes.BRATS_CLASSES)
-        self.ct = len(self.target_mods) if self.target == "image" else self.num_classes
+        if self.target == "label" and self.folders:
+            raise ValueError("config.target='label' needs labelled BraTS data, not image folders")
+        self.ct = n_target if self.target == "image" else self.num_classes
         gcfg = dict(config.model.generator)
         if self.target == "label":
             gcfg["final_activation"] = "none"
         self.generator = UNetGenerator(out_channels=self.ct, spatial_dims=self.dims, **gcfg)
         self.discriminator = PatchGAN(spatial_dims=self.dims, **dict(config.model.discriminator))
-        self.loss_kind = str(config.loss.kind)
-        if self.loss_kind not in losses.GAN_LOSS_KINDS:
-            raise ValueError(
-                f"config.loss.kind={self.loss_kind!r} is not one of {losses.GAN_LOSS_KINDS}"
-            )
+        self.loss_kind = gan.loss_kind(config)
         self.recon_weight = float(config.loss.recon_weight)
         self.ema_decay = float(config.get("ema_decay", 0.0))
         self.tx = gan.make_optimizers(config, self.networks, int(config.num_steps))
         self.patch_size = tuple(int(p) for p in (config.get("patch_size") or ()))
-        self._baselines: dict[str, float] | None = None
+        self._baselines: dict[int, dict[str, float]] = {}
+        self._preview: Any = None
         if self.target == "image":
             self.summary_keys = tuple(
                 f"{m}{b}" for m in ("mae", "psnr", "ssim") for b in ("", "_identity", "_mean_image")
@@ -101,115 +130,84 @@ class Task:
         """Modalities read per case: the sources, then the image targets."""
         return self.source_mods + (self.target_mods if self.target == "image" else ())
 
-    def _stack(self, d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`{"image": [N, *, modalities + mask], "label": [N, *]}` from an image_sets dict."""
+    @property
+    def volumetric(self) -> bool:
+        return str(self.config.data.source) == "brats_volumes"
+
+    def _pack(self, d: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`{"image": [N, *, source + target + mask], "label": [N, *]}` of a paired set."""
+        source, target = np.asarray(d["source"], np.float32), np.asarray(d["target"], np.float32)
+        if source.shape[-1] != self.cs or (self.target == "image" and target.shape[-1] != self.ct):
+            raise ValueError(
+                f"images have {source.shape[-1]} source and {target.shape[-1]} target channels; "
+                f"the config expects {self.cs} and {self.ct} (data.source_channels / "
+                "data.target_channels)"
+            )
+        if self.target == "label":
+            target = target[..., :0]
         mask = np.asarray(d["mask"], np.float32)[..., None]
         return {
-            "image": np.concatenate([np.asarray(d["image"], np.float32), mask], -1),
+            "image": np.concatenate([source, target, mask], -1),
             "label": np.asarray(d["label"], np.int32),
         }
 
-    def load_data(self) -> dict[str, Any]:
-        from medjax.data import image_sets
-        from medjax.train.tasks.volume_segmentation import resolve_split_dir
+    def _load(self, split: str, directory: str | Path | None = None) -> Any:
+        d = image_sets.load_paired_images(
+            self.config.data, split, self.modalities, directory=directory, n_source=self.cs
+        )
+        if self.volumetric:
+            return [
+                {
+                    **v,
+                    **self._pack(
+                        {
+                            "source": v["image"][..., : self.cs],
+                            "target": v["image"][..., self.cs :],
+                            "mask": v["mask"],
+                            "label": v["label"],
+                        }
+                    ),
+                }
+                for v in d
+            ]
+        return self._pack(d)
 
-        cfg = self.config.data
-        source = str(cfg.source)
-        size = tuple(int(s) for s in (cfg.get("image_size") or ())) or None
-        cap = int(cfg.get("max_examples") or 0)
-        if source == "brats_volumes":
-            return self._load_volumes()
-        if source == "brats_slices":
-            kw = dict(layout=str(cfg.get("layout", "deepmedic")), modalities=self.modalities)
-            kw["size"] = size
-            train = image_sets.load_brats_slices(resolve_split_dir(cfg, "train"), **kw)
-            val = image_sets.load_brats_slices(resolve_split_dir(cfg, "val"), **kw)
-            train, val = self._stack(train), self._stack(val)
-        elif source == "tcia":
-            from medjax.data.paths import data_dir
+    def _eval_set(self, data: Any, train: Any) -> dict[str, Any]:
+        mean = None
+        if self.target == "image" and not self.volumetric:
+            mean = train["image"][..., self.cs : self.cs + self.ct].mean(0, keepdims=True)
+        return {"data": data, "train_target_mean": mean}
 
-            directory = str(cfg.get("directory") or "") or data_dir(str(cfg.shared_folder))
-            d = self._stack(image_sets.load_tcia_series(directory, self.modalities, size=size))
-            train, val = image_sets.split_slice_block(d, cfg.val_slices)
-        else:
-            raise ValueError(
-                f"config.data.source={source!r} is not one of "
-                "['brats_slices', 'brats_volumes', 'tcia']"
+    def load_data(self) -> task.TaskData:
+        train = self._load("train")
+        eval_set = self._eval_set(self._load("val"), train)
+        self._preview = eval_set["data"]
+        if not self.volumetric:
+            return task.TaskData.from_arrays(
+                train, eval_set, num_eval=len(eval_set["data"]["image"])
             )
-        if cap:
-            train = {k: v[:cap] for k, v in train.items()}
-            val = {k: v[:cap] for k, v in val.items()}
-        for split, d in (("train", train), ("validation", val)):
-            if not len(d["label"]):
-                raise ValueError(f"the {split} split of config.data.source={source!r} is empty")
-        return {"train": train, "eval": val}
-
-    def _load_volumes(self) -> dict[str, Any]:
-        """3D: whole cases scaled to [-1, 1] in the brain mask, cropped and resampled."""
-        from medjax.data import image_sets, transforms, volumes
-        from medjax.train.tasks.volume_segmentation import resolve_split_dir
-
-        cfg = self.config.data
-
-        def prepare(case: Any) -> dict[str, Any]:
-            ex = volumes.load_case(case, modalities=self.modalities)
-            image = image_sets.scale_to_unit_range(ex["image"], ex["mask"])
-            image = np.concatenate([image, ex["mask"][..., None].astype(np.float32)], -1)
-            bbox = transforms.foreground_bbox(ex["mask"], margin=int(cfg.get("crop_margin", 4)))
-            image = transforms.crop_to_bbox(image, bbox)
-            label = transforms.crop_to_bbox(ex["label"], bbox)
-            spacing = tuple(float(s) for s in ex["spacing"])
-            target = tuple(float(s) for s in (cfg.get("spacing") or ()))
-            if target:
-                image, spacing = transforms.resample_to_spacing(image, spacing, target, order=1)
-                label, _ = transforms.resample_to_spacing(
-                    label, ex["spacing"], target, order=0, shape=image.shape[:-1]
-                )
-                image[..., -1] = image[..., -1] > 0.5
-            return {
-                "id": ex["id"],
-                "image": image.astype(np.float32),
-                "label": label.astype(np.int32),
-            }
-
-        def read(which: str) -> list[dict[str, Any]]:
-            found = volumes.find_cases(
-                resolve_split_dir(cfg, which), str(cfg.get("layout", "deepmedic")),
-                modalities=self.modalities,
-            )  # fmt: skip
-            if cfg.get("max_examples"):
-                found = found[: int(cfg.max_examples)]
-            if not found:
-                raise ValueError(f"no {which} cases for config.data.source='brats_volumes'")
-            return [prepare(c) for c in found]
-
-        return {"train_volumes": read("train"), "eval_volumes": read("val")}
-
-    def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct] | None:
-        """Patch batch shapes (3D); None for 2D runs (shapes come from the in-memory arrays)."""
-        if not self.patch_size:
-            return None
-        channels = len(self.modalities) + 1
-        return {
-            "image": jax.ShapeDtypeStruct(
-                (global_batch_size, *self.patch_size, channels), np.float32
-            ),
-            "label": jax.ShapeDtypeStruct((global_batch_size, *self.patch_size), np.int32),
-        }
-
-    def make_train_iter(self, data: Mapping[str, Any], **kw: Any) -> Iterator[dict[str, jax.Array]]:
-        """In-memory slices (2D) or patches of the volumes (3D), a pure function of (seed, step)."""
-        from medjax.data import patches, pipeline
-
-        if "train_volumes" not in data:
-            return pipeline.make_train_iter(data["train"], **kw)
-        return patches.make_patch_train_iter(
-            data["train_volumes"],
+        return task.TaskData.from_patches(
+            train,
+            eval_set,
             patch_size=self.patch_size,
             fg_fraction=float(self.config.data.get("fg_fraction", 0.5)),
             image_pad=-1.0,
-            **kw,
+            num_eval=len(eval_set["data"]),
         )
+
+    def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
+        train = self._load("train") if self.target == "image" and not self.volumetric else None
+        return self._eval_set(self._load(split, directory), train)
+
+    def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random `[source, target, mask]` images and BraTS labels of one global batch."""
+        rng = np.random.default_rng(seed)
+        spatial = self.patch_size or tuple(int(s) for s in self.config.data.image_size)
+        n_img = self.cs + (self.ct if self.target == "image" else 0)
+        image = rng.uniform(-1, 1, (batch_size, *spatial, n_img + 1)).astype(np.float32)
+        image[..., -1] = rng.uniform(0, 1, (batch_size, *spatial)) > 0.3  # mask channel
+        label = rng.integers(0, self.num_classes, (batch_size, *spatial)).astype(np.int32)
+        return {"image": image, "label": label}
 
     # -- pure functions ----------------------------------------------------------------------------
     def split(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -223,9 +221,9 @@ class Task:
             target = jax.nn.one_hot(batch["label"], self.num_classes, dtype=image.dtype)
         return source, target, mask
 
-    def init(self, key: jax.Array, batch: Mapping[str, Any]) -> GANState:
+    def init(self, key: jax.Array, batch_spec: Mapping[str, Any]) -> GANState:
         kg, kd, base = jax.random.split(key, 3)
-        spatial = self.patch_size or tuple(batch["image"].shape[1:-1])
+        spatial = self.patch_size or tuple(batch_spec["image"].shape[1:-1])
         src = jnp.zeros((1, *spatial, self.cs), jnp.float32)
         pair = jnp.zeros((1, *spatial, self.cs + self.ct), jnp.float32)
         pg, sg = gan.init_model(self.generator, kg, src)
@@ -245,8 +243,7 @@ class Task:
         return jnp.mean(losses.l1_loss(out, target))
 
     def train_step(self, state: GANState, batch: Mapping[str, jax.Array]):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_drop, _ = jax.random.split(key)
+        k_drop, _ = jax.random.split(step_key(state))
         source, target, _ = self.split(batch)
         pg, pd = state.params["g"], state.params["d"]
         sg, sd = state.batch_stats["g"], state.batch_stats["d"]
@@ -302,19 +299,19 @@ class Task:
     def predict(self, state: GANState, image: jax.Array) -> jax.Array:
         """Translation of `image` (its first source channels are used): images `[B, *, Ct]` in
         the tanh range, or class probabilities for label targets (float32)."""
-        params = state.ema["g"] if state.ema else state.params["g"]
         out, _ = gan.apply_model(
-            self.generator, params, state.batch_stats["g"], image[..., : self.cs], train=False
-        )
+            self.generator, gan.generator_params(state), state.batch_stats["g"],
+            image[..., : self.cs], train=False,
+        )  # fmt: skip
         return self._as_target(out)
 
     # -- evaluation (host) -------------------------------------------------------------------------
-    def _predictions(self, trainer: Any, state: GANState, data: Mapping[str, Any]):
-        """(source, target, mask, label, prediction) per validation example / volume."""
-        if "eval_volumes" in data:
-            for v in data["eval_volumes"]:
-                pred = trainer.sliding_window(state, v["image"])
+    def _predictions(self, runner: task.Runner, state: GANState, data: Any):
+        """(source, target, mask, label, prediction) per evaluation batch / volume."""
+        if self.volumetric:
+            for v in data:
                 img = v["image"]
+                pred = runner.sliding_window(state, img)
                 yield (
                     img[None, ..., : self.cs],
                     img[None, ..., self.cs : -1],
@@ -323,25 +320,23 @@ class Task:
                     pred[None],
                 )
             return
-        arrays = data["eval"]
-        pred = trainer.predict_all(state, arrays["image"])
-        img = arrays["image"]
-        yield img[..., : self.cs], img[..., self.cs : -1], img[..., -1] > 0.5, arrays["label"], pred
+        img = data["image"]
+        pred = runner.map_batches(state, img, "predict")
+        yield img[..., : self.cs], img[..., self.cs : -1], img[..., -1] > 0.5, data["label"], pred
 
     def _image_metrics(self, pred, target, mask) -> dict[str, np.ndarray]:
-        from medjax import gan_metrics
-
         m = gan_metrics.translation_metrics(pred, target, mask, data_range=2.0)
         return {k: np.asarray(v, np.float64) for k, v in m.items()}
 
-    def baselines(self, data: Mapping[str, Any], cached: list[tuple]) -> dict[str, float]:
-        """Trivial baselines over the `_predictions` tuples `cached`, computed once (they do not
-        depend on the model). Image targets: identity (the source as the prediction; when
-        channel counts agree) and mean image (the mean training target, per voxel). Label
-        targets: `_brain`, every brain voxel predicted as every region (Dice
+    def baselines(self, eval_set: Mapping[str, Any], cached: list[tuple]) -> dict[str, float]:
+        """Trivial baselines over the `_predictions` tuples `cached`, computed once per
+        evaluation set (they do not depend on the model). Image targets: identity (the source
+        as the prediction; when channel counts agree) and mean image (the mean training target,
+        per voxel). Label targets: `_brain`, every brain voxel predicted as every region (Dice
         `2|T| / (|brain| + |T|)`, sensitivity 1): the score of knowing only the brain mask."""
-        if self._baselines is not None:
-            return self._baselines
+        key = id(eval_set)
+        if key in self._baselines:
+            return self._baselines[key]
         out: dict[str, float] = {}
         if self.target == "label":
             rows = _mean_over_examples(
@@ -354,24 +349,23 @@ class Task:
                 self._image_metrics(src, tgt, mask) for src, tgt, mask, _, _ in cached
             )
             out.update({f"{k}_identity": v for k, v in rows.items()})
-        if self.target == "image" and "train" in data:
-            mean_img = data["train"]["image"][..., self.cs : -1].mean(0, keepdims=True)
+        mean_img = eval_set.get("train_target_mean")
+        if self.target == "image" and mean_img is not None:
             rows = _mean_over_examples(
                 self._image_metrics(np.broadcast_to(mean_img, tgt.shape), tgt, mask)
                 for _, tgt, mask, _, _ in cached
             )
             out.update({f"{k}_mean_image": v for k, v in rows.items()})
-        self._baselines = out
+        self._baselines[key] = out
         return out
 
     def evaluate(
-        self, trainer: Any, state: GANState, data: Mapping[str, Any]
-    ) -> tuple[dict[str, float], np.ndarray]:
-        cached = list(self._predictions(trainer, state, data))
-        n = int(self.config.get("num_pictures", 4))
+        self, runner: task.Runner, state: GANState, eval_set: Any, num_pictures: int = 4
+    ) -> task.Evaluation:
+        cached = list(self._predictions(runner, state, eval_set["data"]))
         panels = []
         for source, target, mask, label, pred in cached:
-            if len(panels) < n:
+            if len(panels) < num_pictures:
                 panels.extend(self.panels(source, target, mask, label, pred))
         summary = _mean_over_examples(
             self._image_metrics(pred, target, mask)
@@ -379,8 +373,9 @@ class Task:
             else self._label_metrics(pred, label)
             for _, target, mask, label, pred in cached
         )
-        summary.update(self.baselines(data, cached))
-        return summary, visualize.grid(panels[:n], cols=1, uneven=True)
+        summary.update(self.baselines(eval_set, cached))
+        pictures = {"translations": visualize.grid(panels[:num_pictures], cols=1, uneven=True)}
+        return task.Evaluation(summary, pictures=pictures if panels[:num_pictures] else {})
 
     def _label_metrics(self, probs: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
         pred = np.argmax(probs, -1)
@@ -392,11 +387,17 @@ class Task:
         """Dice and sensitivity per region of boolean region predictions `{name: [B, *]}`."""
         out: dict[str, np.ndarray] = {}
         for name, classes in self.regions.items():
-            p = jnp.asarray(preds[name], jnp.int32)
-            t = jnp.asarray(np.isin(label, classes), jnp.int32)
-            m = metrics.segmentation_metrics(p, t, 2)
-            out[f"dice_{name}"] = np.asarray(m["dice"])[:, 1]
-            out[f"sensitivity_{name}"] = np.asarray(m["sensitivity"])[:, 1]
+            scores = [
+                metrics.region_scores(
+                    preds[name][i].astype(np.int32),
+                    np.isin(label[i], classes).astype(np.int32),
+                    {name: (1,)},
+                    metrics=("dice", "sensitivity"),
+                )
+                for i in range(len(label))
+            ]
+            out[f"dice_{name}"] = np.array([s[f"dice_{name}"] for s in scores])
+            out[f"sensitivity_{name}"] = np.array([s[f"sensitivity_{name}"] for s in scores])
         out["dice_mean"] = np.mean([out[f"dice_{n}"] for n in self.regions], axis=0)
         return out
 
@@ -421,11 +422,96 @@ class Task:
             out.append(visualize.hstack(row))
         return out
 
+    def training_picture(self, runner: task.Runner, state: GANState) -> np.ndarray:
+        """source | target | translation of the first `num_pictures` validation examples."""
+        if self._preview is None:
+            raise self.cannot("draw a training picture before load_data()")
+        n = int(self.config.get("num_pictures", 4))
+        preview = (
+            self._preview[:1] if self.volumetric else {k: v[:n] for k, v in self._preview.items()}
+        )
+        panels = [p for row in self._predictions(runner, state, preview) for p in self.panels(*row)]
+        return visualize.grid(panels[:n], cols=1, uneven=True)
 
-def _mean_over_examples(rows: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """NaN-skipping mean over all examples of per-batch metric rows `{name: [B]}`."""
-    acc: dict[str, list[np.ndarray]] = {}
-    for row in rows:
-        for k, v in row.items():
-            acc.setdefault(k, []).append(np.asarray(v))
-    return {k: float(np.nanmean(np.concatenate(v))) for k, v in acc.items()}
+    # -- samples and prediction files --------------------------------------------------------------
+    def sample(
+        self, runner: task.Runner, state: GANState, num: int, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Translations of the first `num` validation inputs (`source`, `target` beside them)."""
+        data = self._load("val")
+        if self.volumetric:
+            vols = data[:num]
+            return {
+                "samples": np.stack([runner.sliding_window(state, v["image"]) for v in vols]),
+                "source": np.stack([v["image"][..., : self.cs] for v in vols]),
+            }
+        images = data["image"][:num]
+        return {
+            "samples": runner.map_batches(state, images, "predict"),
+            "source": images[..., : self.cs],
+            "target": images[..., self.cs : -1],
+        }
+
+    def predict_files(
+        self,
+        runner: task.Runner,
+        state: GANState,
+        inputs: Sequence[str | Path],
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+    ) -> list[Path]:
+        """Translations of image files / folders, NIfTI volumes or DICOM series
+        (`medjax.train.translate`); for `brats_volumes` runs, BraTS-layout dataset or case
+        folders (their source modalities), written on each case's own grid."""
+        label = self.target == "label"
+        if self.volumetric:
+            return self._predict_cases(runner, state, inputs, Path(out_dir), overwrite)
+        if self.cs != 1 and not self.folders:
+            raise self.cannot(
+                "translate single files", f"the model reads {self.cs} source modalities"
+            )
+        size = tuple(int(s) for s in (self.config.data.get("image_size") or ()))
+        return translate.translate_files(
+            inputs,
+            out_dir,
+            translate_2d=lambda x: runner.map_batches(state, x, "predict"),
+            image_size=size,
+            channels=self.cs,
+            label_output=label,
+            overwrite=overwrite,
+        )
+
+    def _predict_cases(self, runner, state, inputs, out_dir: Path, overwrite: bool) -> list[Path]:
+        layout = str(self.config.data.get("layout", "deepmedic"))
+        cases = []
+        for path in (Path(p) for p in inputs):
+            try:
+                cases.extend(volumes.find_cases(path, layout, modalities=self.source_mods))
+            except FileNotFoundError:
+                found = [
+                    c
+                    for c in volumes.find_cases(path.parent, layout, modalities=self.source_mods)
+                    if c.id == path.name
+                ]
+                if not found:
+                    raise
+                cases.extend(found)
+        targets = [out_dir / f"{c.id}.nii.gz" for c in cases]
+        io.refuse_existing(targets, overwrite, "prediction")
+        written = []
+        for case, target in zip(cases, targets, strict=True):
+            prep = image_sets.prepare_volume_pair(case, self.config.data, self.source_mods)
+            out = runner.sliding_window(state, prep["image"])
+            full = translate.paste_back(prep, out, 0.0 if self.target == "label" else -1.0)
+            if self.target == "label":
+                native = volumes.to_native(np.argmax(full, -1), prep["label_scheme"])
+                written.append(
+                    io.write_nifti(
+                        target, native, prep["geometry"], dtype=np.uint8, overwrite=overwrite
+                    )
+                )
+            else:
+                vol = full[..., 0] if full.shape[-1] == 1 else full
+                written.append(io.write_nifti(target, vol, prep["geometry"], overwrite=overwrite))
+        return written

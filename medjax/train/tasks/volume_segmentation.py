@@ -1,26 +1,30 @@
-"""Multi-modal volume segmentation (BraTS-style) with an N-D U-Net trained on patches.
+"""Multi-channel 3D segmentation (nnU-Net, MSD, BraTS, ...) with an N-D U-Net trained on patches.
 
 The recipe (after nnU-Net / the BraTS literature):
 
-* cases are read once by a dataset layout (`medjax.data.volumes`: BraTS 2018-21 naming, the
-  deepmedic BraTS copy, MSD, generic), labels mapped to one internal scheme
-  (0 background, 1 NCR/NET, 2 edema, 3 enhancing tumour);
-* host preprocessing per case: z-score inside the brain mask with percentile clipping, crop to the
-  brain's bounding box (plus a margin), resample to `data.spacing` (e.g. 2 mm for a CPU);
-* training on `patch_size` patches, a fraction `data.fg_fraction` of them centred on tumour voxels,
-  with flips, in-plane 90-degree rotations, small affine, intensity and gamma augmentation on the
-  device inside the jitted step (`augment` config, inherited from the 2D task);
-* evaluation on WHOLE validation volumes by jitted Gaussian-blended sliding-window inference
+* cases are read once by a dataset layout (`medjax.data.volumes`: an nnU-Net v2 raw dataset,
+  an MSD task, BraTS 2018-21 or 2023+ naming, the deepmedic BraTS copy, or one folder per case);
+  the classes and the evaluation regions come from the dataset (`volumes.label_spec`: nnU-Net's
+  `labels` / `regions_class_order`, MSD's `labels`, the BraTS regions WT/TC/ET declared the same
+  way), any number of channels and classes;
+* host preprocessing per case: z-score inside the brain (or non-zero) mask with percentile
+  clipping, crop to its bounding box (plus a margin), resample to `data.spacing` (e.g. 2 mm for a
+  CPU);
+* training on `patch_size` patches, a fraction `data.fg_fraction` of them centred on labelled
+  voxels, with flips, in-plane 90-degree rotations, small affine, intensity and gamma
+  augmentation on the device inside the jitted step (`augment` config);
+* evaluation on WHOLE volumes by jitted Gaussian-blended sliding-window inference
   (`config.inference`), the prediction resampled back to the original grid and scored there per
-  BraTS region (whole tumour WT, tumour core TC, enhancing tumour ET): Dice, sensitivity,
-  specificity and HD95 (mm).
+  region: Dice, sensitivity, specificity and HD95 (mm);
+* `predict.py` writes each case's labels, in the dataset's own label values, as a NIfTI on the
+  input's grid.
 
 `config.model.spatial_dims=2` with a 2-D `patch_size` trains the same way on axial slices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,86 +33,95 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import metrics, visualize
-from medjax.train.tasks import segmentation
+from medjax.data import io, paths, sources, transforms, volumes
+from medjax.models import UNet
+from medjax.train import supervised, task
+from medjax.train.supervised import segmentation_loss
 
 REGION_METRICS = ("dice", "sensitivity", "specificity", "hd95")
 
 
-def resolve_split_dir(data_cfg: Mapping[str, Any], which: str) -> Path:
-    """`data.directory` / `data.val_directory`, else `<shared folder>/<train_split|val_split>`."""
-    from medjax.data.paths import data_dir
+class PreparedCases(Sequence):
+    """Cases read and preprocessed one at a time, when iterated (evaluation on any folder
+    holds one volume in memory, not all)."""
 
-    key, split_key = (
-        ("directory", "train_split") if which == "train" else ("val_directory", "val_split")
-    )
-    if data_cfg.get(key):
-        return Path(str(data_cfg[key]))
-    if not data_cfg.get("shared_folder"):
-        raise ValueError(f"config.data.{key} is empty and config.data.shared_folder is not set")
-    return data_dir(str(data_cfg["shared_folder"])) / str(data_cfg.get(split_key, which))
+    def __init__(self, cases: Sequence[Any], prepare: Callable[[Any], dict[str, Any]]):
+        self.cases, self.prepare = list(cases), prepare
 
+    def __len__(self) -> int:
+        return len(self.cases)
 
-def region_rows(
-    pred: np.ndarray,
-    label: np.ndarray,
-    spacing: Sequence[float],
-    regions: Mapping[str, Sequence[int]],
-) -> dict[str, float]:
-    """Dice, sensitivity, specificity and HD95 (in `spacing` units) of every region of one case.
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        return self.prepare(self.cases[i])
 
-    `pred` and `label` are internal class maps of equal shape; a region is a set of classes.
-    Empty-set conventions are those of `medjax.metrics` (Dice 1 when both empty, sensitivity NaN
-    without positives, HD95 NaN when exactly one mask is empty).
-    """
-    row: dict[str, float] = {}
-    for name, classes in regions.items():
-        p = np.isin(pred, classes)
-        t = np.isin(label, classes)
-        m = metrics.segmentation_metrics(
-            jnp.asarray(p[None], jnp.int32), jnp.asarray(t[None], jnp.int32), 2
-        )
-        for k in ("dice", "sensitivity", "specificity"):
-            row[f"{k}_{name}"] = float(np.asarray(m[k])[0, 1])
-        row[f"hd95_{name}"] = metrics.hausdorff_distance(p, t, spacing=tuple(spacing))
-    return row
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self.prepare(c) for c in self.cases)
 
 
-class Task(segmentation.Task):
-    """U-Net on patches of multi-modal volumes, evaluated on whole volumes by sliding window.
+class Task(supervised.Supervised):
+    """U-Net on patches of multi-channel volumes, evaluated on whole volumes by sliding window.
 
-    Config fields beyond the 2D task's: `patch_size`, `data.layout`, `data.modalities`,
-    `data.shared_folder` / `data.train_split` / `data.val_split` (or `data.directory` /
-    `data.val_directory`), `data.spacing`, `data.crop_margin`, `data.clip_percentiles`,
-    `data.fg_fraction`, `inference.{window, overlap, window_batch, sigma_scale, mode}`.
+    Config: `patch_size`, `data.layout`, `data.modalities` (`()`: every channel the dataset
+    declares), `data.directory` / `data.val_directory` (or `data.shared_folder` with
+    `data.train_split` / `data.val_split`), `data.val_fraction` (nnU-Net / MSD folders without a
+    validation folder), `data.num_classes` (0: from the dataset), `data.class_names`,
+    `data.regions`, `data.spacing`, `data.crop_margin`, `data.clip_percentiles`,
+    `data.fg_fraction`, `inference.{window, overlap, window_batch, sigma_scale, mode}`, and the
+    2D task's `model`, `loss`, `optimizer`, `augment`.
     """
 
     def __init__(self, config: Any):
-        super().__init__(config)
-        from medjax.data import volumes
-
+        cfg = config.data
+        layout = str(cfg.layout)
+        self.spec = volumes.label_spec(
+            self._dataset_root("train", cfg) if layout in ("nnunet", "msd") else None,
+            layout,
+            num_classes=int(cfg.get("num_classes") or 0),
+            class_names=tuple(cfg.get("class_names") or ()),
+            regions=dict(cfg.get("regions") or {}) or None,
+        )
+        n = int(cfg.get("num_classes") or 0)
+        if n and n != self.spec.num_classes:
+            raise ValueError(
+                f"config.data.num_classes={n} but the {layout} dataset has "
+                f"{self.spec.num_classes} classes {self.spec.class_names} (0 reads them from "
+                "the dataset)"
+            )
+        self.num_classes = self.spec.num_classes
+        self.class_names = self.spec.class_names
+        self.regions = dict(self.spec.regions)
+        model = UNet(num_classes=self.num_classes, **dict(config.model))
+        super().__init__(config, model, segmentation_loss(config.loss))
         self.patch_size = tuple(int(p) for p in config.patch_size)
         if len(self.patch_size) != int(config.model.spatial_dims):
             raise ValueError(
                 f"config.patch_size={self.patch_size} needs one entry per spatial dim "
                 f"(config.model.spatial_dims={config.model.spatial_dims})"
             )
-        self.crop_size = None  # batches arrive at patch size
-        self.modalities = tuple(str(m) for m in config.data.modalities)
-        self.regions = dict(volumes.BRATS_REGIONS)
-        self.class_names = tuple(volumes.BRATS_CLASSES)
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"config.data.num_classes={self.num_classes} but the BraTS scheme has classes "
-                f"{self.class_names}"
-            )
+        self.modalities = tuple(str(m) for m in (cfg.get("modalities") or ())) or None
+        self.summary_keys = tuple(f"dice_{r}" for r in self.regions) + ("dice_mean",)
 
     # -- host data ------------------------------------------------------------------------------
-    def cases(self, directory: str | Path) -> list[Any]:
-        from medjax.data import volumes
+    @staticmethod
+    def _dataset_root(which: str, cfg: Mapping[str, Any]) -> Path:
+        return paths.split_dir(cfg, which)
 
-        return volumes.find_cases(
-            directory, str(self.config.data.layout), modalities=self.modalities
-        )
+    @property
+    def _one_folder(self) -> bool:
+        """nnU-Net / MSD: one dataset folder holds every split (imagesTr, imagesTs)."""
+        return str(self.config.data.layout) in ("nnunet", "msd")
+
+    def cases(self, directory: str | Path, split: str = "train") -> list[Any]:
+        """The cases of a dataset folder (or of its `split` folder) in the run's layout; for
+        nnU-Net / MSD folders `split="test"` reads `imagesTs` when there is one."""
+        layout = str(self.config.data.layout)
+        root = Path(directory)
+        subset = "train"
+        if self._one_folder:
+            subset = "test" if split == "test" and (root / "imagesTs").is_dir() else "train"
+        else:
+            root = sources.split_folder(root, split)
+        return volumes.find_cases(root, layout, modalities=self.modalities, subset=subset)
 
     def prepare(self, case: Any) -> dict[str, Any]:
         """Reads one case and preprocesses it for the network (host, numpy).
@@ -117,8 +130,6 @@ class Task(segmentation.Task):
         what is needed to map a prediction back: `bbox` (crop of the original grid),
         `crop_shape`, the original `label_full`, `geometry`, `spacing`, `id`, `label_scheme`.
         """
-        from medjax.data import transforms, volumes
-
         cfg = self.config.data
         ex = volumes.load_case(case, modalities=self.modalities)
         clip = tuple(cfg.get("clip_percentiles") or ()) or None
@@ -128,6 +139,11 @@ class Task(segmentation.Task):
         crop_shape = image.shape[:-1]
         spacing = tuple(float(s) for s in ex["spacing"])
         label = ex.get("label")
+        if label is not None and label.size and int(label.max()) >= self.num_classes:
+            raise ValueError(
+                f"case {ex['id']!r} ({case.label}) has label {int(label.max())}; the dataset "
+                f"declares {self.num_classes} classes {self.class_names}"
+            )
         out: dict[str, Any] = {
             "id": ex["id"],
             "bbox": bbox,
@@ -153,54 +169,95 @@ class Task(segmentation.Task):
             out["label"] = lab.astype(np.int32)
         return out
 
-    def load_data(self) -> dict[str, Any]:
+    def _own_dir(self, split: str) -> Path | None:
+        """A folder of `split`'s own: `data.<split>_directory`, the shared dataset's split
+        folder, or a split sub-folder of `data.directory`."""
         cfg = self.config.data
-        train_cases = self.cases(resolve_split_dir(cfg, "train"))
-        val_cases = self.cases(resolve_split_dir(cfg, "val"))
+        if paths.has_split_dir(cfg, split):
+            return paths.split_dir(cfg, split)
+        if cfg.get("directory") and not self._one_folder:
+            root = Path(str(cfg.directory))
+            sub = sources.split_folder(root, split)
+            return sub if sub != root else None
+        return None
+
+    def _split_cases(self, split: str) -> list[Any]:
+        """The configured cases of `split`. Without a validation folder, `data.val_ids` or a
+        seeded `data.val_fraction` of the training cases are held out (and not trained on);
+        "test" needs a test folder (an nnU-Net / MSD folder's `imagesTs`)."""
+        cfg = self.config.data
+        if split == "test":
+            own = self._own_dir("test")
+            if own is None and not self._one_folder:
+                raise FileNotFoundError(
+                    "no test folder: set config.data.test_directory or pass evaluate.py "
+                    "--data_dir DIR"
+                )
+            found = self.cases(own or paths.split_dir(cfg, "train"), "test")
+        else:
+            val_dir = self._own_dir("val")
+            if split == "val" and val_dir is not None:
+                found = self.cases(val_dir, "val")
+            else:
+                every = self.cases(self._own_dir("train") or paths.split_dir(cfg, "train"))
+                if val_dir is not None:
+                    found = every
+                else:
+                    want = {str(i) for i in (cfg.get("val_ids") or ())}
+                    if want:
+                        is_val = [c.id in want for c in every]
+                    else:
+                        _, val_i = sources.split_examples(
+                            list(range(len(every))),
+                            float(cfg.get("val_fraction", 0.2)),
+                            int(self.config.seed),
+                        )
+                        is_val = [i in set(val_i) for i in range(len(every))]
+                    found = [c for c, v in zip(every, is_val, strict=True) if v == (split == "val")]
         if cfg.get("max_examples"):
-            train_cases = train_cases[: int(cfg.max_examples)]
-            val_cases = val_cases[: int(cfg.max_examples)]
-        if not train_cases or not val_cases:
-            raise ValueError(
-                "volume segmentation needs at least one training and one validation case"
-            )
-        train = [self.prepare(c) for c in train_cases]
+            found = found[: int(cfg.max_examples)]
+        if not found:
+            raise ValueError(f"volume segmentation needs at least one {split} case")
+        return found
+
+    def load_data(self) -> task.TaskData:
+        train = [self.prepare(c) for c in self._split_cases("train")]
         missing = [t["id"] for t in train if "label" not in t]
         if missing:
             raise ValueError(f"training cases without a label map: {missing}")
-        val = [self.prepare(c) for c in val_cases]
-        return {"train": train, "eval": val, "train_ids": [t["id"] for t in train]}
-
-    def batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        channels = len(self.modalities)
-        return {
-            "image": jax.ShapeDtypeStruct(
-                (global_batch_size, *self.patch_size, channels), np.float32
-            ),
-            "label": jax.ShapeDtypeStruct((global_batch_size, *self.patch_size), np.int32),
-        }
-
-    def make_train_iter(self, data: Mapping[str, Any], **kw: Any) -> Iterator[dict[str, jax.Array]]:
-        """Patches drawn as a pure function of (seed, step) from `load_data()`'s volumes."""
-        from medjax.data import patches
-
-        return patches.make_patch_train_iter(
-            [{"image": t["image"], "label": t["label"]} for t in data["train"]],
+        val = [self.prepare(c) for c in self._split_cases("val")]
+        return task.TaskData.from_patches(
+            train,
+            val,
             patch_size=self.patch_size,
             fg_fraction=float(self.config.data.get("fg_fraction", 0.33)),
-            **kw,
         )
 
+    def load_eval(self, directory: str | Path | None, split: str) -> PreparedCases:
+        cases = self._split_cases(split) if directory is None else self.cases(directory, split)
+        unlabelled = [c.id for c in cases if c.label is None]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} case(s) have no label map to score against, e.g. "
+                f"{unlabelled[0]!r}; predict.py writes predictions for unlabelled cases"
+            )
+        return PreparedCases(cases, self.prepare)
+
+    def example_shape(self) -> tuple[tuple[int, ...], int, int]:
+        if self.modalities is None:
+            raise self.cannot("make a synthetic batch", "set data.modalities")
+        return self.patch_size, len(self.modalities), self.num_classes
+
     # -- whole-volume prediction and scoring ------------------------------------------------------
-    def predict_case(self, trainer: Any, state: Any, prepared: Mapping[str, Any]) -> np.ndarray:
+    def predict_case(
+        self, runner: task.Runner, state: Any, prepared: Mapping[str, Any]
+    ) -> np.ndarray:
         """Internal-class label map of one prepared case on its ORIGINAL grid (full shape).
 
         Sliding-window logits on the network grid -> softmax -> linear resampling back to the
         cropped original grid -> argmax -> pasted into the full volume (background outside).
         """
-        from medjax.data import transforms
-
-        logits = trainer.sliding_window(state, prepared["image"])
+        logits = runner.sliding_window(state, prepared["image"])
         probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
         if probs.shape[:-1] != tuple(prepared["crop_shape"]):
             probs, _ = transforms.resample_to_spacing(
@@ -212,41 +269,37 @@ class Task(segmentation.Task):
     def case_row(self, prepared: Mapping[str, Any], pred: np.ndarray) -> dict[str, Any]:
         """Per-region metrics of one case scored on the original grid."""
         row: dict[str, Any] = {"id": prepared["id"]}
-        row.update(region_rows(pred, prepared["label_full"], prepared["spacing"], self.regions))
+        row.update(
+            metrics.region_scores(
+                pred,
+                prepared["label_full"],
+                self.regions,
+                spacing=prepared["spacing"],
+                metrics=REGION_METRICS,
+            )
+        )
         return row
 
     def evaluate(
-        self, trainer: Any, state: Any, data: Mapping[str, Any]
-    ) -> tuple[dict[str, float], np.ndarray | None]:
-        """Validation summary over whole volumes (means over cases, NaNs skipped) and a picture."""
-        rows, panels = [], []
-        for i, prepared in enumerate(data["eval"]):
-            pred = self.predict_case(trainer, state, prepared)
+        self, runner: task.Runner, state: Any, eval_set: Any, num_pictures: int = 2
+    ) -> task.Evaluation:
+        """Whole volumes: means over cases (NaNs skipped) and `<metric>_mean` over regions."""
+        rows, pictures = [], {}
+        for i, prepared in enumerate(eval_set):
+            pred = self.predict_case(runner, state, prepared)
             rows.append(self.case_row(prepared, pred))
-            if i < int(self.config.get("num_pictures", 2)):
-                panels.append(self.panel(prepared, pred))
-        picture = visualize.grid(panels, cols=1, uneven=True) if panels else None
-        return self.summarize_rows(rows), picture
-
-    def summarize_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """Means over cases (NaNs skipped, `medjax.train.evaluate.summarize_rows`) and, per
-        metric, `<metric>_mean` over the regions (the best-checkpoint metric `dice_mean`)."""
-        from medjax.train.evaluate import summarize_rows
-
-        out = summarize_rows(rows)
-        for k in REGION_METRICS:
-            vals = [out[f"{k}_{n}"] for n in self.regions if np.isfinite(out[f"{k}_{n}"])]
-            out[f"{k}_mean"] = float(np.mean(vals)) if vals else float("nan")
-        return out
+            if i < num_pictures:
+                pictures[str(prepared["id"])] = self.panel(prepared, pred)
+        summary = metrics.summarize_rows(rows)
+        summary.update(metrics.mean_over_regions(summary, REGION_METRICS, list(self.regions)))
+        return task.Evaluation(summary, rows, pictures)
 
     def panel(self, prepared: Mapping[str, Any], pred: np.ndarray) -> np.ndarray:
-        """image | truth | prediction on the axial slice with the most tumour (original grid)."""
-        from medjax.data import transforms
-
+        """image | truth | prediction on the axial slice with the most foreground."""
         label = prepared["label_full"]
         ref = label if label is not None else pred
         z = int(np.argmax((ref > 0).reshape(-1, ref.shape[-1]).sum(0))) if ref.ndim == 3 else None
-        # the network-grid image mapped back for display: first modality, cropped grid
+        # the network-grid image mapped back for display: first channel, cropped grid
         image = prepared["image"][..., :1]
         if image.shape[:-1] != tuple(prepared["crop_shape"]):
             image, _ = transforms.resample_to_spacing(
@@ -261,3 +314,60 @@ class Task(segmentation.Task):
         # RAS arrays: show with anterior up and the patient's left on the right (radiological)
         show = lambda a: np.flipud(np.swapaxes(a, 0, 1))  # noqa: E731
         return visualize.segmentation_panel(show(full), show(truth), show(pred))
+
+    # -- prediction files ------------------------------------------------------------------------
+    def resolve_inputs(self, inputs: Sequence[str | Path]) -> list[Any]:
+        """Cases of every input: a dataset folder in the run's layout (its test subset for
+        nnU-Net / MSD when it has one), or one case folder of such a dataset."""
+        layout = str(self.config.data.layout)
+        out = []
+        for path in (Path(p) for p in inputs):
+            if layout in ("nnunet", "msd"):
+                subset = "test" if (path / "imagesTs").is_dir() else "train"
+                out.extend(
+                    volumes.find_cases(path, layout, modalities=self.modalities, subset=subset)
+                )
+                continue
+            try:
+                out.extend(self.cases(path, "test"))
+            except FileNotFoundError as as_dataset:
+                # not a dataset folder: maybe ONE case folder of a dataset in this layout
+                try:
+                    found = [c for c in self.cases(path.parent, "test") if c.id == path.name]
+                except (FileNotFoundError, ValueError):
+                    found = []
+                if not found:
+                    raise FileNotFoundError(
+                        f"{path} is neither a {layout} dataset folder nor one of its case "
+                        f"folders ({as_dataset})"
+                    ) from as_dataset
+                out.extend(found)
+        return out
+
+    def predict_files(
+        self,
+        runner: task.Runner,
+        state: Any,
+        inputs: Sequence[str | Path],
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+    ) -> list[Path]:
+        """One label-map NIfTI per case of `inputs` (dataset or case folders), in the
+        dataset's own label values (e.g. BraTS 0/1/2/4), on the input's grid with the input's
+        affine and orientation: the file overlays the input exactly in any viewer. Existing
+        files are never replaced unless `overwrite`; the check happens before any computation."""
+        cases = self.resolve_inputs(inputs)
+        targets = [Path(out_dir) / f"{c.id}.nii.gz" for c in cases]
+        io.refuse_existing(targets, overwrite, "prediction")
+        written = []
+        for case, target in zip(cases, targets, strict=True):
+            prepared = self.prepare(case)
+            pred = self.predict_case(runner, state, prepared)
+            native = volumes.to_native(pred, prepared["label_scheme"])
+            written.append(
+                io.write_nifti(
+                    target, native, prepared["geometry"], dtype=np.uint8, overwrite=overwrite
+                )
+            )
+        return written

@@ -1,6 +1,6 @@
 """WGAN-GP (Gulrajani et al. 2017, "Improved Training of Wasserstein GANs", arXiv:1704.00028).
 
-The DCGAN task (`dcgan.py`) with the paper's critic recipe:
+The latent GAN (`medjax.train.gan.LatentGAN`, as the DCGAN task) with the paper's critic recipe:
 
 * a critic without batch norm (`model.discriminator.norm` must be "none" or "layer": the gradient
   penalty is per example, which batch norm breaks); the Wasserstein loss `D(fake) - D(real)`;
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from medjax import losses
 from medjax.train import gan
 from medjax.train.gan import GANState
-from medjax.train.tasks import dcgan
+from medjax.train.state import step_key
 
 
-class Task(dcgan.Task):
-    """DCGAN generator + norm-free critic trained with the WGAN-GP objective.
+class Task(gan.LatentGAN):
+    """Latent generator + norm-free critic trained with the WGAN-GP objective.
 
     Extra config: `loss.gp_weight` (lambda, 10), `n_critic` (5).
     """
@@ -52,14 +52,12 @@ class Task(dcgan.Task):
                 f"config.n_critic={self.n_critic} (it holds n_critic critic batches)"
             )
 
-    def d_loss(self, params_d, stats_d, real, fake, key):
-        real_logits, _ = gan.apply_model(self.discriminator, params_d, stats_d, real, train=True)
-        fake_logits, _ = gan.apply_model(self.discriminator, params_d, stats_d, fake, train=True)
-        wdist = jnp.mean(losses.gan_discriminator_loss(real_logits, fake_logits, "wasserstein"))
-
+    def d_loss(self, params_d, stats_d, real, fake, key, y=None):
         def critic(x):
             return gan.apply_model(self.discriminator, params_d, stats_d, x, train=True)[0]
 
+        real_logits, fake_logits = critic(real), critic(fake)
+        wdist = jnp.mean(losses.gan_discriminator_loss(real_logits, fake_logits, "wasserstein"))
         gp = jnp.mean(losses.gradient_penalty(critic, real, fake, key=key))
         aux = {
             "d_real": jnp.mean(gan.to_float32(real_logits)),
@@ -72,8 +70,7 @@ class Task(dcgan.Task):
     def train_step(
         self, state: GANState, batch: Mapping[str, jax.Array]
     ) -> tuple[GANState, dict[str, jax.Array]]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_d, k_g = jax.random.split(key)
+        k_d, k_g = jax.random.split(step_key(state))
         real = batch["image"]
         b = real.shape[0] // self.n_critic
         # Rows (i * n_critic + j) -> critic step j: a reshape that keeps the leading (sharded)
