@@ -310,7 +310,7 @@ def gan_discriminator_loss(real_logits: Array, fake_logits: Array, kind: str) ->
       ``mean((r - 1)^2) + mean(f^2)``.
 
     No kind halves the sum: pix2pix and CycleGAN multiply the discriminator loss by 0.5 "to slow
-    down the rate at which D learns relative to G" in the task (`medjax.train.tasks`), for every
+    down the rate at which D learns relative to G" in their task files, for every
     kind alike.
     * ``"hinge"`` (Lim & Ye 2017; Miyato et al. 2018): ``mean(relu(1 - r)) + mean(relu(1 + f))``.
     * ``"wasserstein"`` (Arjovsky et al. 2017; add :func:`gradient_penalty` for WGAN-GP):

@@ -6,6 +6,12 @@ Channels-last ``[B, *spatial, C]``; the same code builds 2D and 3D models from
 "Improved Training of Wasserstein GANs") with ``norm='layer'`` or ``'none'``, and as an
 SN-GAN discriminator (Miyato et al. 2018, "Spectral Normalization for Generative Adversarial
 Networks") with ``spectral_norm=True``.
+
+With ``num_classes > 0`` both are class-conditional: the generator concatenates a learned class
+embedding to ``z`` (the conditional GAN of Mirza & Osindero 2014, "Conditional Generative
+Adversarial Nets"), and the discriminator adds the projection term ``<embed(y), phi(x)>`` of
+Miyato & Koyama 2018 ("cGANs with Projection Discriminator"), ``phi(x)`` its last features
+summed over the spatial positions.
 """
 
 from __future__ import annotations
@@ -79,11 +85,14 @@ class DCGANGenerator(nn.Module):
       norm: see :func:`~medjax.models.generators.gan_norm` (DCGAN: ``'batch'``; call
         ``apply(..., train=True, mutable=['batch_stats'])`` when training).
       spatial_dims: 2 or 3.
+      num_classes: > 0 makes the generator class-conditional: ``y`` picks a learned
+        ``latent_dim``-vector that is concatenated to ``z``.
       dtype: compute dtype (parameters float32; tanh and the output in float32).
 
-    ``__call__(z [B, latent_dim], *, train=False) -> [B, *output_shape, channels]`` float32 in
-    ``(-1, 1)``. ``ValueError`` when ``output_shape`` is not divisible by
-    ``2**num_upsamples`` or has the wrong length.
+    ``__call__(z [B, latent_dim], y [B] int (conditional only), *, train=False) ->
+    [B, *output_shape, channels]`` float32 in ``(-1, 1)``. ``ValueError`` when ``output_shape``
+    is not divisible by ``2**num_upsamples`` or has the wrong length, or when ``y`` is missing
+    (conditional) or given (unconditional).
     """
 
     output_shape: Sequence[int]
@@ -94,10 +103,11 @@ class DCGANGenerator(nn.Module):
     num_upsamples: int | None = None
     norm: str = "batch"
     spatial_dims: int = 2
+    num_classes: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: Array, *, train: bool = False) -> Array:
+    def __call__(self, z: Array, y: Array | None = None, *, train: bool = False) -> Array:
         d = self.spatial_dims
         shape = tuple(int(s) for s in self.output_shape)
         if len(shape) != d:
@@ -109,10 +119,18 @@ class DCGANGenerator(nn.Module):
             raise ValueError(f"expected z of shape [B, {self.latent_dim}], got {z.shape}")
         base = tuple(s // 2**n for s in shape)
         bias = conv_bias(self.norm)
+        h = z.astype(self.dtype)
+        if self.num_classes:
+            if y is None:
+                raise ValueError("a class-conditional generator needs labels y [B]")
+            emb = nn.Embed(self.num_classes, self.latent_dim, dtype=self.dtype, name="embed")(y)
+            h = jnp.concatenate([h, emb.astype(self.dtype)], -1)
+        elif y is not None:
+            raise ValueError("labels y given to an unconditional generator (num_classes=0)")
 
         h = nn.Dense(
             int(np.prod(base)) * self.base_features, use_bias=bias, dtype=self.dtype, name="fc"
-        )(z.astype(self.dtype))
+        )(h)
         h = h.reshape((z.shape[0],) + base + (self.base_features,))
         h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name="fc_norm"))
         for i in range(1, n + 1):
@@ -140,10 +158,13 @@ class DCGANDiscriminator(nn.Module):
         in the ``'batch_stats'`` collection and updated when ``train=True`` (see
         :func:`spectral_normed`).
       spatial_dims: 2 or 3.
+      num_classes: > 0 adds the projection term ``<V y, phi(x)>`` (Miyato & Koyama 2018):
+        ``V`` a learned ``[num_classes, features[-1]]`` embedding, ``phi(x)`` the last
+        features summed over the spatial positions.
       dtype: compute dtype.
 
-    ``__call__(x [B, *spatial, C], *, train=False) -> [B]`` float32 logits. With
-    ``norm='batch'`` or ``spectral_norm=True`` train with
+    ``__call__(x [B, *spatial, C], y [B] int (conditional only), *, train=False) -> [B]``
+    float32 logits. With ``norm='batch'`` or ``spectral_norm=True`` train with
     ``apply(..., train=True, mutable=['batch_stats'])``.
     """
 
@@ -151,10 +172,11 @@ class DCGANDiscriminator(nn.Module):
     norm: str = "batch"
     spectral_norm: bool = False
     spatial_dims: int = 2
+    num_classes: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, y: Array | None = None, *, train: bool = False) -> Array:
         d = self.spatial_dims
         if x.ndim != d + 2:
             raise ValueError(f"expected [B, *{d} spatial, C] input, got shape {x.shape}")
@@ -169,7 +191,16 @@ class DCGANDiscriminator(nn.Module):
             if i > 0:
                 h = gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}")
             h = nn.leaky_relu(h, negative_slope=0.2)
+        phi = jnp.sum(h.astype(jnp.float32), axis=tuple(range(1, d + 1)))  # [B, features[-1]]
         h = h.reshape(h.shape[0], -1)
         fc = nn.Dense(1, dtype=self.dtype, name="fc")
         logits = spectral_normed(fc, h, enabled=self.spectral_norm, train=train, name="sn_fc")
-        return logits[:, 0].astype(jnp.float32)
+        logits = logits[:, 0].astype(jnp.float32)
+        if self.num_classes:
+            if y is None:
+                raise ValueError("a projection discriminator needs labels y [B]")
+            v = nn.Embed(self.num_classes, phi.shape[-1], name="embed")(y)
+            logits = logits + jnp.sum(v.astype(jnp.float32) * phi, axis=-1)
+        elif y is not None:
+            raise ValueError("labels y given to an unconditional discriminator (num_classes=0)")
+        return logits
