@@ -146,6 +146,28 @@ def write_layout(root: Path, layout: str, cases: dict[str, str], *, labels: bool
                 },
             }
             (d / "dataset.json").write_text(json.dumps(meta))
+        elif layout == "brats2023":
+            d = root / cid
+            for mod, key in (("t2f", "flair"), ("t1n", "t1"), ("t1c", "t1ce"), ("t2w", "t2")):
+                _save(d / f"{cid}-{mod}.nii.gz", c[key], aff)
+            if labels:  # BraTS 2023: 1 NCR, 2 ED, 3 ET (the internal classes)
+                seg = _relabel(c["label"], DM_TO_INTERNAL).astype(np.uint8)
+                _save(d / f"{cid}-seg.nii.gz", seg, aff)
+        elif layout == "nnunet":
+            d = root / "Dataset001_BraTS"
+            for i, key in enumerate(("flair", "t1ce")):
+                _save(d / "imagesTr" / f"{cid}_{i:04d}.nii.gz", c[key], aff)
+            if labels:
+                seg = _relabel(c["label"], DM_TO_INTERNAL).astype(np.uint8)
+                _save(d / "labelsTr" / f"{cid}.nii.gz", seg, aff)
+            meta = {
+                "channel_names": {"0": "FLAIR", "1": "T1c"},
+                "labels": {"background": 0, "WT": [1, 2, 3], "TC": [1, 3], "ET": 3},
+                "regions_class_order": [2, 1, 3],
+                "numTraining": len(cases),
+                "file_ending": ".nii.gz",
+            }
+            (d / "dataset.json").write_text(json.dumps(meta))
         elif layout == "generic":
             d = root / cid
             _save(d / "t1ce.nii.gz", c["t1ce"], aff)
@@ -155,7 +177,9 @@ def write_layout(root: Path, layout: str, cases: dict[str, str], *, labels: bool
             _save(d / "brain.nii.gz", c["brain"].astype(np.uint8), aff)
         else:
             raise ValueError(layout)
-    return root / "Task01_BrainTumour" if layout == "msd" else root
+    return {"msd": root / "Task01_BrainTumour", "nnunet": root / "Dataset001_BraTS"}.get(
+        layout, root
+    )
 
 
 def canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -535,3 +559,110 @@ def test_region_masks_hand_computed() -> None:
     np.testing.assert_array_equal(regions[:, 0], np.isin(native, [1, 2, 4]))
     np.testing.assert_array_equal(regions[:, 1], np.isin(native, [1, 4]))
     np.testing.assert_array_equal(regions[:, 2], native == 4)
+
+
+# --------------------------------------------------------------------------------------------
+# nnU-Net v2 raw datasets and BraTS 2023+ naming
+# --------------------------------------------------------------------------------------------
+
+
+def test_nnunet_layout_reads_channels_labels_and_regions(tmp_path: Path) -> None:
+    root = write_layout(tmp_path, "nnunet", {"BRATS_001": "A", "BRATS_002": "B"})
+    cases = volumes.find_cases(root, "nnunet")
+    assert [c.id for c in cases] == ["BRATS_001", "BRATS_002"]
+    assert cases[0].images == {
+        "FLAIR": root / "imagesTr" / "BRATS_001_0000.nii.gz",
+        "T1c": root / "imagesTr" / "BRATS_001_0001.nii.gz",
+    }
+    assert cases[0].label == root / "labelsTr" / "BRATS_001.nii.gz"
+    ex = volumes.load_case(cases[0])
+    c = real_crop("A")
+    # canonical RAS+ of a crop stored LPS: x and y reversed (nibabel's own reorientation)
+    np.testing.assert_array_equal(ex["image"][..., 0], c["flair"][::-1, ::-1, :])
+    np.testing.assert_array_equal(ex["image"][..., 1], c["t1ce"][::-1, ::-1, :])
+    np.testing.assert_array_equal(ex["label"], _relabel(c["label"], DM_TO_INTERNAL)[::-1, ::-1, :])
+    # no mask file: the non-zero voxels (the crop is zero outside the brain)
+    np.testing.assert_array_equal(
+        ex["mask"], c["brain"][::-1, ::-1, :] | (ex["image"] != 0).any(-1)
+    )
+    spec = volumes.label_spec(root, "nnunet")
+    assert spec.num_classes == 4 and spec.region_order == (2, 1, 3)
+    assert spec.regions == {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+    # the BraTS declaration is the same nnU-Net-style one
+    assert spec.regions == volumes.BRATS_SPEC.regions
+    # channel selection by name, and the test subset
+    assert list(volumes.find_cases(root, "nnunet", modalities=["t1c"])[0].images) == ["T1c"]
+    with pytest.raises(FileNotFoundError, match="imagesTs"):
+        volumes.find_cases(root, "nnunet", subset="test")
+
+
+def test_nnunet_errors_name_the_file(tmp_path: Path) -> None:
+    root = write_layout(tmp_path, "nnunet", {"BRATS_001": "A"})
+    (root / "imagesTr" / "BRATS_001_0001.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"BRATS_001_0001\.nii\.gz"):
+        volumes.find_cases(root, "nnunet")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "a": 1, "b": 3}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="consecutive"):
+        volumes.label_spec(root, "nnunet")
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "x"}, "labels": {}}))
+    with pytest.raises(ValueError, match="layout 'msd'"):
+        volumes.find_cases(root, "nnunet")
+
+
+def test_labels_from_nnunet_plain_and_regions() -> None:
+    plain = volumes.labels_from_nnunet({"background": 0, "PZ": 1, "TZ": 2})
+    assert plain.class_names == ("background", "PZ", "TZ")
+    assert plain.regions == {"PZ": (1,), "TZ": (2,)} and plain.region_order is None
+    # the example of nnU-Net's region-based training documentation
+    reg = volumes.labels_from_nnunet(
+        {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3},
+        [1, 2, 3],
+    )
+    assert reg.class_names == ("background", "whole_tumor", "tumor_core", "enhancing_tumor")
+    assert reg.regions["tumor_core"] == (2, 3) and reg.regions["enhancing_tumor"] == (3,)
+    with pytest.raises(ValueError, match="one class per region"):
+        volumes.labels_from_nnunet({"background": 0, "a": [1, 2], "b": [2]}, [1])
+
+
+def test_brats2023_names(tmp_path: Path) -> None:
+    root = write_layout(tmp_path, "brats2023", {"BraTS-GLI-00000-000": "A"})
+    (case,) = volumes.find_cases(root, "brats2023")
+    assert list(case.images) == ["t2f", "t1n", "t1c", "t2w"]
+    assert case.label == root / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz"
+    ex = volumes.load_case(case, modalities=["t1c"])
+    c = real_crop("A")
+    np.testing.assert_array_equal(ex["image"][..., 0], c["t1ce"][::-1, ::-1, :])
+    np.testing.assert_array_equal(ex["label"], _relabel(c["label"], DM_TO_INTERNAL)[::-1, ::-1, :])
+    assert volumes.label_spec(root, "brats2023").regions == volumes.BRATS_REGIONS
+    # predictions go back to the 2023 values unchanged (1 NCR, 2 ED, 3 ET)
+    np.testing.assert_array_equal(
+        volumes.to_native(np.array([0, 1, 2, 3]), "brats2023"), [0, 1, 2, 3]
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"'t1ce'.*has modalities \['t1c', 't1n', 't2f', 't2w'\]"
+    ):
+        volumes.find_cases(root, "brats2023", modalities=["t1ce"])
+
+
+def test_convert_to_nnunet_round_trip(tmp_path: Path) -> None:
+    """deepmedic cases -> nnU-Net folder: the same images inside the brain (0 outside), the
+    same internal labels, the BraTS regions declared the nnU-Net way."""
+    from medjax.data import convert
+
+    src = write_layout(tmp_path / "dm", "deepmedic", {"D1": "A", "D2": "B"})
+    cases = volumes.find_cases(src, "deepmedic")
+    dst = convert.to_nnunet(cases, tmp_path / "nn", volumes.label_spec(src, "deepmedic"))
+    meta = json.loads((dst / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "flair", "1": "t1ce"}
+    assert meta["labels"] == {"background": 0, "WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    assert meta["regions_class_order"] == [2, 1, 3]
+    for orig, conv in zip(cases, volumes.find_cases(dst, "nnunet"), strict=True):
+        a, b = volumes.load_case(orig), volumes.load_case(conv)
+        np.testing.assert_array_equal(b["label"], a["label"])
+        np.testing.assert_allclose(b["image"], np.where(a["mask"][..., None], a["image"], 0))
+        np.testing.assert_array_equal(b["mask"], a["mask"] & (a["image"] != 0).any(-1))
+        np.testing.assert_allclose(b["geometry"].affine, a["geometry"].affine)
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert.to_nnunet(cases, dst, volumes.BRATS_SPEC)

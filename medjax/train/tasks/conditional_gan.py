@@ -46,7 +46,12 @@ class Task(gan.LatentGAN):
                 f"config.data.class_names {self.class_names} must name the "
                 f"{self.num_classes} classes of config.data.num_classes"
             )
-        per_class = [f"{m}_{c}{b}" for c in self.class_names for m in ("swd_mean", "accuracy") for b in ("", "_real")]
+        per_class = [
+            f"{m}_{c}{b}"
+            for c in self.class_names
+            for m in ("swd_mean", "accuracy")
+            for b in ("", "_real")
+        ]
         self.summary_keys = (
             "swd_mean", "swd_mean_real", "swd_mean_trivial", "class_accuracy",
             "class_accuracy_real", *per_class,
