@@ -900,8 +900,9 @@ def _sized(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any) -> ImageSet:
-    """`read(folder)` of the split folder of `root` when it has one, else a holdout of `root`."""
+def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any, whole: bool) -> ImageSet:
+    """`read(folder)` of the split folder of `root` when it has one; else all of `root` when
+    `whole` (a folder given to evaluate.py), or the `split` part of a seeded holdout."""
     from medjax.data import sources
 
     if sources.has_split_folders(root):
@@ -909,7 +910,7 @@ def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any) -> ImageSet:
         if folder == root:
             raise FileNotFoundError(f"{root} has no {split!r} folder (it has split folders)")
         return read(folder)
-    return _holdout(read(root), split, cfg)
+    return read(root) if whole else _holdout(read(root), split, cfg)
 
 
 def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
@@ -934,6 +935,7 @@ def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = N
             split,
             cfg,
             lambda f: load_class_folders(f, class_names=names, **kw),
+            directory is not None,
         )
     else:
         raise ValueError(
@@ -996,8 +998,9 @@ def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) 
         return load_labelled_images(cfg, split, directory=directory)
     if source == "folder":
         d = _split_or_holdout(
-            _root(cfg, directory), split, cfg, lambda f: load_image_folder(f, **kw)
-        )
+            _root(cfg, directory), split, cfg, lambda f: load_image_folder(f, **kw),
+            directory is not None,
+        )  # fmt: skip
         d = {"image": d["image"]}
     elif source in ("brats_flair", "brats_patches"):
         folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
@@ -1160,11 +1163,8 @@ def load_paired_images(
         root = _root(cfg, directory)
         folders = _pair_folders(root, split)
         if folders is None:
-            out = _holdout(
-                load_paired_folders(root / "A", root / "B", mask_dir=_opt(root / "mask"), **kw),
-                split,
-                cfg,
-            )
+            out = load_paired_folders(root / "A", root / "B", mask_dir=_opt(root / "mask"), **kw)
+            out = out if directory is not None else _holdout(out, split, cfg)
         else:
             out = load_paired_folders(folders[0], folders[1], mask_dir=folders[2], **kw)
     elif source == "aligned":
@@ -1174,6 +1174,7 @@ def load_paired_images(
             split,
             cfg,
             lambda f: load_side_by_side(f, channels=kw["channels"], size=kw["size"]),
+            directory is not None,
         )
     else:
         raise ValueError(
