@@ -44,7 +44,8 @@ def segmentation_loss(loss_cfg: Any) -> Callable[[jax.Array, jax.Array], jax.Arr
 class Supervised(task.Task):
     """A model, its optimizer, its augmentation and a per-example loss.
 
-    Subclasses pass the Flax `model` and `loss(logits float32, label) -> [B]`, and may set
+    Subclasses pass the Flax `model` (or None and define `model` themselves) and
+    `loss(logits float32, label) -> [B]`, and may set
     `crop_size` (spatial size of the random crop taken on the device before augmentation) and
     `augment_labels` (False: the geometry is applied to the image only, e.g. classification).
     """
@@ -60,7 +61,8 @@ class Supervised(task.Task):
         crop_size: Sequence[int] | None = None,
     ):
         super().__init__(config)
-        self.model = model
+        if model is not None:  # else a subclass provides `model` (e.g. built lazily)
+            self.model = model
         self.loss = loss
         num_steps = int(config.num_steps)
         self.schedule = make_schedule(config.optimizer, num_steps)

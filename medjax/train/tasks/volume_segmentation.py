@@ -24,6 +24,7 @@ The recipe (after nnU-Net / the BraTS literature):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,35 +72,55 @@ class Task(supervised.Supervised):
     """
 
     def __init__(self, config: Any):
-        cfg = config.data
-        layout = str(cfg.layout)
-        self.spec = volumes.label_spec(
-            self._dataset_root("train", cfg) if layout in ("nnunet", "msd") else None,
-            layout,
-            num_classes=int(cfg.get("num_classes") or 0),
-            class_names=tuple(cfg.get("class_names") or ()),
-            regions=dict(cfg.get("regions") or {}) or None,
-        )
-        n = int(cfg.get("num_classes") or 0)
-        if n and n != self.spec.num_classes:
-            raise ValueError(
-                f"config.data.num_classes={n} but the {layout} dataset has "
-                f"{self.spec.num_classes} classes {self.spec.class_names} (0 reads them from "
-                "the dataset)"
-            )
-        self.num_classes = self.spec.num_classes
-        self.class_names = self.spec.class_names
-        self.regions = dict(self.spec.regions)
-        model = UNet(num_classes=self.num_classes, **dict(config.model))
-        super().__init__(config, model, segmentation_loss(config.loss))
+        super().__init__(config, None, segmentation_loss(config.loss))
         self.patch_size = tuple(int(p) for p in config.patch_size)
         if len(self.patch_size) != int(config.model.spatial_dims):
             raise ValueError(
                 f"config.patch_size={self.patch_size} needs one entry per spatial dim "
                 f"(config.model.spatial_dims={config.model.spatial_dims})"
             )
-        self.modalities = tuple(str(m) for m in (cfg.get("modalities") or ())) or None
-        self.summary_keys = tuple(f"dice_{r}" for r in self.regions) + ("dice_mean",)
+        self.modalities = tuple(str(m) for m in (config.data.get("modalities") or ())) or None
+
+    @functools.cached_property
+    def spec(self) -> volumes.LabelSpec:
+        """Classes and regions: declared by the dataset (nnU-Net / MSD `dataset.json`, read on
+        first use) or by the layout (BraTS), overridden by `data.class_names` / `data.regions`."""
+        cfg = self.config.data
+        layout = str(cfg.layout)
+        spec = volumes.label_spec(
+            self._dataset_root("train", cfg) if self._one_folder else None,
+            layout,
+            num_classes=int(cfg.get("num_classes") or 0),
+            class_names=tuple(cfg.get("class_names") or ()),
+            regions=dict(cfg.get("regions") or {}) or None,
+        )
+        n = int(cfg.get("num_classes") or 0)
+        if n and n != spec.num_classes:
+            raise ValueError(
+                f"config.data.num_classes={n} but the {layout} dataset has {spec.num_classes} "
+                f"classes {spec.class_names} (0 reads them from the dataset)"
+            )
+        return spec
+
+    @functools.cached_property
+    def model(self) -> UNet:
+        return UNet(num_classes=self.num_classes, **dict(self.config.model))
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names
+
+    @property
+    def regions(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.spec.regions)
+
+    @property
+    def summary_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(f"dice_{r}" for r in self.regions) + ("dice_mean",)
 
     # -- host data ------------------------------------------------------------------------------
     @staticmethod
