@@ -96,13 +96,6 @@ def to_nnunet(
     return dst
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats (the GAN range) -> 0..255; uint8 stays."""
-    if x.dtype == np.uint8:
-        return x
-    return np.clip(np.rint((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def _write_image(path: Path, image: np.ndarray) -> None:
     """A 2D `[H, W, C]` image as PNG, a 3D `[X, Y, Z, C]` volume as NIfTI (1 mm, identity)."""
     if image.ndim == 4:
@@ -111,7 +104,7 @@ def _write_image(path: Path, image: np.ndarray) -> None:
             io.Geometry.identity(image.shape[:3]),
         )  # fmt: skip
         return
-    img = _to_uint8(image)
+    img = io.tanh_to_uint8(image)
     io.write_png(path.with_suffix(".png"), img[..., 0] if img.shape[-1] == 1 else img)
 
 

@@ -941,7 +941,7 @@ def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = N
         raise ValueError(
             f"config.data.source={source!r} is not one of ['class_folders', 'medmnist']"
         )
-    cap = int(cfg.get("max_examples") or 0)
+    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
     return {k: v[:cap] if cap else v for k, v in d.items() if k in ("image", "label")}
 
 
@@ -1017,7 +1017,7 @@ def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) 
             f"config.data.source={source!r} is not one of ['brats_flair', 'brats_patches', "
             "'class_folders', 'folder', 'medmnist']"
         )
-    cap = int(cfg.get("max_examples") or 0)
+    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
     return {k: v[:cap] if cap else v for k, v in d.items()}
 
 
@@ -1061,19 +1061,18 @@ def prepare_volume_pair(case: Any, cfg: Any, modalities: Sequence[str]) -> dict[
 
 
 def brats_volume_pairs(
-    directory: PathLike, cfg: Any, modalities: Sequence[str]
+    directory: PathLike, cfg: Any, modalities: Sequence[str], limit: int = 0
 ) -> list[dict[str, Any]]:
-    """Every case of a BraTS-layout folder prepared by :func:`prepare_volume_pair`."""
+    """Every case (the first `limit` when > 0) of a BraTS-layout folder prepared by
+    :func:`prepare_volume_pair`."""
     from medjax.data import volumes
 
     found = volumes.find_cases(
         directory, str(cfg.get("layout", "deepmedic")), modalities=list(modalities)
     )
-    if cfg.get("max_examples"):
-        found = found[: int(cfg["max_examples"])]
     if not found:
         raise ValueError(f"no cases in {directory} for config.data.source='brats_volumes'")
-    return [prepare_volume_pair(c, cfg, modalities) for c in found]
+    return [prepare_volume_pair(c, cfg, modalities) for c in found[: limit or None]]
 
 
 def _pair_folders(root: Path, split: str) -> tuple[Path, Path, Path | None] | None:
@@ -1135,7 +1134,8 @@ def load_paired_images(
     kw = _sized(cfg)
     if source == "brats_volumes":
         folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
-        return brats_volume_pairs(folder, cfg, modalities)
+        cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
+        return brats_volume_pairs(folder, cfg, modalities, limit=cap)
     if source in ("brats_slices", "tcia"):
         n_src = n_source or len(tuple(cfg.get("source_modalities") or ())) or 1
         if source == "brats_slices":
@@ -1183,7 +1183,7 @@ def load_paired_images(
         )
     out.setdefault("label", np.zeros(out["mask"].shape, np.int32))
     out = {k: out[k] for k in ("source", "target", "mask", "label")}
-    cap = int(cfg.get("max_examples") or 0)
+    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
     if cap:
         out = {k: v[:cap] for k, v in out.items()}
     if not len(out["source"]):
@@ -1223,7 +1223,7 @@ def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = N
         a = load_image_folder(root / f"{tag}A", **kw)
         b = load_image_folder(root / f"{tag}B", **kw)
         paired = list(a["id"]) == list(b["id"])
-        cap = int(cfg.get("max_examples") or 0) or None
+        cap = None if directory is not None else int(cfg.get("max_examples") or 0) or None
         return {
             "a": a["image"][:cap],
             "b": b["image"][:cap],
@@ -1236,7 +1236,7 @@ def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = N
         )
     mods = (str(cfg["domain_a"]), str(cfg["domain_b"]))
     d = load_paired_images(cfg, split, mods, directory=directory, n_source=1)
-    cap = int(cfg.get("max_examples") or 0) or None
+    cap = None if directory is not None else int(cfg.get("max_examples") or 0) or None
     if split != "train":
         return {
             "a": d["source"][:cap],

@@ -41,6 +41,7 @@ __all__ = [
     "Geometry",
     "check_finite",
     "refuse_existing",
+    "tanh_to_uint8",
     "write_png",
     "orientation_codes",
     "read_dicom_series",
@@ -471,6 +472,15 @@ def _atomic_save(img: nib.Nifti1Image, path: Path, suffix: str, overwrite: bool)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def tanh_to_uint8(x: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] (the GAN range) -> 8-bit pixels ``round((x + 1) * 127.5)``, channels
+    kept; uint8 input is returned unchanged."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    return np.clip(np.rint((x.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def refuse_existing(paths: Sequence[PathLike], overwrite: bool, what: str = "output") -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from medjax import visualize
 from medjax.data import image_sets, io, sources, transforms
 
 Translate2D = Callable[[np.ndarray], np.ndarray]  # [N, H, W, C] -> [N, H, W, C']
@@ -129,10 +128,8 @@ def translate_files(
                     )
                 )
             else:
-                rgb = out if out.shape[-1] == 3 else out[..., 0]
-                written.append(
-                    io.write_png(target, visualize.to_uint8(rgb, lo=-1, hi=1), overwrite=overwrite)
-                )
+                pixels = io.tanh_to_uint8(out if out.shape[-1] == 3 else out[..., 0])
+                written.append(io.write_png(target, pixels, overwrite=overwrite))
             continue
         written.append(
             _translate_volume(
@@ -175,7 +172,12 @@ def _translate_volume(
     vol = vol if vol.ndim == 4 else vol[..., None]
     mask = np.any(vol != 0, axis=-1)
     scaled = image_sets.scale_to_unit_range(vol, mask if mask.any() else None)
-    if translate_volume is not None:
+    if translate_volume is not None and len(image_size) == 3:
+        # a model of whole volumes resized to `image_size`: resize in, translate, resize back
+        net, _ = transforms.resample_to_spacing(scaled, (1.0,) * 3, None, order=1, shape=image_size)
+        out = translate_volume(np.clip(net, -1.0, 1.0))
+        out, _ = transforms.resample_to_spacing(out, (1.0,) * 3, None, order=1, shape=vol.shape[:3])
+    elif translate_volume is not None:
         out = translate_volume(scaled)
     elif translate_2d is not None:
         # training orientation of the 2D loaders: DICOM pixel arrays / radiological NIfTI slices

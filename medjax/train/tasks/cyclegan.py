@@ -330,10 +330,8 @@ class Task(task.Task):
         size = tuple(int(s) for s in (self.config.data.get("image_size") or ()))
         fn = lambda x: runner.map_batches(state, x, method)  # noqa: E731
         volume_fn = None
-        if self.dims == 3:
-            volume_fn = lambda v: runner.sliding_window(  # noqa: E731
-                state, v, method=method, window=size
-            )
+        if self.dims == 3:  # whole volumes resized to image_size, as in training
+            volume_fn = lambda v: runner.map_batches(state, v[None], method)[0]  # noqa: E731
         return translate.translate_files(
             inputs,
             out_dir,

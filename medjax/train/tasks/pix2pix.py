@@ -472,10 +472,13 @@ class Task(task.Task):
                 "translate single files", f"the model reads {self.cs} source modalities"
             )
         size = tuple(int(s) for s in (self.config.data.get("image_size") or ()))
+        batch = lambda x: runner.map_batches(state, x, "predict")  # noqa: E731
+        whole = lambda v: runner.map_batches(state, v[None], "predict")[0]  # noqa: E731
         return translate.translate_files(
             inputs,
             out_dir,
-            translate_2d=lambda x: runner.map_batches(state, x, "predict"),
+            translate_2d=batch if self.dims == 2 else None,
+            translate_volume=whole if self.dims == 3 else None,
             image_size=size,
             channels=self.cs,
             label_output=label,
