@@ -17,6 +17,8 @@ As nnU-Net's `dataset_conversion` scripts, these write a new folder and never to
     python -m medjax.data.convert nnunet --layout deepmedic --input DIR [--input DIR2] --output OUT
     python -m medjax.data.convert medmnist --input pneumoniamnist.npz --layout class_folders \
         --output OUT
+    python -m medjax.data.convert pairs --source tcia --input EXAM --modalities t1pre,t2 \
+        --layout pairs --output OUT
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ def to_pair_folders(
     splits: Mapping[str, Mapping[str, np.ndarray]], dst: PathLike, layout: str = "pairs"
 ) -> Path:
     """Paired sets (`{"train": {"source": [N, ...], "target": [N, ...]}, ...}`, in [-1, 1]) ->
-    `layout` "pairs" (`A/<split>/<i>`, `B/<split>/<i>`), "aligned" (`<split>/<i>.png` holding
+    `layout` "pairs" (`A/<split>/<i>`, `B/<split>/<i>`, and `mask/<split>/<i>` when the sets
+    have a `"mask"`), "aligned" (`<split>/<i>.png` holding
     `[A | B]`) or "unpaired" (`<split>A/`, `<split>B/`; training images of A and B come from
     disjoint halves, `image_sets.split_unpaired`, the test pairs keep their names)."""
     from medjax.data.image_sets import split_unpaired
@@ -147,6 +150,11 @@ def to_pair_folders(
             for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
                 _write_image(dst / "A" / split / f"{i:05d}", a)
                 _write_image(dst / "B" / split / f"{i:05d}", b)
+                if "mask" in d:  # 255 inside, 0 outside
+                    _write_image(
+                        dst / "mask" / split / f"{i:05d}",
+                        np.where(d["mask"][i], 1.0, -1.0)[..., None],
+                    )
         elif layout == "aligned":
             for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
                 _write_image(dst / split / f"{i:05d}", np.concatenate([a, b], axis=1))
@@ -178,7 +186,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     m.add_argument("--layout", choices=("folder", "class_folders"), default="class_folders")
     m.add_argument("--class_names", default="", help="comma-separated")
     m.add_argument("--output", required=True)
+    q = sub.add_parser("pairs", help="co-registered MRI -> pix2pix / CycleGAN image folders")
+    q.add_argument("--source", choices=("tcia", "brats_slices"), required=True)
+    q.add_argument("--input", required=True, help="the TCIA exam, or BraTS training cases")
+    q.add_argument("--val_input", default="", help="BraTS validation cases")
+    q.add_argument("--layout", choices=("pairs", "aligned", "unpaired"), default="pairs")
+    q.add_argument("--modalities", required=True, help="source,target (e.g. t1pre,t2)")
+    q.add_argument("--val_slices", default="14,18", help="TCIA: the validation slice block")
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    if args.what == "pairs":
+        from medjax.data import image_sets
+
+        mods = tuple(args.modalities.split(","))
+        size = (args.size, args.size)
+        if args.source == "tcia":
+            d = image_sets.load_tcia_series(args.input, mods, size=size)
+            block = tuple(int(v) for v in args.val_slices.split(","))
+            parts = dict(zip(("train", "val"), image_sets.split_slice_block(d, block), strict=True))
+        else:
+            parts = {"train": image_sets.load_brats_slices(args.input, modalities=mods, size=size)}
+            if args.val_input:
+                parts["val"] = image_sets.load_brats_slices(
+                    args.val_input, modalities=mods, size=size
+                )
+        if args.layout == "unpaired" and "val" in parts:
+            parts["test"] = parts.pop("val")
+        splits = {
+            k: {"source": v["image"][..., :1], "target": v["image"][..., 1:2], "mask": v["mask"]}
+            for k, v in parts.items()
+        }
+        print(to_pair_folders(splits, args.output, args.layout))
+        return
     if args.what == "nnunet":
         mods = [s for s in args.modalities.split(",") if s] or None
         find = lambda dirs: [  # noqa: E731
@@ -191,12 +231,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         from medjax.data.image_sets import load_medmnist
 
-        npz = np.load(args.input)
-        splits = {
-            s: load_medmnist(args.input, s)
-            for s in ("train", "val", "test")
-            if f"{s}_images" in npz.files
-        }
+        splits = {}
+        for split in ("train", "val", "test"):
+            try:
+                splits[split] = load_medmnist(args.input, split)
+            except ValueError as exc:  # a split the file does not hold (withheld test sets)
+                if "has no" not in str(exc):
+                    raise
         names = [s for s in args.class_names.split(",") if s]
         out = to_image_folders(
             splits, args.output, by_class=args.layout == "class_folders", class_names=names

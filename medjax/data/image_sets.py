@@ -780,6 +780,27 @@ def load_class_folders(
     }
 
 
+def _read_mask(path: Path, spatial_dims: int, size: Sequence[int] | None) -> np.ndarray:
+    """A mask file (non-zero = inside) as bool ``[*spatial]``, resized by nearest neighbour."""
+    from medjax.data import io, sources, transforms
+
+    if spatial_dims == 3:
+        m = io.read_nifti(path)[0] > 0
+    else:
+        m = sources.read_image_2d(path)[0][..., 0] > 0
+    if size and tuple(m.shape) != tuple(size):
+        if spatial_dims == 2:
+            m = transforms.resize_2d(m.astype(np.uint8), size, order=0) > 0
+        else:
+            m = (
+                transforms.resample_to_spacing(
+                    m.astype(np.uint8), (1.0,) * 3, None, order=0, shape=size
+                )[0]
+                > 0
+            )
+    return m
+
+
 def load_paired_folders(
     a_dir: PathLike,
     b_dir: PathLike,
@@ -817,7 +838,7 @@ def load_paired_folders(
             )
             if fm is None:
                 raise FileNotFoundError(f"{fa} has no mask in {mask_dir} (stem {stem!r})")
-            m = read_scaled(fm, spatial_dims=spatial_dims, channels=1, size=size)[..., 0] > -1.0
+            m = _read_mask(fm, spatial_dims, size)
         src.append(a)
         tgt.append(b)
         masks.append(m)
