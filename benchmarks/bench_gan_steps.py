@@ -1,13 +1,15 @@
-"""Compiled train-step speed of every GAN-family config (synthetic data, no input pipeline).
+"""Compiled train-step speed of every shipped config whose task can make a synthetic batch
+(every task: segmentation, volumes, classification, the GANs; no input pipeline).
 
     python benchmarks/bench_gan_steps.py                    # every config at its own sizes
     python benchmarks/bench_gan_steps.py --only dcgan_medmnist,cyclegan_brats --steps 20
     python benchmarks/bench_gan_steps.py --quick            # smoke sizes (seconds, a CPU check)
 
-For each config: parameter count, compile time of the jitted step (`loop.Trainer.train_step`,
-state donated, batch sharded over every visible device), median step time over `--steps` calls
-after one warm-up, images (or volumes) per second, and XLA's temp memory of the compiled step.
-Data are random (`medjax.train.gan.synthetic_batch`): speed does not depend on values. Needs
+Configs are discovered in `medjax/configs/` (plus the argument variants in VARIANTS). For each:
+parameter count, compile time of the jitted step (`loop.Trainer.train_step`, state donated,
+batch sharded over every visible device), median step time over `--steps` calls after one
+warm-up, examples per second, and XLA's temp memory of the compiled step. Data are random
+(`task.synthetic_batch`, part of the task contract): speed does not depend on values. Needs
 neither TensorFlow nor the datasets, so it runs on any accelerator box with jax/flax/optax/orbax.
 """
 
@@ -24,17 +26,20 @@ import time
 from medjax.train.platform import configure_xla
 
 MiB = 2.0**20
-CONFIGS = (
-    ("dcgan_medmnist", ""),
-    ("dcgan_medmnist", "64"),
-    ("wgan_gp_medmnist", ""),
-    ("dcgan_brats_flair", ""),
-    ("dcgan_brats3d", ""),
-    ("pix2pix_brats", ""),
-    ("cyclegan_brats", ""),
-    ("vox2vox_brats", ""),
-    ("vox2vox_brats", "seg"),
-)
+VARIANTS = (("dcgan_medmnist", "64"), ("vox2vox_brats", "seg"))
+
+
+def discovered() -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    from medjax import configs
+
+    names = sorted(
+        p.stem
+        for p in Path(configs.__file__).parent.glob("*.py")
+        if p.stem not in ("__init__", "common")
+    )
+    return [(n, "") for n in names] + list(VARIANTS)
 
 
 def main() -> None:
@@ -49,7 +54,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from medjax.train import gan, loop
+    from medjax.train import loop, task
 
     dev = jax.devices()
     print(
@@ -61,14 +66,15 @@ def main() -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     print(f"{'config':28s} {'params':>11s} {'batch':>6s} {'compile s':>9s} {'step ms':>9s} "
           f"{'img/s':>9s} {'temp MiB':>9s}")  # fmt: skip
-    for name, arg in CONFIGS:
+    for name, arg in discovered():
         if only and name not in only:
             continue
         cfg = importlib.import_module(f"medjax.configs.{name}").get_config(
             ",".join(a for a in (arg, "smoke" if args.quick else "") if a)
         )
         if args.bf16:
-            for block in (cfg.model.generator, cfg.model.discriminator):
+            nets = [k for k in ("generator", "discriminator") if k in cfg.model]
+            for block in [cfg.model[k] for k in nets] or [cfg.model]:
                 block.dtype = "bfloat16"
         n_dev = len(dev)
         gb = int(cfg.batch_size)
@@ -77,7 +83,11 @@ def main() -> None:
             gb = max(gb - gb % (n_dev * cfg.n_critic), n_dev * cfg.n_critic)
         cfg.batch_size = gb
         trainer = loop.Trainer(cfg)
-        batch = gan.synthetic_batch(cfg, gb)
+        try:
+            batch = trainer.task.synthetic_batch(gb)
+        except (task.TaskCannot, FileNotFoundError, ValueError) as exc:
+            print(f"{name:28s} skipped: {exc}", flush=True)
+            continue
         spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
         state = trainer.init_state(spec)
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

@@ -1,9 +1,11 @@
 """Measured training speed of a config: input pipeline alone, compiled step alone, both together.
 
-    python benchmarks/bench_train_step.py [--config medjax/configs/isbi2012.py] [--steps 30]
+    python benchmarks/bench_train_step.py [--config isbi2012] [--arg smoke] [--steps 30]
 
-Prints the machine, versions, compile time, steps/s and images/s for each part (nnU-Net style:
-the step is measured apart from data loading, so a slow input pipeline is visible).
+Any task: the data come from the task contract (`task.load_data()`: its training iterator and
+batch shapes), so this measures exactly what `scripts/train.py` runs. Prints the machine,
+versions, compile time, steps/s and examples/s for each part (nnU-Net style: the step is
+measured apart from data loading, so a slow input pipeline is visible).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from medjax.train.platform import configure_xla
 
 
 def load_config(path: str, arg: str | None):
+    from medjax.train.cli import config_path
+
+    path = config_path(path)
     spec = importlib.util.spec_from_file_location("bench_config", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -28,7 +33,7 @@ def load_config(path: str, arg: str | None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="medjax/configs/mni152_demo.py")
+    p.add_argument("--config", default="mni152_demo", help="a shipped config name or a path")
     p.add_argument("--arg", default=None)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=0)
@@ -41,7 +46,6 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from medjax.data import pipeline
     from medjax.train import loop
 
     cfg = load_config(args.config, args.arg)
@@ -55,14 +59,16 @@ def main() -> None:
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     trainer = loop.Trainer(cfg)
     data = trainer.task.load_data()
-    arrays = data["train"]
     gb = int(cfg.batch_size)
+    shapes = {k: tuple(v.shape) for k, v in data.example_spec.items()}
     print(
-        f"config: {args.config} task={cfg.task} batch={gb} image={arrays['image'].shape[1:]} "
-        f"crop={tuple(cfg.get('crop_size') or ())} model={dict(cfg.model)}"
+        f"config: {args.config} task={cfg.task} batch={gb} example={shapes} train={data.num_train}"
     )
 
-    it = pipeline.make_train_iter(arrays, global_batch_size=gb, mesh=trainer.mesh, seed=0)
+    def make_iter():
+        return data.make_train_iter(global_batch_size=gb, mesh=trainer.mesh, seed=0)
+
+    it = make_iter()
     next(it)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -71,11 +77,10 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(
         f"input pipeline alone: {args.steps / dt:8.1f} batches/s "
-        f"({gb * args.steps / dt:.0f} images/s)"
+        f"({gb * args.steps / dt:.0f} examples/s)"
     )
 
-    spec = {k: jax.ShapeDtypeStruct((gb, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
-    state = trainer.init_state(spec)
+    state = trainer.init_state(data.batch_spec(gb))
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, b).compile()
     print(f"train step compile: {time.perf_counter() - t0:.1f} s")
@@ -90,7 +95,7 @@ def main() -> None:
     med = statistics.median(times)
     print(
         f"train step alone:     {1 / med:8.2f} steps/s  median {med * 1e3:.1f} ms "
-        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) = {gb / med:.1f} images/s"
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) = {gb / med:.1f} examples/s"
     )
 
     t0 = time.perf_counter()
@@ -100,9 +105,10 @@ def main() -> None:
     dt = time.perf_counter() - t0
     print(
         f"pipeline + step:      {args.steps / dt:8.2f} steps/s = "
-        f"{gb * args.steps / dt:.1f} images/s"
+        f"{gb * args.steps / dt:.1f} examples/s"
     )
-    print(f"final loss {float(np.asarray(m['loss'])):.4f}")
+    shown = {k: float(np.asarray(m[k])) for k in trainer.task.progress_keys}
+    print("final", " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":
