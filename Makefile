@@ -21,7 +21,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 ## demo: train a 2D U-Net on the MNI152 template shipped in nilearn, print held-out Dice, write PNGs
 demo: $(VENV)/.train-installed
 	$(BIN)/python scripts/train.py --config medjax/configs/mni152_demo.py --workdir $(DEMO_DIR)
-	$(BIN)/python scripts/evaluate.py --workdir $(DEMO_DIR) --pictures 20
+	$(BIN)/python scripts/evaluate.py --workdir $(DEMO_DIR) --pictures 20 --overwrite
 	@echo "demo outputs: $(DEMO_DIR)/{checkpoints,best,metrics.jsonl,images,eval}"
 
 ## test: the whole suite (2 workers)
