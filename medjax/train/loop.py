@@ -217,7 +217,10 @@ class Trainer:
     def compiled(self, method: str) -> Callable[..., Any]:
         """`task.<method>` jitted (any signature; arguments keep their shardings), cached."""
         if method not in self._compiled:
-            self._compiled[method] = jax.jit(getattr(self.task, method))
+            fn = getattr(self.task, method, None)
+            if not callable(fn):
+                raise self.task.cannot(f"run {method!r}", "no such method in its task file")
+            self._compiled[method] = jax.jit(fn)
         return self._compiled[method]
 
     def call(self, method: str, state: Any, *args: Any) -> Any:

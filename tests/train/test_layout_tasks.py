@@ -247,6 +247,12 @@ def test_cyclegan_folders_train_evaluate_predict(tmp_path, tcia_pairs):
     written = evaluate.predict_workdir(tmp_path / "run", [root / "testA"], tmp_path / "pred")
     assert len(written) == len(tcia_pairs["val"]["source"])
     assert np.asarray(Image.open(written[0])).shape == (64, 64)
+    out = evaluate.sample_workdir(tmp_path / "run", tmp_path / "s", num=2)
+    arrays = np.load(out["npz"])
+    assert arrays["samples"].shape == arrays["source"].shape == (2, 32, 32, 1)
+    with pytest.raises(ValueError, match="asked for 9 samples; the run can make 4"):
+        evaluate.sample_workdir(tmp_path / "run", tmp_path / "s9", num=9)
+    assert not (tmp_path / "s9").exists()
 
 
 def test_pix2pix_tcia_translates_a_dicom_series(tmp_path):
