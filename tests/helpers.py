@@ -52,3 +52,23 @@ def random_variables(module, *args, seed: int = 0, **kwargs):
         return jnp.asarray(z, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def tcia_pair_splits(size=(64, 64)):
+    """T1 -> T2 slice pairs of the shared TCIA exam: `{"train", "val"}` (validation: slices
+    14-17) of `{"source", "target"}` in [-1, 1]; skips the test without the shared data."""
+    import pytest
+
+    from medjax.data import image_sets
+    from medjax.data.paths import data_dir
+
+    try:
+        folder = data_dir("brain_tumor_progression_pgbm001")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    d = image_sets.load_tcia_series(folder, ("t1pre", "t2"), size=size)
+    train, val = image_sets.split_slice_block(d, (14, 18))
+    return {
+        s: {"source": x["image"][..., :1], "target": x["image"][..., 1:]}
+        for s, x in (("train", train), ("val", val))
+    }

@@ -14,25 +14,22 @@ from medjax.configs import common
 from medjax.configs.pix2pix_brats import brats_slices
 
 
-def get_config(arg: str | None = None):
-    args = common.parse_arg(arg)
-    c = brats_slices(common.gan("cyclegan"))
-    c.data.domain_a = "flair"
-    c.data.domain_b = "t1ce"
-    c.model.spatial_dims = 2
-    c.model.generator.features = 64
-    c.model.generator.num_blocks = 6
+def cyclegan(c, args: set[str], *, features: int = 64, num_blocks: int = 6, dims: int = 2):
+    """The paper's CycleGAN settings on `c` (a `common.gan("cyclegan")` config): ResNet
+    generators, 70x70 PatchGANs (2 layers in 3D), instance norm, LSGAN, cycle 10, identity 0.5,
+    pool 50, linear decay over the second half; `smoke` in `args` shrinks everything."""
+    c.model.spatial_dims = dims
+    c.model.generator.features = features
+    c.model.generator.num_blocks = num_blocks
     c.model.generator.norm = "instance"
-    c.model.discriminator.features = 64
-    c.model.discriminator.num_layers = 3
+    c.model.discriminator.features = features
+    c.model.discriminator.num_layers = 3 if dims == 2 else 2
     c.model.discriminator.norm = "instance"
     c.model.discriminator.spectral_norm = False
     c.loss.kind = "lsgan"
     c.loss.cycle_weight = 10.0
     c.loss.identity_weight = 0.5
     c.pool_size = 50
-    c.batch_size = 4
-    c.eval_batch_size = 16
     c.num_steps = 2000
     c.num_pictures = 4
     for opt in (c.optimizer_g, c.optimizer_d):
@@ -40,7 +37,7 @@ def get_config(arg: str | None = None):
         opt.decay_start = c.num_steps // 2
     if "smoke" in args:
         common.shrink_gan_for_smoke(c)
-        c.data.image_size = (32, 32)
+        c.data.image_size = (16,) * dims if dims == 3 else (32, 32)
         c.model.generator.features = 8
         c.model.generator.num_blocks = 2
         c.model.discriminator.features = 8
@@ -49,3 +46,13 @@ def get_config(arg: str | None = None):
         for opt in (c.optimizer_g, c.optimizer_d):
             opt.decay_start = 2
     return c
+
+
+def get_config(arg: str | None = None):
+    args = common.parse_arg(arg)
+    c = brats_slices(common.gan("cyclegan"))
+    c.data.domain_a = "flair"
+    c.data.domain_b = "t1ce"
+    c.batch_size = 4
+    c.eval_batch_size = 16
+    return cyclegan(c, args)

@@ -19,31 +19,22 @@ patches with on-device augmentation, whole-volume sliding-window evaluation per 
 Arguments: `msd` (an MSD task folder: 4D `imagesTr`, `dataset.json` with `modality`), `smoke`.
 """
 
-from medjax.configs import common
+from medjax.configs import common, unet3d_brats
 
 
 def get_config(arg: str | None = None):
+    """`unet3d_brats`'s recipe and sizes with the data block of an nnU-Net / MSD folder."""
     args = common.parse_arg(arg)
-    c = common.volume_segmentation(layout="msd" if "msd" in args else "nnunet", shared_folder="")
+    c = unet3d_brats.get_config(arg)
+    data = common.volume_segmentation(
+        layout="msd" if "msd" in args else "nnunet", shared_folder=""
+    ).data
+    data.spacing = c.data.spacing
+    data.max_examples = 0
+    c.data = data
     c.data.modalities = ()  # every channel of dataset.json
     c.data.num_classes = 0  # from dataset.json
     c.data.class_names = ()
     c.data.val_fraction = 0.5
     c.data.val_ids = ()
-    c.data.spacing = (2.0, 2.0, 2.0)
-    c.patch_size = (48, 48, 48)
-    c.batch_size = 2
-    c.num_steps = 600
-    c.log_every = 25
-    c.eval_every = 200
-    c.checkpoint_every = 100
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 30
-    if "smoke" in args:
-        common.shrink_for_smoke(c)
-        c.patch_size = (16, 16, 16)
-        c.data.spacing = (6.0, 6.0, 6.0)
-        c.data.max_examples = 0
-        c.eval_batch_size = 1
-        c.inference.window = (16, 16, 16)
     return c

@@ -19,6 +19,7 @@ from PIL import Image
 
 from medjax.data import convert, image_sets, sources
 from medjax.data.paths import data_dir
+from tests.helpers import tcia_pair_splits
 
 STEP = 2.0 / 255.0  # one 8-bit grey level in the [-1, 1] range
 
@@ -209,13 +210,7 @@ def test_medmnist_3d_volumes_are_never_channels(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def tcia_pairs() -> dict[str, dict[str, np.ndarray]]:
-    folder = _dir("brain_tumor_progression_pgbm001")
-    d = image_sets.load_tcia_series(folder, ("t1pre", "t2"), size=(64, 64))
-    train, val = image_sets.split_slice_block(d, (14, 18))
-    return {
-        s: {"source": x["image"][..., :1], "target": x["image"][..., 1:]}
-        for s, x in (("train", train), ("val", val))
-    }
+    return tcia_pair_splits()
 
 
 @pytest.mark.parametrize("layout", ["pairs", "aligned"])

@@ -30,7 +30,7 @@ from medjax.data import convert, image_sets, volumes
 from medjax.data.paths import data_dir
 from medjax.train import evaluate, loop
 from tests.data import test_volumes as tv
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, tcia_pair_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,13 +184,7 @@ def test_classifier_folder_and_medmnist_test_split(tmp_path, breast_png):
 
 @pytest.fixture(scope="module")
 def tcia_pairs() -> dict[str, dict[str, np.ndarray]]:
-    folder = _dir("brain_tumor_progression_pgbm001")
-    d = image_sets.load_tcia_series(folder, ("t1pre", "t2"), size=(64, 64))
-    train, val = image_sets.split_slice_block(d, (14, 18))
-    return {
-        s: {"source": x["image"][..., :1], "target": x["image"][..., 1:]}
-        for s, x in (("train", train), ("val", val))
-    }
+    return tcia_pair_splits()
 
 
 @pytest.mark.parametrize("layout", ["pairs", "aligned"])
