@@ -127,7 +127,7 @@ def _evaluate() -> Callable[[list[str]], None]:
             and "background" not in c
             and "interior" not in c
         ]
-        if len(rows) <= 200:
+        if len(cols) > 1 and len(rows) <= 200:  # a per-case table when there are case metrics
             print("  ".join(f"{c:>14}" for c in cols))
             for r in rows:
                 print("  ".join(f"{_fmt(r.get(c, '')):>14}" for c in cols))
