@@ -22,6 +22,9 @@ CLASS_NAMES = {"pneumonia": ("normal", "pneumonia"), "breast": ("malignant", "be
 def get_config(arg: str | None = None):
     c = dcgan_medmnist.get_config(arg, task="conditional_gan")
     c.data.num_classes = 2
+    # PneumoniaMNIST is 10 % normal: draw class-balanced batches, or the minority class is
+    # rarely seen by either network
+    c.data.balance_classes = True
     c.data.class_names = CLASS_NAMES["breast" if "breast" in (arg or "") else "pneumonia"]
     if "smoke" in common.parse_arg(arg):
         c.data.max_examples = 0  # every image: the first few may all be of one class

@@ -56,6 +56,15 @@ def step_indices(
     return out
 
 
+def weighted_indices(
+    step: int, probabilities: np.ndarray, *, global_batch_size: int, seed: int
+) -> np.ndarray:
+    """Example indices of global batch `step`, drawn with replacement with the given
+    `probabilities` by `default_rng([seed, step])` (a pure function of (seed, step))."""
+    rng = np.random.default_rng([int(seed), int(step)])
+    return rng.choice(len(probabilities), size=int(global_batch_size), p=probabilities)
+
+
 def iterate_steps(
     host_batch: Callable[[int], Mapping[str, np.ndarray]],
     spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -107,6 +116,7 @@ def make_train_iter(
     num_steps: int | None = None,
     prefetch: int = 2,
     independent: bool = False,
+    sample_weights: np.ndarray | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Yields the global batches for steps `start_step, start_step + 1, ...` (endless if None).
 
@@ -117,6 +127,9 @@ def make_train_iter(
       seed: data-order seed.
       independent: every key is its own dataset (any length), drawn in its own seeded order
         (`step_indices(..., stream=i)`): the two domains of unpaired data.
+      sample_weights: `[N]` non-negative weights: each row of batch `step` is drawn with
+        replacement with probability proportional to its weight (`weighted_indices`), e.g.
+        inverse class frequencies for class-balanced batches; None: epochs of permutations.
     """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if independent:
@@ -129,7 +142,17 @@ def make_train_iter(
     rows = parallel.process_slice(global_batch_size)
     local = rows.stop - rows.start
 
+    if sample_weights is not None:
+        p = np.asarray(sample_weights, np.float64).reshape(-1)
+        n = num_examples(arrays)
+        if p.size != n or (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
+            raise ValueError(f"sample_weights must be {n} finite non-negative numbers, not all 0")
+        p = p / p.sum()
+
     def host_batch(step: int) -> dict[str, np.ndarray]:
+        if sample_weights is not None:
+            idx = weighted_indices(step, p, global_batch_size=global_batch_size, seed=seed)
+            return {k: v[idx[rows]] for k, v in arrays.items()}
         out = {}
         for i, (k, v) in enumerate(arrays.items()):
             idx = step_indices(

@@ -233,7 +233,13 @@ class LatentGAN(task.Task):
 
     def load_data(self) -> task.TaskData:
         train = self._images("train")
-        return task.TaskData.from_arrays(train, self._eval_set(self._images("val"), train))
+        weights = None
+        if self.conditional and self.config.data.get("balance_classes"):
+            counts = np.bincount(train["label"], minlength=self.num_classes)
+            weights = 1.0 / counts[train["label"]]  # every class equally often in a batch
+        return task.TaskData.from_arrays(
+            train, self._eval_set(self._images("val"), train), sample_weights=weights
+        )
 
     def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
         return self._eval_set(self._images(split, directory), self._images("train"))

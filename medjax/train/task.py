@@ -103,10 +103,12 @@ class TaskData:
         *,
         num_eval: int | None = None,
         independent: bool = False,
+        sample_weights: np.ndarray | None = None,
     ) -> TaskData:
         """In-memory training arrays `{key: [N, ...]}` (equal N), batched in a seeded order
         (`medjax.data.pipeline.make_train_iter`); `independent`: every key is its own set,
-        drawn in its own order (unpaired domains)."""
+        drawn in its own order (unpaired domains); `sample_weights`: rows drawn with these
+        relative probabilities (e.g. class-balanced)."""
         from medjax.data import pipeline
 
         arrays = {k: np.asarray(v) for k, v in train.items()}
@@ -114,7 +116,10 @@ class TaskData:
         return cls(
             example_spec={k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in arrays.items()},
             make_train_iter=functools.partial(
-                pipeline.make_train_iter, arrays, independent=independent
+                pipeline.make_train_iter,
+                arrays,
+                independent=independent,
+                sample_weights=sample_weights,
             ),
             eval=eval,
             num_train=n,

@@ -268,3 +268,32 @@ def test_global_batch(mesh):
         assert out[k].sharding == parallel.data_sharding(mesh)
         assert out[k].dtype == v.dtype
         np.testing.assert_array_equal(np.asarray(out[k]), v)
+
+
+def test_weighted_indices_follow_the_probabilities_and_are_pure():
+    p = np.array([0.1, 0.6, 0.3])
+    draws = np.concatenate(
+        [pipeline.weighted_indices(s, p, global_batch_size=1000, seed=3) for s in range(20)]
+    )
+    freq = np.bincount(draws, minlength=3) / draws.size
+    # 20000 draws: every frequency within 4 binomial standard errors of its probability
+    np.testing.assert_array_less(np.abs(freq - p), 4 * np.sqrt(p * (1 - p) / draws.size))
+    a = pipeline.weighted_indices(7, p, global_batch_size=16, seed=3)
+    np.testing.assert_array_equal(a, pipeline.weighted_indices(7, p, global_batch_size=16, seed=3))
+    assert not np.array_equal(a, pipeline.weighted_indices(8, p, global_batch_size=16, seed=3))
+
+
+def test_class_balanced_batches_of_the_conditional_gan():
+    from medjax.configs import conditional_gan_medmnist
+    from medjax.train import loop
+
+    cfg = conditional_gan_medmnist.get_config("smoke")
+    try:
+        data = loop.get_task(cfg).load_data()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    mesh = parallel.make_mesh(1)
+    it = data.make_train_iter(global_batch_size=64, mesh=mesh, seed=0, num_steps=20)
+    labels = np.concatenate([np.asarray(b["label"]) for b in it])
+    # PneumoniaMNIST's training split is 10 % normal (class 0); balanced draws give about half
+    assert abs(labels.mean() - 0.5) < 4 * np.sqrt(0.25 / labels.size)

@@ -5,8 +5,10 @@ The DCGAN recipe (`medjax.train.gan.LatentGAN`) with both networks conditioned o
 generator concatenates a learned class embedding to the latent vector (Mirza & Osindero 2014,
 arXiv:1411.1784) and the discriminator is a projection discriminator (Miyato & Koyama 2018,
 "cGANs with Projection Discriminator", arXiv:1802.05637): `D(x, y) = psi(phi(x)) + <V y, phi(x)>`.
-Real batches carry their labels; fakes are drawn with the labels of the real batch, so the
-class balance of the data is kept.
+Real batches carry their labels; fakes are drawn with the labels of the real batch. With
+`data.balance_classes` the real batches are drawn class-balanced (each image with probability
+inversely proportional to its class size), so a minority class is trained as often as the
+majority one.
 
 Data: any labelled image set (`data.source` "medmnist" or "class_folders"), `data.num_classes`
 and `data.class_names`. Evaluation, per class `c`, on fixed latent vectors:
@@ -58,8 +60,8 @@ class Task(gan.LatentGAN):
         )  # fmt: skip
 
     def training_picture(self, runner: task.Runner, state: gan.GANState) -> np.ndarray:
-        """One row of fixed-noise samples per class (the same latents in every row)."""
-        n = max(1, int(self.config.get("num_pictures", 64)) // self.num_classes)
+        """One row of (up to 8) fixed-noise samples per class, the same latents in every row."""
+        n = max(1, min(8, int(self.config.get("num_pictures", 64)) // self.num_classes))
         rows = [
             self.generate(runner, state, n, labels=np.full(n, c)) for c in range(self.num_classes)
         ]
