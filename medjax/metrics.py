@@ -77,6 +77,7 @@ __all__ = [
     "sensitivity",
     "specificity",
     "ssim",
+    "summarize_columns",
     "summarize_rows",
     "surface_metrics",
 ]
@@ -318,18 +319,27 @@ def summarize_rows(rows: Sequence[Mapping[str, object]]) -> dict[str, float]:
     ``cases`` is the number of rows; a column with undefined (NaN) entries also gets
     ``<column>_n``, the number of cases its mean is over (NaN when no case defines it).
     """
-    out: dict[str, float] = {"cases": len(rows)}
-    if not rows:
-        return out
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    for key in keys:
-        vals = [float(r[key]) for r in rows if isinstance(r.get(key), int | float | np.number)]
-        if not vals or isinstance(rows[0].get(key), bool):
+    columns = {
+        key: [float(r[key]) for r in rows if isinstance(r.get(key), int | float | np.number)]
+        for key in keys
+        if not isinstance(rows[0].get(key), bool)
+    }
+    return {"cases": len(rows), **summarize_columns(columns)}
+
+
+def summarize_columns(columns: Mapping[str, Sequence[float] | np.ndarray]) -> dict[str, float]:
+    """NaN-skipping mean of every column of per-case values (`summarize_rows` without the
+    rows): `<column>` and, when some entries are NaN, `<column>_n` (the defined ones)."""
+    out: dict[str, float] = {}
+    for key, values in columns.items():
+        vals = np.asarray(values, np.float64).reshape(-1)
+        if not vals.size:
             continue
-        finite = [v for v in vals if np.isfinite(v)]
-        out[key] = float(np.mean(finite)) if finite else float("nan")
-        if len(finite) != len(vals):
-            out[f"{key}_n"] = len(finite)
+        finite = vals[np.isfinite(vals)]
+        out[key] = float(finite.mean()) if finite.size else float("nan")
+        if finite.size != vals.size:
+            out[f"{key}_n"] = int(finite.size)
     return out
 
 

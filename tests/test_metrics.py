@@ -440,3 +440,14 @@ def test_psnr_ssim_vs_skimage(shape):
             got_psnr[i], peak_signal_noise_ratio(x[i], y[i], data_range=1.0), rtol=1e-5
         )
     np.testing.assert_allclose(metrics.ssim(x, x, 1.0), 1.0, rtol=1e-5)
+
+
+def test_summarize_columns_and_rows_skip_nans_and_count_them():
+    cols = {"dice": [0.5, np.nan, 0.7], "hd95": [1.0, 2.0, 4.0], "none": [np.nan, np.nan]}
+    out = metrics.summarize_columns(cols)
+    assert out["dice"] == pytest.approx(0.6) and out["dice_n"] == 2
+    assert out["hd95"] == pytest.approx(7 / 3) and "hd95_n" not in out
+    assert np.isnan(out["none"]) and out["none_n"] == 0
+    rows = [{"id": "a", "dice": 0.5, "ok": True}, {"id": "b", "dice": np.nan, "ok": False}]
+    summary = metrics.summarize_rows(rows)
+    assert summary == {"cases": 2, "dice": 0.5, "dice_n": 1}  # strings and flags skipped

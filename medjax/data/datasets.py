@@ -39,6 +39,7 @@ class Source:
     shared_folder: str | None
     channels: int | None  # None: from the config (`folder`)
     shared_val_folder: str | None = None  # a separate validation folder, when the data has one
+    label_values: Mapping[int, int] | None = None  # stored mask value -> class (fixed layouts)
 
 
 def _mode(cfg: Mapping[str, Any]) -> str | None:
@@ -126,6 +127,7 @@ SOURCES: dict[str, Source] = {
         sources.ISBI2012_CLASSES,
         "isbi2012_em_membrane",
         1,
+        label_values=sources.ISBI2012_LABEL_VALUES,
     ),
     "kvasir_seg": Source(
         lambda d, cfg: sources.load_segmentation_folder(d, threshold=127, mode="RGB"),
@@ -176,6 +178,17 @@ def channels(cfg: Mapping[str, Any]) -> int | None:
     """Image channels of the source (`cfg.channels` for `folder`; None when as stored)."""
     src = get_source(cfg["source"])
     return src.channels if src.channels is not None else (int(cfg.get("channels") or 0) or None)
+
+
+def stored_values(cfg: Mapping[str, Any]) -> dict[int, int]:
+    """Class -> the value a mask file of the dataset stores for it (to write predictions in the
+    dataset's own convention): the inverse of the source's or `cfg.label_values` map, 0/255
+    for two classes, else the class index itself."""
+    values = get_source(cfg["source"]).label_values or cfg.get("label_values")
+    if values:
+        return {int(v): int(k) for k, v in dict(values).items()}
+    n = int(cfg["num_classes"])
+    return {0: 0, 1: 255} if n == 2 else {c: c for c in range(n)}
 
 
 def resolve_directory(cfg: Mapping[str, Any]) -> Path | None:

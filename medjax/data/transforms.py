@@ -40,6 +40,7 @@ __all__ = [
     "random_crop",
     "resample_to_spacing",
     "resize_example",
+    "to_original_grid",
     "warp_affine",
     "zscore_in_mask",
 ]
@@ -344,6 +345,23 @@ def paste_into(
     out = np.full(full, fill, dtype=c.dtype)
     out[bbox] = c
     return out
+
+
+def to_original_grid(
+    array: np.ndarray, prepared: Mapping[str, Any], fill: float | None = None
+) -> np.ndarray:
+    """A network-grid array `[*grid, C]` of a case cropped and resampled for the network back
+    onto its original grid: linear resampling to `prepared["crop_shape"]` (from
+    `prepared["net_spacing"]`), then, unless `fill` is None, pasted at `prepared["bbox"]` into
+    `prepared["full_shape"]` with `fill` outside."""
+    out = np.asarray(array)
+    if out.shape[:-1] != tuple(prepared["crop_shape"]):
+        out, _ = resample_to_spacing(
+            out, prepared["net_spacing"], None, order=1, shape=prepared["crop_shape"]
+        )
+    if fill is None:
+        return out
+    return paste_into(prepared["full_shape"], out, prepared["bbox"], fill)
 
 
 def resample_to_spacing(

@@ -207,7 +207,7 @@ class LatentGAN(task.Task):
         self.loss_kind = loss_kind(config)
         self.ema_decay = float(config.get("ema_decay", 0.0))
         self.tx = make_optimizers(config, self.networks, int(config.num_steps))
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}  # the classifier behind FID / KID, once restored
 
     # -- data --------------------------------------------------------------------------------------
     def _images(self, split: str, directory: str | Path | None = None) -> dict[str, np.ndarray]:
@@ -448,17 +448,18 @@ class LatentGAN(task.Task):
         real-vs-real floor and the trivial generator (both computed once: they do not depend on
         the model)."""
         real_sample, reference, half = self.halves(eval_set["image"])
-        key = f"baselines-{id(eval_set)}"
-        if key not in self._cache:
+
+        def baselines() -> dict[str, float]:
             trivial = gan_metrics.pixel_gaussian(
                 eval_set["train_image"], half, seed=int(self.config.seed)
             )
-            self._cache[key] = self.distribution_metrics(
+            return self.distribution_metrics(
                 runner, reference, {"_real": real_sample, "_trivial": trivial}
             )
+
         fake = self.generate(runner, state, half)
         summary = self.distribution_metrics(runner, reference, {"": fake})
-        summary.update(self._cache[key])
+        summary.update(task.computed_once(eval_set, "baselines", baselines))
         summary["sample_std"] = float(np.std(fake))  # collapse detector: 0 when all samples agree
         pictures = {"samples": self.training_picture(runner, state)} if num_pictures else {}
         return task.Evaluation(summary, pictures=pictures)

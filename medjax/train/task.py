@@ -201,6 +201,14 @@ class Evaluation:
     pictures: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
+def computed_once(eval_set: dict[str, Any], key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` stored in the evaluation set under `key` on first use: what does not depend
+    on the model (real-vs-real floors, trivial baselines) is computed once per set."""
+    if key not in eval_set:
+        eval_set[key] = compute()
+    return eval_set[key]
+
+
 class Runner(Protocol):
     """What the trainer offers a task's host-side methods (`medjax.train.loop.Trainer`).
 

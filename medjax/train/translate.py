@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -197,12 +196,3 @@ def _translate_volume(
     return io.write_nifti(
         target, out[..., 0] if out.shape[-1] == 1 else out, geom, overwrite=overwrite
     )
-
-
-def paste_back(prepared: dict[str, Any], out: np.ndarray, fill: float) -> np.ndarray:
-    """A network-grid output of a cropped, resampled case back onto its full original grid."""
-    if out.shape[:-1] != tuple(prepared["crop_shape"]):
-        out, _ = transforms.resample_to_spacing(
-            out, prepared["net_spacing"], None, order=1, shape=prepared["crop_shape"]
-        )
-    return transforms.paste_into(prepared["full_shape"], out, prepared["bbox"], fill)

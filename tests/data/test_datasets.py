@@ -228,3 +228,12 @@ def test_load_isbi_errors():
     # the test split of the shared folder has no masks (they are withheld)
     with pytest.raises(FileNotFoundError, match="mask"):
         datasets.load_examples(base, "test")
+
+
+def test_stored_values_invert_the_datasets_mask_convention():
+    # ISBI stores 0 = membrane (class 1), 255 = interior (class 0)
+    assert datasets.stored_values({"source": "isbi2012", "num_classes": 2}) == {1: 0, 0: 255}
+    cfg = {"source": "folder", "num_classes": 3, "label_values": ((10, 0), (20, 1), (30, 2))}
+    assert datasets.stored_values(cfg) == {0: 10, 1: 20, 2: 30}
+    assert datasets.stored_values({"source": "kvasir_seg", "num_classes": 2}) == {0: 0, 1: 255}
+    assert datasets.stored_values({"source": "folder", "num_classes": 3}) == {0: 0, 1: 1, 2: 2}

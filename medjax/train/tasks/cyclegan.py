@@ -108,7 +108,6 @@ class Task(task.Task):
         self.pool_size = int(config.get("pool_size", 50))
         self.ema_decay = float(config.get("ema_decay", 0.0))
         self.tx = gan.make_optimizers(config, self.networks, int(config.num_steps))
-        self._baseline: dict[int, dict[str, float]] = {}
         self._preview: dict[str, Any] | None = None
 
     # -- data --------------------------------------------------------------------------------------
@@ -273,11 +272,8 @@ class Task(task.Task):
         ab = runner.map_batches(state, a, "predict")
         ba = runner.map_batches(state, b, "predict_ba")
         summary = self._scores(eval_set, ab, ba)
-        key = id(eval_set)
-        if key not in self._baseline:  # the untranslated input as the prediction
-            scores = self._scores(eval_set, a, b)
-            self._baseline[key] = {f"{k}_identity": v for k, v in scores.items()}
-        summary.update(self._baseline[key])
+        identity = lambda: {f"{k}_identity": v for k, v in self._scores(eval_set, a, b).items()}  # noqa: E731
+        summary.update(task.computed_once(eval_set, "identity", identity))  # input as output
         picture = self._picture(a, ab, b, ba, num_pictures)
         return task.Evaluation(summary, pictures={"translations": picture} if num_pictures else {})
 

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from medjax import gan_metrics, losses, metrics, visualize
-from medjax.data import image_sets, io, volumes
+from medjax.data import image_sets, io, transforms, volumes
 from medjax.train import gan, task, translate
 from medjax.train.gan import GANState
 from medjax.train.state import step_key
@@ -55,13 +55,7 @@ def _mean_over_examples(rows: Iterable[Mapping[str, np.ndarray]]) -> dict[str, f
     for row in rows:
         for k, v in row.items():
             acc.setdefault(k, []).append(np.atleast_1d(np.asarray(v, np.float64)))
-    columns = {k: np.concatenate(v) for k, v in acc.items()}
-    n = len(next(iter(columns.values()))) if columns else 0
-    summary = metrics.summarize_rows(
-        [{k: float(c[i]) for k, c in columns.items()} for i in range(n)]
-    )
-    summary.pop("cases")
-    return summary
+    return metrics.summarize_columns({k: np.concatenate(v) for k, v in acc.items()})
 
 
 class Task(task.Task):
@@ -113,7 +107,6 @@ class Task(task.Task):
         self.ema_decay = float(config.get("ema_decay", 0.0))
         self.tx = gan.make_optimizers(config, self.networks, int(config.num_steps))
         self.patch_size = tuple(int(p) for p in (config.get("patch_size") or ()))
-        self._baselines: dict[int, dict[str, float]] = {}
         self._preview: Any = None
         if self.target == "image":
             self.summary_keys = tuple(
@@ -328,15 +321,15 @@ class Task(task.Task):
         m = gan_metrics.translation_metrics(pred, target, mask, data_range=2.0)
         return {k: np.asarray(v, np.float64) for k, v in m.items()}
 
-    def baselines(self, eval_set: Mapping[str, Any], cached: list[tuple]) -> dict[str, float]:
+    def baselines(self, eval_set: dict[str, Any], cached: list[tuple]) -> dict[str, float]:
         """Trivial baselines over the `_predictions` tuples `cached`, computed once per
         evaluation set (they do not depend on the model). Image targets: identity (the source
         as the prediction; when channel counts agree) and mean image (the mean training target,
         per voxel). Label targets: `_brain`, every brain voxel predicted as every region (Dice
         `2|T| / (|brain| + |T|)`, sensitivity 1): the score of knowing only the brain mask."""
-        key = id(eval_set)
-        if key in self._baselines:
-            return self._baselines[key]
+        return task.computed_once(eval_set, "baselines", lambda: self._baselines(eval_set, cached))
+
+    def _baselines(self, eval_set: Mapping[str, Any], cached: list[tuple]) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.target == "label":
             rows = _mean_over_examples(
@@ -356,7 +349,6 @@ class Task(task.Task):
                 for _, tgt, mask, _, _ in cached
             )
             out.update({f"{k}_mean_image": v for k, v in rows.items()})
-        self._baselines[key] = out
         return out
 
     def evaluate(
@@ -506,7 +498,7 @@ class Task(task.Task):
         for case, target in zip(cases, targets, strict=True):
             prep = image_sets.prepare_volume_pair(case, self.config.data, self.source_mods)
             out = runner.sliding_window(state, prep["image"])
-            full = translate.paste_back(prep, out, 0.0 if self.target == "label" else -1.0)
+            full = transforms.to_original_grid(out, prep, 0.0 if self.target == "label" else -1.0)
             if self.target == "label":
                 native = volumes.to_native(np.argmax(full, -1), prep["label_scheme"])
                 written.append(

@@ -162,18 +162,6 @@ class Task(supervised.Supervised):
         return task.Evaluation(summary, rows, pictures)
 
     # -- prediction files ------------------------------------------------------------------------
-    def stored_values(self) -> dict[int, int]:
-        """Class -> the value written in a mask file: the inverse of `data.label_values`,
-        0/255 for binary masks, else the class index."""
-        cfg = self.config.data
-        src = str(cfg.source)
-        values = {"isbi2012": sources.ISBI2012_LABEL_VALUES}.get(src) or cfg.get("label_values")
-        if values:
-            return {int(v): int(k) for k, v in dict(values).items()}
-        if self.num_classes == 2:
-            return {0: 0, 1: 255}
-        return {c: c for c in range(self.num_classes)}
-
     def predict_files(
         self,
         runner: task.Runner,
@@ -184,7 +172,7 @@ class Task(supervised.Supervised):
         overwrite: bool = False,
     ) -> list[Path]:
         """One mask per input image (image files, or folders of them): `<id>.png` (8-bit,
-        16-bit past 255 classes) in the dataset's own mask values (`stored_values`), on the
+        16-bit past 255 classes) in the dataset's own mask values (`datasets.stored_values`), on the
         input's pixel grid; NIfTI inputs give `<id>.nii.gz` with the input's affine."""
         files: list[Path] = []
         for p in (Path(x) for x in inputs):
@@ -196,7 +184,7 @@ class Task(supervised.Supervised):
         ]
         io.refuse_existing(targets, overwrite, "prediction")
         mode = {1: "L", 3: "RGB"}.get(datasets.channels(self.config.data) or 0)
-        lut = self.stored_values()
+        lut = datasets.stored_values(self.config.data)
         written = []
         for f, target in zip(files, targets, strict=True):
             image, spacing = sources.read_image_2d(f, mode)

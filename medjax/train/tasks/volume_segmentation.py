@@ -88,7 +88,7 @@ class Task(supervised.Supervised):
         cfg = self.config.data
         layout = str(cfg.layout)
         spec = volumes.label_spec(
-            self._dataset_root("train", cfg) if self._one_folder else None,
+            paths.split_dir(cfg, "train") if self._one_folder else None,
             layout,
             num_classes=int(cfg.get("num_classes") or 0),
             class_names=tuple(cfg.get("class_names") or ()),
@@ -123,10 +123,6 @@ class Task(supervised.Supervised):
         return tuple(f"dice_{r}" for r in self.regions) + ("dice_mean",)
 
     # -- host data ------------------------------------------------------------------------------
-    @staticmethod
-    def _dataset_root(which: str, cfg: Mapping[str, Any]) -> Path:
-        return paths.split_dir(cfg, which)
-
     @property
     def _one_folder(self) -> bool:
         """nnU-Net / MSD: one dataset folder holds every split (imagesTr, imagesTs)."""
@@ -280,11 +276,8 @@ class Task(supervised.Supervised):
         """
         logits = runner.sliding_window(state, prepared["image"])
         probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
-        if probs.shape[:-1] != tuple(prepared["crop_shape"]):
-            probs, _ = transforms.resample_to_spacing(
-                probs, prepared["net_spacing"], None, order=1, shape=prepared["crop_shape"]
-            )
-        pred = np.argmax(probs, axis=-1).astype(np.uint8)
+        # argmax on the cropped grid, then paste: no full-volume probability array
+        pred = np.argmax(transforms.to_original_grid(probs, prepared), axis=-1).astype(np.uint8)
         return transforms.paste_into(prepared["full_shape"], pred, prepared["bbox"], 0)
 
     def case_row(self, prepared: Mapping[str, Any], pred: np.ndarray) -> dict[str, Any]:
@@ -322,13 +315,7 @@ class Task(supervised.Supervised):
         z = int(np.argmax((ref > 0).reshape(-1, ref.shape[-1]).sum(0))) if ref.ndim == 3 else None
         # the network-grid image mapped back for display: first channel, cropped grid
         image = prepared["image"][..., :1]
-        if image.shape[:-1] != tuple(prepared["crop_shape"]):
-            image, _ = transforms.resample_to_spacing(
-                image, prepared["net_spacing"], None, order=1, shape=prepared["crop_shape"]
-            )
-        full = transforms.paste_into(
-            prepared["full_shape"], image, prepared["bbox"], float(image.min())
-        )
+        full = transforms.to_original_grid(image, prepared, float(image.min()))
         truth = label if label is not None else np.zeros_like(pred)
         if z is not None:
             full, truth, pred = full[:, :, z], truth[:, :, z], pred[:, :, z]
