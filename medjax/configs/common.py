@@ -5,12 +5,30 @@ from __future__ import annotations
 import ml_collections
 
 
+def scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The keys every config has for how it runs, not what it learns (see README "Scaling"):
+    the device mesh, gradient accumulation and replicas trained side by side in one program."""
+    c.num_devices = 0  # 0: every visible device (of every process)
+    c.fsdp = 1  # devices per parameter-shard group: 1 data parallel, > 1 FSDP
+    c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is the sum)
+    c.replicas = 1  # independent models in one program (vmap), seeds seed, seed + 1, ...
+    c.replica_lr_scales = ()  # () all 1; else one learning-rate factor per replica
+    return c
+
+
+def data_block() -> ml_collections.ConfigDict:
+    """A `data` block with the keys every dataset shares."""
+    d = ml_collections.ConfigDict()
+    d.shards = 0  # data shards (0: one per process); a process reads only its own
+    return d
+
+
 def segmentation(source: str, num_classes: int) -> ml_collections.ConfigDict:
     """Defaults of a 2D U-Net segmentation run on dataset `source` (see medjax.data.datasets)."""
     c = ml_collections.ConfigDict()
     c.task = "segmentation"
     c.seed = 0
-    c.num_devices = 0  # 0: every visible device
+    scale(c)
     c.batch_size = 8  # global: summed over devices and hosts
     c.eval_batch_size = 8
     c.num_steps = 1000
@@ -24,7 +42,7 @@ def segmentation(source: str, num_classes: int) -> ml_collections.ConfigDict:
     c.crop_size = ()  # () trains on whole images; (H, W) trains on random crops
     c.num_pictures = 4  # validation examples drawn in the PNG overlays
 
-    c.data = ml_collections.ConfigDict()
+    c.data = data_block()
     c.data.source = source
     c.data.directory = ""  # "" -> the shared data folder of `source`
     c.data.num_classes = num_classes
@@ -113,7 +131,7 @@ def volume_segmentation(
     c.num_pictures = 2
     c.best_metric = "dice_mean"  # mean Dice over the regions WT, TC, ET
 
-    c.data = ml_collections.ConfigDict()
+    c.data = data_block()
     c.data.layout = layout  # brats | deepmedic | msd | generic (medjax.data.volumes)
     c.data.shared_folder = shared_folder
     c.data.train_split = "train"  # sub-folders of the shared folder...
@@ -180,7 +198,7 @@ def gan(task: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = task
     c.seed = 0
-    c.num_devices = 0
+    scale(c)
     c.batch_size = 64
     c.eval_batch_size = 64
     c.num_steps = 2000
@@ -200,8 +218,10 @@ def gan(task: str) -> ml_collections.ConfigDict:
     c.loss.kind = "non_saturating"
     c.model = ml_collections.ConfigDict()
     c.model.generator = ml_collections.ConfigDict()
+    c.model.generator.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
     c.model.discriminator = ml_collections.ConfigDict()
-    c.data = ml_collections.ConfigDict()
+    c.model.discriminator.dtype = "float32"
+    c.data = data_block()
     c.data.directory = ""
     c.data.max_examples = 0
     c.eval = ml_collections.ConfigDict()

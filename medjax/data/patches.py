@@ -17,6 +17,7 @@ the patches an uninterrupted one would, and every process extracts only its own 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -283,46 +284,74 @@ def make_patch_train_iter(
     case_weights: Sequence[float] | None = None,
     image_pad: float = 0.0,
     label_pad: int = 0,
+    num_shards: int = 0,
+    shard_ids: Sequence[int] | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Global patch batches ``{"image", "label"}`` for steps ``start_step, ...`` (an iterator
     built on :func:`medjax.data.pipeline.iterate_steps`).
 
-    Batch ``s`` equals ``patch_batch(volumes, s, ...)`` (so resuming at ``start_step`` repeats
-    nothing and skips nothing); endless when ``num_steps`` is None. Every process computes the
-    whole plan but extracts only its own rows (``parallel.process_slice``), on ``num_workers``
-    tf.data threads (AUTOTUNE when None) in step order, and the rows become global ``jax.Array``s
-    sharded over the mesh's data axis. Volumes (held in memory by every process) are cast to
-    float32 images / int32 labels and their foreground indexed once, up front.
+    With one data shard (``num_shards``, see :func:`medjax.data.pipeline.data_shards`; 0: one
+    per process), batch ``s`` equals ``patch_batch(volumes, s, ...)`` (so resuming at
+    ``start_step`` repeats nothing and skips nothing); every process computes the whole plan
+    and extracts only its own rows (``parallel.process_slice``). With K shards, case ``i``
+    belongs to shard ``shard_ids[i]`` (default ``i % K``), rows ``[k B/K, (k+1) B/K)`` are
+    ``patch_batch`` of shard ``k``'s cases with ``pipeline.shard_seed``, and a process needs
+    (and keeps) only the cases of its own shards: pass just those with their ``shard_ids``.
+    Extraction runs on ``num_workers`` tf.data threads (AUTOTUNE when None) in step order;
+    endless when ``num_steps`` is None. Volumes are cast to float32 images / int32 labels and
+    their foreground indexed once, up front.
     """
     patch = _as_size(patch_size, None, "patch_size")
     _check_volumes(volumes, len(patch))
     parallel.check_batch_size(global_batch_size, mesh)
-    rows = parallel.process_slice(global_batch_size)
-    vols = [
-        {
-            "image": np.asarray(v["image"], np.float32),
-            "label": np.asarray(v["label"]).astype(np.int32, copy=False),
-        }
-        for v in volumes
-    ]
-    fg_indices = [foreground_index(v["label"]) for v in vols]
-    n_chan = vols[0]["image"].shape[-1]
-    local = rows.stop - rows.start
+    n_shards, owned = pipeline.data_shards(num_shards, global_batch_size)
+    ids = np.arange(len(volumes)) % n_shards if shard_ids is None else np.asarray(shard_ids)
+    if len(ids) != len(volumes):
+        raise ValueError(f"{len(ids)} shard_ids for {len(volumes)} volumes")
+    weights = None if case_weights is None else np.asarray(case_weights, np.float64)
 
-    def host_batch(step: int) -> dict[str, np.ndarray]:
-        return patch_batch(
-            vols,
-            step,
-            seed=seed,
-            global_batch_size=global_batch_size,
+    def plan(shard: int, batch: int, rows: slice | None):
+        which = [i for i in range(len(volumes)) if ids[i] == shard]
+        if not which:
+            raise ValueError(
+                f"data shard {shard} of {n_shards} has no training volume (fewer cases than "
+                "shards: lower config.data.shards)"
+            )
+        vols = [
+            {
+                "image": np.asarray(volumes[i]["image"], np.float32),
+                "label": np.asarray(volumes[i]["label"]).astype(np.int32, copy=False),
+            }
+            for i in which
+        ]
+        kwargs = dict(
+            seed=pipeline.shard_seed(seed, shard, n_shards),
+            global_batch_size=batch,
             patch_size=patch,
             fg_fraction=fg_fraction,
-            fg_indices=fg_indices,
-            case_weights=case_weights,
+            fg_indices=[foreground_index(v["label"]) for v in vols],
+            case_weights=None if weights is None else weights[which],
             rows=rows,
             image_pad=image_pad,
             label_pad=label_pad,
         )
+        return functools.partial(patch_batch, vols, **kwargs)
+
+    if n_shards == 1:
+        rows = parallel.process_slice(global_batch_size)
+        parts = [plan(0, global_batch_size, rows)]
+        local = rows.stop - rows.start
+    else:
+        per = global_batch_size // n_shards
+        parts = [plan(s, per, None) for s in owned]
+        local = per * len(owned)
+    n_chan = np.shape(volumes[0]["image"])[-1]
+
+    def host_batch(step: int) -> dict[str, np.ndarray]:
+        outs = [part(step) for part in parts]
+        if len(outs) == 1:
+            return outs[0]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     spec = {
         "image": ((local, *patch, n_chan), np.dtype(np.float32)),

@@ -5,12 +5,19 @@ Training order is a pure function of `(seed, step)`: epoch `e` visits the exampl
 stream. A resumed run therefore sees exactly the batches an uninterrupted run would, and every
 process computes the same global batch and feeds its own rows of it.
 
+Data shards (`num_shards` K, default one per process): example `i` belongs to shard `i % K`,
+and rows `[k * B / K, (k + 1) * B / K)` of every global batch come from shard `k` alone, in its
+own seeded order (`shard_seed`). A process holds and reads only the shards it feeds (K is a
+multiple of the process count), and a one-process run with the same K sees the very same global
+batches, so a 2-host run can be checked against a 1-host one. K = 1 is the plain order above.
+
 Evaluation visits every example once; the last batch is padded and carries a boolean `_mask`
 (False on padding), so every host runs the same number of steps and nothing is counted twice.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -34,6 +41,35 @@ def num_examples(arrays: Mapping[str, np.ndarray]) -> int:
     if n == 0:
         raise ValueError("the dataset is empty")
     return n
+
+
+def data_shards(num_shards: int, global_batch_size: int) -> tuple[int, range]:
+    """(K, the shards this process feeds) for `config.data.shards = num_shards` (0: one shard per
+    process). K must be a multiple of the process count and divide the global batch."""
+    procs = jax.process_count()
+    k = int(num_shards or procs)
+    if k < 1 or k % procs:
+        raise ValueError(
+            f"config.data.shards={num_shards} must be 0 (one per process) or a positive multiple "
+            f"of the {procs} processes"
+        )
+    if int(global_batch_size) % k:
+        raise ValueError(
+            f"config.batch_size={global_batch_size} must be a multiple of the {k} data shards "
+            "(config.data.shards)"
+        )
+    per = k // procs
+    start = jax.process_index() * per
+    return k, range(start, start + per)
+
+
+def shard_seed(seed: int, shard: int, num_shards: int) -> int:
+    """The data-order seed of shard `shard` of `num_shards` (the run's own seed when K = 1)."""
+    if int(num_shards) == 1:
+        return int(seed)
+    return int(
+        np.random.SeedSequence([int(seed), int(num_shards), int(shard)]).generate_state(1)[0]
+    )
 
 
 def step_indices(
@@ -117,19 +153,22 @@ def make_train_iter(
     prefetch: int = 2,
     independent: bool = False,
     sample_weights: np.ndarray | None = None,
+    num_shards: int = 0,
 ) -> Iterator[dict[str, jax.Array]]:
     """Yields the global batches for steps `start_step, start_step + 1, ...` (endless if None).
 
     Args:
-      arrays: in-memory dataset, `{name: [N, ...]}` with equal N (held by every process).
+      arrays: in-memory dataset, `{name: [N, ...]}` with equal N.
       global_batch_size: rows per step summed over all devices and processes.
-      mesh: batches are sharded over its data axis.
+      mesh: batches are sharded over its devices.
       seed: data-order seed.
       independent: every key is its own dataset (any length), drawn in its own seeded order
         (`step_indices(..., stream=i)`): the two domains of unpaired data.
       sample_weights: `[N]` non-negative weights: each row of batch `step` is drawn with
         replacement with probability proportional to its weight (`weighted_indices`), e.g.
         inverse class frequencies for class-balanced batches; None: epochs of permutations.
+      num_shards: data shards K (`data_shards`; 0: one per process). This process keeps only
+        the rows of its own shards; with weights, each shard draws by its own normalised ones.
     """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if independent:
@@ -139,33 +178,71 @@ def make_train_iter(
     else:
         num_examples(arrays)
     parallel.check_batch_size(global_batch_size, mesh)
-    rows = parallel.process_slice(global_batch_size)
-    local = rows.stop - rows.start
-
+    n_shards, owned = data_shards(num_shards, global_batch_size)
     if sample_weights is not None:
         p = np.asarray(sample_weights, np.float64).reshape(-1)
         n = num_examples(arrays)
         if p.size != n or (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
             raise ValueError(f"sample_weights must be {n} finite non-negative numbers, not all 0")
-        p = p / p.sum()
 
-    def host_batch(step: int) -> dict[str, np.ndarray]:
-        if sample_weights is not None:
-            idx = weighted_indices(step, p, global_batch_size=global_batch_size, seed=seed)
-            return {k: v[idx[rows]] for k, v in arrays.items()}
-        out = {}
-        for i, (k, v) in enumerate(arrays.items()):
-            idx = step_indices(
-                step,
-                num_examples=len(v),
-                global_batch_size=global_batch_size,
-                seed=seed,
-                stream=i if independent else None,
+    def sampler(part: dict[str, np.ndarray], weights: np.ndarray | None, seed: int, batch: int):
+        """(step, rows) -> those rows of batch `step` drawn from `part` alone."""
+        if weights is not None:
+            if weights.sum() <= 0:
+                raise ValueError("a data shard has only zero sample weights")
+            weights = weights / weights.sum()
+        for k, v in part.items():
+            if not len(v):
+                raise ValueError(
+                    f"data shard of {k!r} is empty: {n_shards} shards need at least as many "
+                    "examples (lower config.data.shards)"
+                )
+
+        def rows_of(step: int, rows: slice) -> dict[str, np.ndarray]:
+            if weights is not None:
+                idx = weighted_indices(step, weights, global_batch_size=batch, seed=seed)
+                return {k: v[idx[rows]] for k, v in part.items()}
+            out = {}
+            for i, (k, v) in enumerate(part.items()):
+                idx = step_indices(
+                    step,
+                    num_examples=len(v),
+                    global_batch_size=batch,
+                    seed=seed,
+                    stream=i if independent else None,
+                )
+                out[k] = v[idx[rows]]
+            return out
+
+        return rows_of
+
+    w = None if sample_weights is None else p
+    trailing = {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
+    if n_shards == 1:
+        rows = parallel.process_slice(global_batch_size)
+        one = sampler(arrays, w, seed, global_batch_size)
+        host_batch = functools.partial(one, rows=rows)
+        local = rows.stop - rows.start
+    else:
+        per = global_batch_size // n_shards
+        parts = [
+            sampler(
+                {k: v[s::n_shards] for k, v in arrays.items()},
+                None if w is None else w[s::n_shards],
+                shard_seed(seed, s, n_shards),
+                per,
             )
-            out[k] = v[idx[rows]]
-        return out
+            for s in owned
+        ]
+        del arrays  # the other shards are not this process's
 
-    spec = {k: ((local, *v.shape[1:]), v.dtype) for k, v in arrays.items()}
+        def host_batch(step: int) -> dict[str, np.ndarray]:
+            outs = [part(step, slice(None)) for part in parts]
+            return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+        local = per * len(owned)
+
+    spec = {k: ((local, *shape), dtype) for k, (shape, dtype) in trailing.items()}
     return iterate_steps(
         host_batch, spec, mesh=mesh, start_step=start_step, num_steps=num_steps, prefetch=prefetch
     )

@@ -56,6 +56,27 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
+def _cluster_flags() -> None:
+    """Flags of a multi-process launch (every command has them; see README "Scaling")."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "coordinator", None, "host:port of process 0 of a multi-process job (else from the env)."
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+
+
+def _join_cluster() -> None:
+    """Joins the multi-process job (flags, else the environment: TPU pod, Slurm, ...)."""
+    from absl import flags
+
+    from medjax import parallel
+
+    f = flags.FLAGS
+    parallel.initialize_distributed(f.coordinator, f.num_processes, f.process_id)
+
+
 def _quiet(level: str) -> None:
     from absl import flags, logging
 
@@ -68,11 +89,13 @@ def _train() -> Callable[[list[str]], None]:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Experiment config: a name or a path[:arg].")
+    _cluster_flags()
     flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and pictures.")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv: list[str]) -> None:
         _no_positional(argv)
+        _join_cluster()
         _quiet("WARNING")
         from medjax.train import loop  # after XLA flags are set
 
@@ -88,6 +111,8 @@ def _fmt(v: object) -> str:
 
 def _evaluate() -> Callable[[list[str]], None]:
     from absl import flags
+
+    _cluster_flags()
 
     flags.DEFINE_string("workdir", None, "The run folder (config.json + checkpoints).")
     flags.DEFINE_string(
@@ -105,6 +130,7 @@ def _evaluate() -> Callable[[list[str]], None]:
 
     def main(argv: list[str]) -> None:
         _no_positional(argv)
+        _join_cluster()
         _quiet("ERROR")
         from medjax.train.evaluate import evaluate_workdir
 
@@ -142,6 +168,8 @@ def _evaluate() -> Callable[[list[str]], None]:
 def _predict() -> Callable[[list[str]], None]:
     from absl import flags
 
+    _cluster_flags()
+
     flags.DEFINE_string("workdir", None, "The run folder (config.json + checkpoints).")
     flags.DEFINE_multi_string(
         "input", None, "An image / NIfTI file, DICOM series, image folder, dataset or case folder."
@@ -149,16 +177,23 @@ def _predict() -> Callable[[list[str]], None]:
     flags.DEFINE_string("output", None, "Folder for the prediction files.")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to restore.")
     flags.DEFINE_bool("overwrite", False, "Replace existing prediction files.")
+    flags.DEFINE_integer("replica", 0, "Which model of a run with config.replicas > 1.")
     flags.mark_flags_as_required(["workdir", "input", "output"])
 
     def main(argv: list[str]) -> None:
         _no_positional(argv)
+        _join_cluster()
         _quiet("ERROR")
         from medjax.train.evaluate import predict_workdir
 
         f = flags.FLAGS
         for path in predict_workdir(
-            f.workdir, f.input, f.output, checkpoint=f.checkpoint, overwrite=f.overwrite
+            f.workdir,
+            f.input,
+            f.output,
+            checkpoint=f.checkpoint,
+            overwrite=f.overwrite,
+            replica=f.replica,
         ):
             print(path)
 
@@ -168,23 +203,27 @@ def _predict() -> Callable[[list[str]], None]:
 def _sample() -> Callable[[list[str]], None]:
     from absl import flags
 
+    _cluster_flags()
+
     flags.DEFINE_string("workdir", None, "The run folder (config.json + checkpoints).")
     flags.DEFINE_string("output", None, "Folder for the samples.")
     flags.DEFINE_integer("num", 64, "Number of samples.")
     flags.DEFINE_integer("seed", None, "Latent seed (generators); default: the eval noise.")
     flags.DEFINE_enum("checkpoint", "latest", ["best", "latest"], "Which checkpoint to restore.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing output folder.")
+    flags.DEFINE_integer("replica", 0, "Which model of a run with config.replicas > 1.")
     flags.mark_flags_as_required(["workdir", "output"])
 
     def main(argv: list[str]) -> None:
         _no_positional(argv)
+        _join_cluster()
         _quiet("ERROR")
         from medjax.train.evaluate import sample_workdir
 
         f = flags.FLAGS
         written = sample_workdir(
             f.workdir, f.output, num=f.num, seed=f.seed, checkpoint=f.checkpoint,
-            overwrite=f.overwrite,
+            overwrite=f.overwrite, replica=f.replica,
         )  # fmt: skip
         print(f"{written['npz']} ({len(written) - 2} samples), grid {written['grid']}")
 

@@ -18,11 +18,13 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from medjax import visualize
@@ -82,10 +84,14 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> None:
 
 
 class _Staging:
-    """A temporary sibling folder that replaces `final` on success (never a half-written one)."""
+    """A temporary sibling folder that replaces `final` on success (never a half-written one).
+
+    On many processes only process 0 publishes; the others write to a private temporary folder
+    that is dropped (every process computes the same result)."""
 
     def __init__(self, final: Path, overwrite: bool):
         self.final = final
+        self.publish = jax.process_index() == 0
         if final.exists() and any(final.iterdir()) and not overwrite:
             raise FileExistsError(
                 f"{final} already holds results; pass --overwrite to replace them or choose "
@@ -94,11 +100,14 @@ class _Staging:
         self.tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
 
     def __enter__(self) -> Path:
+        if not self.publish:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.final.name}."))
+            return self.tmp
         self.tmp.mkdir(parents=True)
         return self.tmp
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is not None:
+        if exc_type is not None or not self.publish:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = None
@@ -160,9 +169,9 @@ def evaluate_workdir(
     trainer, state = _restore(workdir, checkpoint, overrides)
     task = trainer.task
     eval_set = task.load_eval(data_dir, split)
-    ev = task.evaluate(trainer, state, eval_set, num_pictures=pictures)
+    ev = trainer.evaluate(state, eval_set, num_pictures=pictures)
     summary = {k: float(v) for k, v in ev.summary.items()}
-    summary["step"] = int(state.step)
+    summary["step"] = trainer.step_of(state)
     summary.setdefault("cases", len(ev.rows) or 1)
     rows = ev.rows or [{"id": split, **summary}]
     with staging as tmp:
@@ -180,10 +189,13 @@ def predict_workdir(
     *,
     checkpoint: str = "best",
     overwrite: bool = False,
+    replica: int = 0,
 ) -> list[Path]:
     """One prediction file per input case / image of `inputs` (`task.predict_files`): label
-    maps for segmentation runs, translated images or volumes for translation runs."""
+    maps for segmentation runs, translated images or volumes for translation runs; of model
+    `replica` of a run that trained several (`config.replicas`)."""
     trainer, state = _restore(Path(workdir), checkpoint)
+    state = trainer.replica(state, replica)
     return trainer.task.predict_files(trainer, state, inputs, out_dir, overwrite=overwrite)
 
 
@@ -195,17 +207,19 @@ def sample_workdir(
     seed: int | None = None,
     checkpoint: str = "latest",
     overwrite: bool = False,
+    replica: int = 0,
 ) -> dict[str, Path]:
     """Writes `num` samples of a generator run (`task.sample`): `samples.npz` (every array the
     task returns, e.g. `samples`, `source`, `label`), `grid.png` and one PNG (2D) or NIfTI (3D,
     identity affine, 1 mm) per sample, into `out_dir` (refused when it holds files, unless
-    `overwrite`: then it is replaced whole, so no stale sample stays)."""
+    `overwrite`: then it is replaced whole, so no stale sample stays); of model `replica` of a
+    run that trained several."""
     from medjax.data import io
 
     workdir, out_dir = Path(workdir), Path(out_dir)
     staging = _Staging(out_dir, overwrite)
     trainer, state = _restore(workdir, checkpoint)
-    arrays = trainer.task.sample(trainer, state, num, seed)
+    arrays = trainer.task.sample(trainer, trainer.replica(state, replica), num, seed)
     samples = np.asarray(arrays["samples"])
     if len(samples) != num:
         raise ValueError(f"asked for {num} samples; the run can make {len(samples)}")

@@ -19,17 +19,19 @@ import pkgutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from medjax import inference, parallel, visualize
 from medjax.data import pipeline
+from medjax.train import optim
 from medjax.train import task as task_lib
 from medjax.train.checkpoint import Checkpointer
 from medjax.train.logging import MetricWriter, Progress
@@ -156,7 +158,9 @@ class StopSignal:
     def __init__(self) -> None:
         self.received = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        # Many processes: JAX's preemption notifier owns SIGTERM (a Python handler would
+        # replace it and the hosts would never agree on a step to stop at).
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -186,33 +190,157 @@ class Trainer:
     It is the `medjax.train.task.Runner` that a task's host-side methods receive: `call`,
     `map_batches` and `sliding_window` jit any task method on the mesh; `restore_run` loads
     another finished run (e.g. the classifier behind FID).
+
+    Scale-out settings of the config (see README "Scaling"): `num_devices` and `fsdp` shape the
+    mesh (`medjax.parallel`); `replicas` > 1 trains that many independent models side by side
+    in ONE compiled step (`jax.vmap` over the state and a stacked batch, replica i with seed
+    `seed + i` for its parameters and its data order, and learning rate
+    `lr * replica_lr_scales[i]`). The replicas are split over the devices when their number
+    divides the device count, otherwise every replica's batch is. Evaluation scores every
+    replica and reports the mean and the standard deviation (`<metric>_sd`).
     """
 
     def __init__(self, config: Any, *, task: task_lib.Task | None = None, mesh: Any = None):
         self.config = config
-        self.task = task if task is not None else get_task(config)
-        self.mesh = mesh if mesh is not None else parallel.make_mesh(config.get("num_devices"))
+        self.replicas = int(config.get("replicas") or 1)
+        self.lr_scales = tuple(float(x) for x in (config.get("replica_lr_scales") or ()))
+        if self.replicas < 1:
+            raise ValueError(f"config.replicas={self.replicas} must be >= 1")
+        if self.lr_scales and len(self.lr_scales) != self.replicas:
+            raise ValueError(
+                f"config.replica_lr_scales has {len(self.lr_scales)} entries for "
+                f"{self.replicas} replicas"
+            )
+        if task is None:
+            task = get_task(optim.with_replica_scaling(config) if self.lr_scales else config)
+        self.task = task
+        accum = int(config.get("grad_accum_steps") or 1)
+        if accum > 1 and not task.accumulates_gradients:
+            raise task.cannot(
+                f"accumulate gradients (config.grad_accum_steps={accum})",
+                "use a smaller batch_size, or fsdp to fit a larger one",
+            )
+        self.mesh = (
+            mesh
+            if mesh is not None
+            else parallel.make_mesh(config.get("num_devices"), int(config.get("fsdp") or 1))
+        )
+        n_dev = self.mesh.devices.size
+        fsdp = int(self.mesh.shape.get(parallel.FSDP_AXIS, 1))
+        # Replicas split over the devices (no communication at all), else each replica's batch.
+        self.split_replicas = self.replicas > 1 and self.replicas % n_dev == 0 and fsdp == 1
         self.rep = parallel.replicated(self.mesh)
-        self.data_sh = parallel.data_sharding(self.mesh)
-        self.state_sh: Any = None
+        batch_dim = 1 if self.replicas > 1 and not self.split_replicas else 0
+        self.data_sh = parallel.data_sharding(self.mesh, batch_dim)
+        self.state_sh: Any = None  # of the (stacked) train state
+        self.model_sh: Any = None  # of ONE replica's state (what evaluation compiles against)
         self._compiled: dict[Any, Callable[..., Any]] = {}
 
     def init_state(self, batch_spec: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
-        """Initial state placed on its shardings (shapes from `eval_shape`, no host copy)."""
-        key = jax.random.key(int(self.config.seed))
+        """Initial state placed on its shardings (shapes from `eval_shape`, no host copy);
+        with replicas, stacked over a leading replica axis."""
         init = functools.partial(self.task.init, batch_spec=batch_spec)
-        abstract = jax.eval_shape(init, key)
-        self.state_sh = parallel.state_sharding(abstract, self.mesh)
-        return jax.jit(init, out_shardings=self.state_sh)(key)
+        seed = int(self.config.seed)
+        abstract_one = jax.eval_shape(init, jax.random.key(seed))
+        self.model_sh = parallel.state_sharding(abstract_one, self.mesh)
+        if self.replicas == 1:
+            self.state_sh = self.model_sh
+            return jax.jit(init, out_shardings=self.state_sh)(jax.random.key(seed))
+        keys = jnp.stack([jax.random.key(seed + i) for i in range(self.replicas)])
+        scales = self.lr_scales
+
+        def init_all(keys: jax.Array) -> Any:
+            state = jax.vmap(init)(keys)
+            return optim.set_replica_scales(state, scales) if scales else state
+
+        abstract = jax.eval_shape(init_all, keys)
+        if self.split_replicas:
+            self.state_sh = jax.tree.map(lambda _: self.data_sh, abstract)
+        else:
+            self.state_sh = parallel.state_sharding(abstract, self.mesh, replica_axis=True)
+        return jax.jit(init_all, out_shardings=self.state_sh)(keys)
 
     @functools.cached_property
     def train_step(self) -> Callable[..., Any]:
+        step = self.task.train_step if self.replicas == 1 else jax.vmap(self.task.train_step)
         return jax.jit(
-            self.task.train_step,
+            step,
             in_shardings=(self.state_sh, self.data_sh),
             out_shardings=(self.state_sh, self.rep),
             donate_argnums=0,
         )
+
+    def train_batches(
+        self, data: task_lib.TaskData, *, start_step: int, num_steps: int
+    ) -> Iterator[dict[str, jax.Array]]:
+        """The training batches of steps `start_step + 1, ...`: one stream per replica (seed
+        `seed + i`), stacked on a leading replica axis when there are several."""
+        its = [
+            data.make_train_iter(
+                global_batch_size=int(self.config.batch_size),
+                mesh=self.mesh,
+                seed=int(self.config.seed) + i,
+                start_step=start_step,
+                num_steps=num_steps,
+                num_shards=int(self.config.data.get("shards") or 0),
+            )
+            for i in range(self.replicas)
+        ]
+        if self.replicas == 1:
+            return its[0]
+        stack = jax.jit(
+            lambda *bs: jax.tree.map(lambda *xs: jnp.stack(xs), *bs), out_shardings=self.data_sh
+        )
+        return (stack(*bs) for bs in zip(*its, strict=True))
+
+    def step_of(self, state: Any) -> int:
+        """The number of steps `state` has taken (every replica has taken the same)."""
+        return int(np.asarray(to_host(state.step)).reshape(-1)[0])
+
+    def num_params(self, state: Any) -> int:
+        """Parameters of one model (one replica)."""
+        total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        return total // self.replicas
+
+    def replica(self, state: Any, i: int) -> Any:
+        """Replica `i`'s state (the state itself when there is one replica)."""
+        if self.replicas == 1:
+            if i:
+                raise ValueError(f"replica {i} requested from a run of one replica")
+            return state
+        if not 0 <= i < self.replicas:
+            raise ValueError(f"replica {i} is not in [0, {self.replicas})")
+        return jax.jit(lambda s: jax.tree.map(lambda x: x[i], s), out_shardings=self.model_sh)(
+            state
+        )
+
+    def evaluate(self, state: Any, eval_set: Any, num_pictures: int = 4) -> task_lib.Evaluation:
+        """`task.evaluate` of the state; with replicas, of each one: the summary holds the mean
+        over replicas of every metric and its standard deviation `<metric>_sd` (ddof 1), the
+        rows a `replica` column, the pictures are replica 0's."""
+        if self.replicas == 1:
+            return self.task.evaluate(self, state, eval_set, num_pictures=num_pictures)
+        evs = [
+            self.task.evaluate(
+                self, self.replica(state, i), eval_set, num_pictures=num_pictures if i == 0 else 0
+            )
+            for i in range(self.replicas)
+        ]
+        summary: dict[str, float] = {}
+        headline = {*(self.task.summary_keys or ()), str(self.config.get("best_metric") or "")}
+        for k in evs[0].summary:
+            vals = np.array([float(e.summary[k]) for e in evs])
+            summary[k] = float(np.mean(vals))
+            if k not in ("cases", "step"):
+                summary[f"{k}_sd"] = float(np.std(vals, ddof=1))
+            if k in headline:  # each replica's own value of the headline metrics
+                summary.update({f"{k}_r{i}": float(v) for i, v in enumerate(vals)})
+        rows = [
+            {"id": r.get("id", j), "replica": i, **r}
+            for i, e in enumerate(evs)
+            for j, r in enumerate(e.rows)
+        ]
+        return task_lib.Evaluation(summary, rows, evs[0].pictures)
 
     def compiled(self, method: str) -> Callable[..., Any]:
         """`task.<method>` jitted (any signature; arguments keep their shardings), cached."""
@@ -256,10 +384,11 @@ class Trainer:
         key = ("sliding_window", method, window)
         if key not in self._compiled:
             inf = self.config.get("inference") or {}
-            window_batch = int(inf.get("window_batch", 2))
             n_dev = self.mesh.devices.size
-            # Windows of one group spread over the devices when they divide evenly.
-            sharding = self.data_sh if n_dev > 1 and window_batch % n_dev == 0 else None
+            # Windows of one group spread over every device: the group is rounded up to a
+            # multiple of the devices (the last group is padded with weight-0 windows).
+            window_batch = -(-int(inf.get("window_batch", 2)) // n_dev) * n_dev
+            sharding = parallel.data_sharding(self.mesh) if n_dev > 1 else None
             predict = getattr(self.task, method)
 
             def fn(state: Any, volume: jax.Array) -> jax.Array:
@@ -274,7 +403,7 @@ class Trainer:
                     window_sharding=sharding,
                 )
 
-            self._compiled[key] = jax.jit(fn, in_shardings=(self.state_sh, self.rep))
+            self._compiled[key] = jax.jit(fn, in_shardings=(self.model_sh, self.rep))
         return self._compiled[key]
 
     def sliding_window(
@@ -319,7 +448,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     parallel.check_batch_size(gb, mesh)
     state = trainer.init_state(data.batch_spec(gb))
     write_example_spec(workdir, data.example_spec)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_params = trainer.num_params(state)
 
     ckpt = Checkpointer(
         workdir,
@@ -329,13 +458,15 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     )
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
-    start = int(state.step)
+    start = trainer.step_of(state)
     num_steps = int(config.num_steps)
     writer = MetricWriter(workdir, tensorboard=bool(config.get("tensorboard", True)))
     if jax.process_index() == 0:
         print(
             f"medjax: task={config.task} devices={mesh.devices.size} "
-            f"processes={jax.process_count()} params={n_params:,} train={data.num_train} "
+            f"processes={jax.process_count()} params={n_params:,} "
+            f"{f'replicas={trainer.replicas} ' if trainer.replicas > 1 else ''}"
+            f"train={data.num_train} "
             f"eval={data.num_eval} "
             f"{'resuming at step ' + str(start) if start else 'from scratch'} -> {num_steps}",
             flush=True,
@@ -344,7 +475,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
 
     def do_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        ev = task.evaluate(trainer, state, data.eval, num_pictures=num_pictures)
+        ev = trainer.evaluate(state, data.eval, num_pictures=num_pictures)
         summary = {k: float(v) for k, v in ev.summary.items()}
         summary["eval_seconds"] = time.perf_counter() - t0
         writer.scalars(step, summary, split="eval")
@@ -360,6 +491,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     summary_keys = task.summary_keys
 
     def show_in_summary(k: str) -> bool:
+        k = k.removesuffix("_sd")  # replicas: the spread of a shown metric is shown too
         if summary_keys is not None:
             return k in summary_keys
         return k.endswith("_mean") or k == "accuracy"
@@ -369,13 +501,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     summary: dict[str, float] = {}
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
-    it = data.make_train_iter(
-        global_batch_size=gb,
-        mesh=mesh,
-        seed=int(config.seed),
-        start_step=start,
-        num_steps=num_steps - start,
-    )
+    it = trainer.train_batches(data, start_step=start, num_steps=num_steps - start)
     t_last = time.perf_counter()
     stop = StopSignal()
     preempted = False
@@ -407,7 +533,9 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                     )
                 t_last = time.perf_counter()
             if sample_every and step % sample_every == 0:
-                writer.image(step, "samples", task.training_picture(trainer, state))
+                writer.image(
+                    step, "samples", task.training_picture(trainer, trainer.replica(state, 0))
+                )
                 t_last = time.perf_counter()
             if save_now:  # before the evaluation: an error there loses no training
                 ckpt.save(step, state, force=True)
@@ -427,14 +555,19 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                 print(f"stopped by SIGTERM/preemption at step {step}; checkpoint saved", flush=True)
                 break
         if not summary and not preempted:
-            summary = do_eval(int(state.step))
+            summary = do_eval(trainer.step_of(state))
     finally:
         stop.close()
         # On any exit, finish the saves already started: a crash loses unsaved steps, never a
         # checkpoint that was being written.
         ckpt.close()
         writer.close()
-    final = {**summary, "step": int(state.step), "train_seconds": train_seconds, "params": n_params}
+    final = {
+        **summary,
+        "step": trainer.step_of(state),
+        "train_seconds": train_seconds,
+        "params": n_params,
+    }
     if jax.process_index() == 0:
         (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
     return final

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import contextlib
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -54,4 +58,49 @@ def make_optimizer(cfg: Mapping[str, Any], num_steps: int) -> optax.GradientTran
     else:
         raise ValueError(f"config.optimizer.name={name!r} is not one of {_OPTIMIZERS}")
     clip = cfg.get("grad_clip_norm")
-    return optax.chain(optax.clip_by_global_norm(float(clip)), opt) if clip else opt
+    opt = optax.chain(optax.clip_by_global_norm(float(clip)), opt) if clip else opt
+    # Replicas with their own learning rate (`config.replica_lr_scales`): every update above
+    # is linear in the learning rate, so scaling the final update IS training at lr * scale.
+    return optax.chain(opt, scale_by_replica()) if cfg.get("replica_scaled") else opt
+
+
+class ReplicaScale(NamedTuple):
+    """Optimizer state of `scale_by_replica`: the learning-rate factor of one replica."""
+
+    scale: jax.Array
+
+
+def scale_by_replica() -> optax.GradientTransformation:
+    """Multiplies the updates by a factor held in the optimizer state (1 at init;
+    `set_replica_scales` gives each replica its own)."""
+
+    def init(params: Any) -> ReplicaScale:
+        return ReplicaScale(jnp.ones((), jnp.float32))
+
+    def update(updates: Any, state: ReplicaScale, params: Any = None) -> tuple[Any, ReplicaScale]:
+        return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def with_replica_scaling(config: Any) -> Any:
+    """A copy of `config` whose optimizer blocks (`optimizer`, `optimizer_g`, ...) end in
+    `scale_by_replica`."""
+    config = copy.deepcopy(config)
+    for key in list(config.keys()):
+        if key.startswith("optimizer") and isinstance(config[key], Mapping):
+            unlocked = getattr(config[key], "unlocked", contextlib.nullcontext)
+            with unlocked():
+                config[key]["replica_scaled"] = True
+    return config
+
+
+def set_replica_scales(state: Any, scales: Sequence[float]) -> Any:
+    """`state` (stacked over replicas) with replica i's learning-rate factor `scales[i]` in
+    every `ReplicaScale` of its optimizer states."""
+    values = jnp.asarray(scales, jnp.float32)
+    return jax.tree.map(
+        lambda x: ReplicaScale(values) if isinstance(x, ReplicaScale) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, ReplicaScale),
+    )

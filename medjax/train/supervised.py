@@ -51,6 +51,7 @@ class Supervised(task.Task):
     """
 
     augment_labels: bool = True
+    accumulates_gradients = True
 
     def __init__(
         self,
@@ -92,16 +93,46 @@ class Supervised(task.Task):
         return image, (geo_label if self.augment_labels else label)
 
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+        """One optimizer step on the global batch. With `config.grad_accum_steps` k > 1 the
+        (augmented) batch is cut into k micro-batches (rows i, i + k, ... so each device keeps
+        its share) whose gradients are summed in a `lax.scan`: the memory of one micro-batch,
+        the update of the whole batch (equal to it without batch-dependent layers)."""
         k_aug, k_drop = jax.random.split(step_key(state))
         image, label = self.augment_batch(k_aug, batch["image"], batch["label"])
+        accum = int(self.config.get("grad_accum_steps") or 1)
 
-        def loss_fn(params):
-            logits, stats = apply_model(
-                self.model, params, state.batch_stats, image, train=True, key=k_drop
+        def loss_fn(params, stats, image, label, key):
+            logits, stats = apply_model(self.model, params, stats, image, train=True, key=key)
+            return jnp.sum(self.loss(logits.astype(jnp.float32), label)), stats
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n = image.shape[0]
+        if accum == 1:
+            (total, stats), grads = grad_fn(state.params, state.batch_stats, image, label, k_drop)
+        else:
+            if n % accum:
+                raise ValueError(
+                    f"config.grad_accum_steps={accum} must divide config.batch_size={n}"
+                )
+
+            def micro(x: jax.Array) -> jax.Array:  # [n, ...] -> [accum, n / accum, ...]
+                return jnp.swapaxes(x.reshape(n // accum, accum, *x.shape[1:]), 0, 1)
+
+            def body(carry, xs):
+                total, grads, stats = carry
+                img, lab, i = xs
+                (t, stats), g = grad_fn(
+                    state.params, stats, img, lab, jax.random.fold_in(k_drop, i)
+                )
+                return (total + t, jax.tree.map(jnp.add, grads, g), stats), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), zeros, state.batch_stats)
+            (total, grads, stats), _ = jax.lax.scan(
+                body, init, (micro(image), micro(label), jnp.arange(accum))
             )
-            return jnp.mean(self.loss(logits.astype(jnp.float32), label)), stats
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss = total / n
+        grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,

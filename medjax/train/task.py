@@ -78,9 +78,10 @@ class TaskData:
     Attributes:
       example_spec: shape and dtype of ONE training example per batch key (no batch axis);
         `batch_spec(b)` adds the global batch axis. `init` gets that batch spec.
-      make_train_iter: `(*, global_batch_size, mesh, seed, start_step, num_steps)` -> an
-        iterator of global, mesh-sharded batches; batch `s` must be a pure function of
-        `(seed, s)` so that a resumed run sees the batches an uninterrupted one would.
+      make_train_iter: `(*, global_batch_size, mesh, seed, start_step, num_steps,
+        num_shards)` -> an iterator of global, mesh-sharded batches; batch `s` must be a pure
+        function of `(seed, s)` so that a resumed run sees the batches an uninterrupted one
+        would; `num_shards` data shards (`medjax.data.pipeline.data_shards`) feed their rows.
       eval: the validation set, in whatever form the task's `evaluate` reads.
       num_train, num_eval: example (or case) counts, for the run's first log line.
     """
@@ -136,9 +137,14 @@ class TaskData:
         fg_fraction: float,
         image_pad: float = 0.0,
         num_eval: int | None = None,
+        shard_ids: Sequence[int] | None = None,
+        num_train: int | None = None,
     ) -> TaskData:
         """Patches of in-memory volumes `[{"image": [*spatial, C], "label": [*spatial]}]`, a
-        fraction `fg_fraction` centred on labelled voxels (`medjax.data.patches`)."""
+        fraction `fg_fraction` centred on labelled voxels (`medjax.data.patches`).
+
+        On many processes a task may read only the cases of its own data shards
+        (`owned_cases`): it passes them with their `shard_ids` and the total `num_train`."""
         from medjax.data import patches
 
         patch = tuple(int(p) for p in patch_size)
@@ -157,11 +163,24 @@ class TaskData:
                 patch_size=patch,
                 fg_fraction=float(fg_fraction),
                 image_pad=float(image_pad),
+                shard_ids=shard_ids,
             ),
             eval=eval,
-            num_train=len(vols),
+            num_train=len(vols) if num_train is None else int(num_train),
             num_eval=_count(eval) if num_eval is None else num_eval,
         )
+
+
+def owned_cases(items: Sequence[Any], config: Any) -> tuple[list[Any], list[int]]:
+    """The training items this process reads, and their data shards: item `i` is in shard
+    `i % K` (`config.data.shards`, 0: one per process; `medjax.data.pipeline.data_shards`).
+    A task whose loading is expensive (volumes) reads only these and passes them to
+    `TaskData.from_patches(..., shard_ids=..., num_train=len(items))`."""
+    from medjax.data import pipeline
+
+    k, owned = pipeline.data_shards(int(config.data.get("shards") or 0), int(config.batch_size))
+    keep = [i for i in range(len(items)) if i % k in owned]
+    return [items[i] for i in keep], [i % k for i in keep]
 
 
 def batch_spec(
@@ -250,6 +269,8 @@ class Task:
     summary_keys: tuple[str, ...] | None = None
     #: name of the evaluation picture in TensorBoard and `images/`.
     picture_name: str = "eval_predictions"
+    #: whether `train_step` honours `config.grad_accum_steps` (micro-batch accumulation).
+    accumulates_gradients: bool = False
 
     def __init__(self, config: Any):
         self.config = config

@@ -15,6 +15,7 @@ from scipy import stats
 
 from medjax import parallel
 from medjax.data import patches as PT
+from medjax.data import pipeline
 from medjax.data.paths import data_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_make_patch_train_iter_matches_patch_batch_and_resumes(mesh):
             for k in ("image", "label"):
                 v = batch[k]
                 assert isinstance(v, jax.Array) and isinstance(v.sharding, NamedSharding)
-                assert v.sharding.spec == P(parallel.DATA_AXIS)
+                assert v.sharding.spec == P(parallel.BATCH_AXES)
                 assert v.dtype == want[k].dtype
                 np.testing.assert_array_equal(np.asarray(v), want[k])
     endless = PT.make_patch_train_iter(vols, mesh=mesh, seed=21, **kw)
@@ -416,3 +417,31 @@ def test_fg_centred_patches_contain_tumour_on_brats_label():
     uni = PT.sample_patch_starts(rng, label.shape, size, fg_index=fg, fg_fraction=0.0, n=24)
     hits = np.mean([(PT.extract_patch(label, s, size) > 0).any() for s in uni])
     assert hits < 1.0
+
+
+def test_patch_shards_compose_the_global_batch_from_each_shard():
+    """With 2 data shards, rows [0, B/2) are `patch_batch` of the even cases with shard 0's
+    seed and [B/2, B) of the odd ones; passing only a shard's cases with their ids is the same."""
+    rng = np.random.default_rng(0)
+    vols = [
+        {"image": rng.standard_normal((12, 10, 1)).astype(np.float32),
+         "label": (rng.random((12, 10)) > 0.7).astype(np.int32)}
+        for _ in range(4)
+    ]  # fmt: skip
+    mesh = parallel.make_mesh(1)
+    kw = dict(patch_size=(6, 6), fg_fraction=0.5, global_batch_size=4)
+    it = PT.make_patch_train_iter(vols, mesh=mesh, seed=3, num_shards=2, num_steps=2, **kw)
+    for step, batch in enumerate(it):
+        for k in (0, 1):
+            want = PT.patch_batch(
+                vols[k::2],
+                step,
+                seed=pipeline.shard_seed(3, k, 2),
+                **{**kw, "global_batch_size": 2},
+            )
+            np.testing.assert_array_equal(
+                np.asarray(batch["image"])[2 * k : 2 * k + 2], want["image"]
+            )
+            np.testing.assert_array_equal(
+                np.asarray(batch["label"])[2 * k : 2 * k + 2], want["label"]
+            )

@@ -163,7 +163,7 @@ def test_train_iter_yields_global_arrays_sharded_over_data_axis(mesh):
         assert isinstance(v, jax.Array)
         assert isinstance(v.sharding, NamedSharding)
         assert v.sharding.mesh == mesh
-        assert v.sharding.spec == P(parallel.DATA_AXIS)
+        assert v.sharding.spec == P(parallel.BATCH_AXES)
         assert v.sharding == parallel.data_sharding(mesh)
         assert v.shape[0] == 4
 
@@ -238,7 +238,8 @@ def test_batch_size_not_divisible_by_devices_raises():
 
 def test_make_mesh():
     m = parallel.make_mesh(1)
-    assert m.axis_names == (parallel.DATA_AXIS,)
+    assert m.axis_names == (parallel.DATA_AXIS, parallel.FSDP_AXIS)
+    assert dict(m.shape) == {"data": 1, "fsdp": 1}
     assert m.devices.size == 1 and m.devices.flat[0] == jax.devices()[0]
     assert parallel.make_mesh().devices.size == len(jax.devices())
     assert parallel.make_mesh(0).devices.size == len(jax.devices())
@@ -249,7 +250,8 @@ def test_make_mesh():
 
 def test_shardings_and_check_batch_size(mesh):
     assert parallel.replicated(mesh).spec == P()
-    assert parallel.data_sharding(mesh).spec == P(parallel.DATA_AXIS)
+    assert parallel.data_sharding(mesh).spec == P(parallel.BATCH_AXES)
+    assert parallel.data_sharding(mesh, 1).spec == P(None, parallel.BATCH_AXES)
     assert parallel.check_batch_size(6, mesh) == 6 // jax.process_count()
     assert parallel.check_batch_size(8, _fake_mesh(4)) == 8 // jax.process_count()
     with pytest.raises(ValueError, match=r"config\.batch_size=6 .*4 devices"):
@@ -297,3 +299,45 @@ def test_class_balanced_batches_of_the_conditional_gan():
     labels = np.concatenate([np.asarray(b["label"]) for b in it])
     # PneumoniaMNIST's training split is 10 % normal (class 0); balanced draws give about half
     assert abs(labels.mean() - 0.5) < 4 * np.sqrt(0.25 / labels.size)
+
+
+# data shards (many processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_batches(arrays, monkeypatch, *, processes, index, num_shards, steps=3, **kw):
+    """This process's host rows of the first `steps` batches, as process `index` of
+    `processes` (faked: `global_batch` then returns the host rows unchanged)."""
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(parallel, "global_batch", lambda local, mesh: local)
+    it = pipeline.make_train_iter(
+        arrays, global_batch_size=4, mesh=parallel.make_mesh(1), seed=5,
+        num_shards=num_shards, num_steps=steps, **kw,
+    )  # fmt: skip
+    return [b["x"] for b in it]
+
+
+def test_data_shards_are_disjoint_and_compose_the_one_process_batches(monkeypatch):
+    data = _dataset(10)
+    one = _first_batches(data, monkeypatch, processes=1, index=0, num_shards=2)
+    hosts = [_first_batches(data, monkeypatch, processes=2, index=p, num_shards=0) for p in (0, 1)]
+    for step, batch in enumerate(one):
+        # rows [0, 2) from shard 0 (even examples), [2, 4) from shard 1, each its own order
+        for k in (0, 1):
+            order = pipeline.step_indices(
+                step, num_examples=5, global_batch_size=2, seed=pipeline.shard_seed(5, k, 2)
+            )
+            np.testing.assert_array_equal(batch[2 * k : 2 * k + 2], 2 * order + k)
+            np.testing.assert_array_equal(hosts[k][step], batch[2 * k : 2 * k + 2])
+    seen = [set(np.concatenate(h).tolist()) for h in hosts]
+    assert seen[0] <= set(range(0, 10, 2)) and seen[1] <= set(range(1, 10, 2))
+
+
+def test_data_shards_must_fit_processes_and_batch(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"data.shards=3 .*multiple of the 2 processes"):
+        pipeline.data_shards(3, 12)
+    with pytest.raises(ValueError, match=r"batch_size=6 .*multiple of the 4 data shards"):
+        pipeline.data_shards(4, 6)
+    assert pipeline.data_shards(0, 4) == (2, range(0, 1))

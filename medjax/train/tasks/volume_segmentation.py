@@ -238,7 +238,9 @@ class Task(supervised.Supervised):
         return found
 
     def load_data(self) -> task.TaskData:
-        train = [self.prepare(c) for c in self._split_cases("train")]
+        every = self._split_cases("train")
+        cases, shard_ids = task.owned_cases(every, self.config)  # this process's shards only
+        train = [self.prepare(c) for c in cases]
         missing = [t["id"] for t in train if "label" not in t]
         if missing:
             raise ValueError(f"training cases without a label map: {missing}")
@@ -248,6 +250,8 @@ class Task(supervised.Supervised):
             val,
             patch_size=self.patch_size,
             fg_fraction=float(self.config.data.get("fg_fraction", 0.33)),
+            shard_ids=shard_ids,
+            num_train=len(every),
         )
 
     def load_eval(self, directory: str | Path | None, split: str) -> PreparedCases:
