@@ -88,7 +88,7 @@ def with_replica_scaling(config: Any) -> Any:
     `scale_by_replica`."""
     config = copy.deepcopy(config)
     for key in list(config.keys()):
-        if key.startswith("optimizer") and isinstance(config[key], Mapping):
+        if key.startswith("optimizer") and hasattr(config[key], "keys"):
             unlocked = getattr(config[key], "unlocked", contextlib.nullcontext)
             with unlocked():
                 config[key]["replica_scaled"] = True

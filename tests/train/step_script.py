@@ -2,9 +2,19 @@
 
 For every task module (discovered) the first shipped config whose task can make a synthetic
 batch, plus a few variants: build the smoke config, make one synthetic global batch
-(`task.synthetic_batch`), and take two compiled train steps on a 1-device and on an 8-device
-mesh from the same initial state. Prints one JSON line: per entry, the step metrics on each
-mesh, the largest parameter difference after the first step and the largest learning rate.
+(`task.synthetic_batch`), and take two compiled train steps from the same initial state on
+1 device (the reference) and on each other setting:
+
+* `8`: 8 devices, data parallel;
+* `fsdp`: 8 devices, parameters and optimizer state split over a 4 x 2 mesh (`config.fsdp=2`);
+* `accum`: 1 device, 4 micro-batches accumulated (tasks whose `train_step` accumulates; without
+  dropout and with instance instead of batch norm, so that the full batch is the same function);
+* `bf16`: 1 device, every network's `dtype` bfloat16 (parameters stay float32);
+* `replicas`: 8 devices, 2 replicas vmapped in one step (`config.replicas=2`), each fed the
+  batch; replica 0 (the run's own seed) is compared.
+
+Prints one JSON line: per entry and setting, the step metrics, the largest parameter difference
+from the reference after the first step, the parameter dtypes, and the largest learning rate.
 
     python tests/train/step_script.py GROUP NUM_GROUPS
 """
@@ -65,6 +75,40 @@ def learning_rate(cfg) -> float:
     return max(float(b.learning_rate) for b in blocks)
 
 
+def _bf16(node) -> None:
+    for k in list(node.keys()):
+        if k == "dtype":
+            node[k] = "bfloat16"
+        elif hasattr(node[k], "keys"):
+            _bf16(node[k])
+
+
+def settings(cfg) -> dict:
+    """setting name -> config (the reference "1" first)."""
+    out = {}
+    for name in ("1", "8", "fsdp", "accum", "bf16", "replicas"):
+        c = cfg.copy_and_resolve_references()
+        c.num_devices = 8 if name in ("8", "fsdp", "replicas") else 1
+        if name == "replicas":
+            c.replicas = 2
+        if name == "fsdp":
+            c.fsdp = 2
+        if name == "accum":
+            if not loop.get_task(c).accumulates_gradients:
+                continue
+            c.grad_accum_steps = 4
+        if name == "bf16":
+            _bf16(c.model)
+        out[name] = c
+    if "accum" in out:  # the reference of the accumulation: the same deterministic model
+        for c in out.values():
+            if "dropout" in c.model:
+                c.model.dropout = 0.0
+            if c.model.get("norm") == "batch":
+                c.model.norm = "instance"
+    return out
+
+
 def main(group: int, groups: int) -> None:
     assert jax.device_count() == 8, jax.devices()
     report = {}
@@ -74,28 +118,39 @@ def main(group: int, groups: int) -> None:
         t0 = time.perf_counter()
         batch = loop.Trainer(cfg).task.synthetic_batch(cfg.batch_size)
         res = {}
-        for n in (1, 8):
-            cfg.num_devices = n
-            trainer = loop.Trainer(cfg)
+        for setting, c in settings(cfg).items():
+            trainer = loop.Trainer(c)
             spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
             state = trainer.init_state(spec)
-            gbatch = {k: jax.device_put(v, trainer.data_sh) for k, v in batch.items()}
+            host = batch
+            if trainer.replicas > 1:
+                host = {k: np.stack([v] * trainer.replicas) for k, v in batch.items()}
+            gbatch = {k: jax.device_put(v, trainer.data_sh) for k, v in host.items()}
+
+            def first(m):  # replica 0's metrics
+                return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+
             metrics = []
             state, m = trainer.train_step(state, gbatch)
-            metrics.append({k: float(v) for k, v in m.items()})
-            p1 = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
+            metrics.append(first(m))
+            params = trainer.replica(state, 0).params
+            p1 = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+            dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
             state, m = trainer.train_step(state, gbatch)
-            metrics.append({k: float(v) for k, v in m.items()})
-            res[n] = {"metrics": metrics, "params": p1, "step": int(state.step)}
-        pairs = zip(res[1]["params"], res[8]["params"], strict=True)
-        report[name] = {
-            "metrics_1": res[1]["metrics"],
-            "metrics_8": res[8]["metrics"],
-            "steps": [res[1]["step"], res[8]["step"]],
-            "max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in pairs),
-            "finite": all(np.isfinite(p).all() for p in res[8]["params"]),
-            "lr": learning_rate(cfg),
-        }
+            metrics.append(first(m))
+            res[setting] = {"metrics": metrics, "params": p1, "step": trainer.step_of(state),
+                            "dtypes": dtypes}  # fmt: skip
+        ref = res.pop("1")
+        report[name] = {"reference": ref["metrics"], "lr": learning_rate(cfg), "settings": {}}
+        for setting, r in res.items():
+            pairs = zip(ref["params"], r["params"], strict=True)
+            report[name]["settings"][setting] = {
+                "metrics": r["metrics"],
+                "steps": [ref["step"], r["step"]],
+                "max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in pairs),
+                "finite": all(np.isfinite(p).all() for p in r["params"]),
+                "dtypes": r["dtypes"],
+            }
         print(name, f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     print(json.dumps(report))
 
