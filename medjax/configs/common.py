@@ -132,6 +132,11 @@ def volume_segmentation(
     c.best_metric = "dice_mean"  # mean Dice over the regions WT, TC, ET
 
     c.data = data_block()
+    c.data.backend = "files"  # or "tfds": a dataset prepared by medjax.data.builders
+    c.data.tfds_name = ""  # e.g. "brats/deepmedic" (backend tfds)
+    c.data.tfds_data_dir = ""  # where it was prepared ("": ~/tensorflow_datasets)
+    c.data.tfds_split = "train"
+    c.data.tfds_val_split = "validation"
     c.data.layout = layout  # brats | deepmedic | msd | generic (medjax.data.volumes)
     c.data.shared_folder = shared_folder
     c.data.train_split = "train"  # sub-folders of the shared folder...

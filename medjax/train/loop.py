@@ -38,6 +38,9 @@ from medjax.train.logging import MetricWriter, Progress
 
 # Config keys that may change between a run and its resumption (schedule-independent bookkeeping).
 RESUMABLE_CHANGES = (
+    "num_devices",  # the mesh may change (more GPUs, FSDP): Orbax restores onto the new one
+    "fsdp",
+    "grad_accum_steps",
     "num_steps",
     "log_every",
     "eval_every",
@@ -46,6 +49,19 @@ RESUMABLE_CHANGES = (
     "data.val_directory",
 )
 EXAMPLE_SPEC = "example_spec.json"  # shapes of one training example, written at the first run
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtypes(node: Any, where: str = "config.model") -> None:
+    """Every `dtype` key under `config.model` names a compute dtype medjax trains in."""
+    for k in list(node.keys()) if hasattr(node, "keys") else ():
+        v = node[k]
+        if k == "dtype" and str(v) not in COMPUTE_DTYPES:
+            raise ValueError(f"{where}.dtype={v!r} is not one of {COMPUTE_DTYPES}")
+        if hasattr(v, "keys"):
+            check_dtypes(v, f"{where}.{k}")
 
 
 def task_names() -> list[str]:
@@ -211,6 +227,7 @@ class Trainer:
                 f"config.replica_lr_scales has {len(self.lr_scales)} entries for "
                 f"{self.replicas} replicas"
             )
+        check_dtypes(config.get("model") or {})
         if task is None:
             task = get_task(optim.with_replica_scaling(config) if self.lr_scales else config)
         self.task = task

@@ -14,6 +14,7 @@ What a task MUST provide (the template, with the types)::
 
         progress_keys = ("loss",)            # shown on the progress line, checked for NaN
         summary_keys = ("dice_mean",)        # printed after each evaluation (None: every *_mean)
+        accumulates_gradients = False        # True if train_step honours grad_accum_steps
 
         def __init__(self, config):          # models, optimizers, losses; no file I/O
             super().__init__(config)
@@ -46,6 +47,10 @@ Pure functions (`init`, `train_step`, `predict` and whatever else the runner com
 call `jax.jit`, `device_put` or Orbax, never read files and never import the loop, the
 evaluator or another task. Host-side methods get a `Runner` (the trainer) that compiles task
 methods on the device mesh and maps them over data; see :class:`Runner`.
+
+Scale-out is the runner's business, not the task's: the same pure `init` / `train_step` run on
+one device, data-parallel or FSDP meshes, many processes, and vmapped over replicas
+(`medjax.train.loop.Trainer`); `evaluate` gets ONE model's state.
 
 State is arrays only (a `flax.struct.dataclass`): params, optimizer states, step and the base
 PRNG key (step keys are `fold_in(key, step)`), so Orbax saves one plain pytree and a resumed run

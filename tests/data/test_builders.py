@@ -221,3 +221,49 @@ def test_missing_manual_dir_says_where_to_put_the_data(tmp_path: Path) -> None:
     (empty / "README").write_text("not a task")
     with pytest.raises(FileNotFoundError, match="Task01_BrainTumour/dataset.json"):
         _prepare(Msd(config="Task01_BrainTumour", data_dir=str(tmp_path / "tfds2")), empty)
+
+
+def _volume_config(backend: str, manual: Path, data: Path):
+    from medjax.configs import unet3d_brats
+
+    c = unet3d_brats.get_config("smoke")
+    c.data.max_examples = 0
+    c.data.spacing = (4.0, 4.0, 4.0)
+    c.data.directory = str(manual / "train")
+    c.data.val_directory = str(manual / "validation")
+    c.data.backend = backend
+    c.data.tfds_name = "brats/deepmedic"
+    c.data.tfds_data_dir = str(data)
+    return c
+
+
+def test_volume_task_reads_tfds_like_files_and_each_process_its_part(
+    deepmedic_build: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TFDS backend of the 3D task: the same training volumes and batches as the files
+    they were prepared from; on two (faked) processes each reads a disjoint part."""
+    import jax
+
+    from medjax import parallel
+    from medjax.train import loop
+
+    manual, data = deepmedic_build
+    got = {}
+    for backend in ("files", "tfds"):
+        d = loop.get_task(_volume_config(backend, manual, data)).load_data()
+        it = d.make_train_iter(global_batch_size=2, mesh=parallel.make_mesh(1), seed=1, num_steps=2)
+        got[backend] = (d.num_train, d.num_eval, [jax.tree.map(np.asarray, b) for b in it])
+    assert got["files"][:2] == got["tfds"][:2] == (3, 1)
+    for a, b in zip(got["files"][2], got["tfds"][2], strict=True):
+        for k in ("image", "label"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+    parts = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for p in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        task = loop.get_task(_volume_config("tfds", manual, data))
+        vols, shard_ids, total = task._train_volumes()
+        assert total == 3 and set(shard_ids) == {p}
+        parts.append({v["id"] for v in vols})
+    assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == {"case1", "case2", "case3"}

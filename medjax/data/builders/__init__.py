@@ -11,7 +11,13 @@ are described in :mod:`.common`.
 """
 
 from medjax.data.builders.brats import Brats, BratsConfig
-from medjax.data.builders.common import read_split, read_split_source, volume_features
+from medjax.data.builders.common import (
+    from_tfds_example,
+    read_split,
+    read_split_source,
+    split_size,
+    volume_features,
+)
 from medjax.data.builders.msd import Msd, MsdConfig
 
 __all__ = [
@@ -19,7 +25,9 @@ __all__ = [
     "BratsConfig",
     "Msd",
     "MsdConfig",
+    "from_tfds_example",
     "read_split",
     "read_split_source",
+    "split_size",
     "volume_features",
 ]

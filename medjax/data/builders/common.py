@@ -32,15 +32,17 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medjax.data import volumes
+from medjax.data import io, volumes
 
 __all__ = [
     "SPLIT_NAMES",
+    "from_tfds_example",
     "generate_examples",
     "manual_dir",
     "read_split",
     "read_split_source",
     "split_dirs",
+    "split_size",
     "to_tfds_example",
     "volume_features",
 ]
@@ -104,6 +106,23 @@ def to_tfds_example(ex: Mapping[str, Any]) -> dict[str, Any]:
         "mask": np.asarray(ex["mask"], np.bool_),
         "affine": np.asarray(ex["geometry"].affine, np.float64),
         "spacing": np.asarray(ex["spacing"], np.float32),
+    }
+
+
+def from_tfds_example(ex: Mapping[str, Any]) -> dict[str, Any]:
+    """The features of one stored case (numpy, as `as_numpy_iterator` yields them) -> a
+    :func:`~medjax.data.volumes.load_case` dict (labels already internal classes: scheme
+    ``"identity"``; the grid is the stored canonical one)."""
+    image = np.asarray(ex["image"], np.float32)
+    case_id = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
+    return {
+        "id": case_id,
+        "image": image,
+        "label": np.asarray(ex["label"], np.int32) if bool(ex["has_label"]) else None,
+        "mask": np.asarray(ex["mask"], bool),
+        "spacing": tuple(float(s) for s in ex["spacing"]),
+        "geometry": io.Geometry.from_affine(ex["affine"], image.shape[:3], canonical=False),
+        "label_scheme": "identity",
     }
 
 
@@ -190,6 +209,17 @@ def read_split(
         )
     sub = _process_split(split, process_index, process_count, drop_remainder)
     return builder.as_dataset(split=sub, shuffle_files=shuffle_files, read_config=read_config)
+
+
+def split_size(
+    builder_or_name: tfds.core.DatasetBuilder | str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> int:
+    """The number of examples of ``split`` (any split expression) of a prepared dataset."""
+    builder = _builder(builder_or_name, data_dir)
+    return int(builder.info.splits[split].num_examples)
 
 
 def read_split_source(

@@ -68,7 +68,9 @@ class Task(supervised.Supervised):
     validation folder), `data.num_classes` (0: from the dataset), `data.class_names`,
     `data.regions`, `data.spacing`, `data.crop_margin`, `data.clip_percentiles`,
     `data.fg_fraction`, `inference.{window, overlap, window_batch, sigma_scale, mode}`, and the
-    2D task's `model`, `loss`, `optimizer`, `augment`.
+    2D task's `model`, `loss`, `optimizer`, `augment`. `data.backend="tfds"` trains on a dataset
+    prepared by `medjax.data.builders` (`data.tfds_name`, `data.tfds_data_dir`,
+    `data.tfds_split`, `data.tfds_val_split`), each process reading only its part.
     """
 
     def __init__(self, config: Any):
@@ -147,8 +149,11 @@ class Task(supervised.Supervised):
         what is needed to map a prediction back: `bbox` (crop of the original grid),
         `crop_shape`, the original `label_full`, `geometry`, `spacing`, `id`, `label_scheme`.
         """
+        return self.preprocess(volumes.load_case(case, modalities=self.modalities), case.label)
+
+    def preprocess(self, ex: dict[str, Any], label_source: Any = None) -> dict[str, Any]:
+        """`prepare` of a case already read (a `volumes.load_case` dict, e.g. from TFDS)."""
         cfg = self.config.data
-        ex = volumes.load_case(case, modalities=self.modalities)
         clip = tuple(cfg.get("clip_percentiles") or ()) or None
         image = transforms.zscore_in_mask(ex["image"], ex["mask"], clip_percentiles=clip)
         bbox = transforms.foreground_bbox(ex["mask"], margin=int(cfg.get("crop_margin", 0)))
@@ -158,7 +163,7 @@ class Task(supervised.Supervised):
         label = ex.get("label")
         if label is not None and label.size and int(label.max()) >= self.num_classes:
             raise ValueError(
-                f"case {ex['id']!r} ({case.label}) has label {int(label.max())}; the dataset "
+                f"case {ex['id']!r} ({label_source}) has label {int(label.max())}; the dataset "
                 f"declares {self.num_classes} classes {self.class_names}"
             )
         out: dict[str, Any] = {
@@ -237,21 +242,63 @@ class Task(supervised.Supervised):
             raise ValueError(f"volume segmentation needs at least one {split} case")
         return found
 
+    def _tfds_cases(self, split: str, per_process: bool) -> tuple[list[dict[str, Any]], int]:
+        """The cases of TFDS split `split` (`data.tfds_name`, prepared in `data.tfds_data_dir`
+        by `medjax.data.builders`), read and preprocessed, sorted by id: this process's part
+        when `per_process` (`tfds.split_for_jax_process`), else all; and the split's size."""
+        from medjax.data import builders
+
+        cfg = self.config.data
+        name, data_dir = str(cfg.get("tfds_name") or ""), cfg.get("tfds_data_dir") or None
+        if not name:
+            raise ValueError("config.data.backend='tfds' needs config.data.tfds_name")
+        kw = {} if per_process else {"process_index": 0, "process_count": 1}
+        ds = builders.read_split(name, split, data_dir=data_dir, **kw)
+        exs = [builders.from_tfds_example(x) for x in ds.as_numpy_iterator()]
+        exs.sort(key=lambda e: e["id"])
+        total = builders.split_size(name, split, data_dir=data_dir)
+        return [self.preprocess(e, f"TFDS {name} {split}") for e in exs], total
+
+    def _train_volumes(self) -> tuple[list[dict[str, Any]], list[int], int]:
+        """(this process's prepared training cases, their data shards, the number of cases).
+
+        `data.backend="files"`: the layout's files, case `i` in shard `i % K`, only this
+        process's shards read; `"tfds"`: this process's part of the prepared TFDS split (one
+        shard per process)."""
+        cfg = self.config.data
+        backend = str(cfg.get("backend") or "files")
+        if backend == "files":
+            every = self._split_cases("train")
+            cases, shard_ids = task.owned_cases(every, self.config)
+            return [self.prepare(c) for c in cases], shard_ids, len(every)
+        if backend != "tfds":
+            raise ValueError(f"config.data.backend={backend!r} is not 'files' or 'tfds'")
+        procs = jax.process_count()
+        if int(cfg.get("shards") or 0) not in (0, procs):
+            raise ValueError(
+                f"config.data.shards={cfg.shards}: the TFDS backend has one shard per process "
+                f"({procs}); set 0"
+            )
+        train, total = self._tfds_cases(str(cfg.get("tfds_split") or "train"), per_process=True)
+        return train, [jax.process_index()] * len(train), total
+
     def load_data(self) -> task.TaskData:
-        every = self._split_cases("train")
-        cases, shard_ids = task.owned_cases(every, self.config)  # this process's shards only
-        train = [self.prepare(c) for c in cases]
+        train, shard_ids, num_train = self._train_volumes()
         missing = [t["id"] for t in train if "label" not in t]
         if missing:
             raise ValueError(f"training cases without a label map: {missing}")
-        val = [self.prepare(c) for c in self._split_cases("val")]
+        if str(self.config.data.get("backend") or "files") == "tfds":
+            val_split = str(self.config.data.get("tfds_val_split") or "validation")
+            val = self._tfds_cases(val_split, per_process=False)[0]  # every host scores all
+        else:
+            val = [self.prepare(c) for c in self._split_cases("val")]
         return task.TaskData.from_patches(
             train,
             val,
             patch_size=self.patch_size,
             fg_fraction=float(self.config.data.get("fg_fraction", 0.33)),
             shard_ids=shard_ids,
-            num_train=len(every),
+            num_train=num_train,
         )
 
     def load_eval(self, directory: str | Path | None, split: str) -> PreparedCases:
