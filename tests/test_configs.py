@@ -177,3 +177,23 @@ def test_train_command_rejects_unknown_config_key(tmp_path):
 def test_shared_data_helper_names_the_override():
     with pytest.raises(FileNotFoundError, match=paths.ENV_VAR):
         paths.data_dir("no_such_dataset_folder")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_network_of_every_config_has_a_compute_dtype_and_the_scale_keys(name):
+    """Mixed precision is one switch per network; the mesh, accumulation, replicas and data
+    shards are keys of every config (so `--config.<key>=...` works everywhere)."""
+    c = _get(name)
+    nets = [c.model[k] for k in ("generator", "discriminator") if k in c.model] or [c.model]
+    for net in nets:
+        assert net.dtype == "float32", name
+    for key in ("num_devices", "fsdp", "grad_accum_steps", "replicas", "replica_lr_scales"):
+        assert key in c, (name, key)
+    assert c.data.shards == 0, name
+
+
+def test_a_dtype_outside_the_compute_dtypes_is_refused_with_its_key():
+    c = _get("dcgan_medmnist", "smoke")
+    c.model.generator.dtype = "float8"
+    with pytest.raises(ValueError, match=r"config\.model\.generator\.dtype='float8' is not one of"):
+        loop.Trainer(c)

@@ -196,7 +196,13 @@ def predict_workdir(
     `replica` of a run that trained several (`config.replicas`)."""
     trainer, state = _restore(Path(workdir), checkpoint)
     state = trainer.replica(state, replica)
-    return trainer.task.predict_files(trainer, state, inputs, out_dir, overwrite=overwrite)
+    if jax.process_index() == 0:
+        return trainer.task.predict_files(trainer, state, inputs, out_dir, overwrite=overwrite)
+    # Other processes compute the same predictions (the model runs on every device) and drop
+    # their copy: only process 0 writes.
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.task.predict_files(trainer, state, inputs, tmp, overwrite=True)
+    return []
 
 
 def sample_workdir(

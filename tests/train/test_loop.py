@@ -186,3 +186,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert match, out[-2000:]
     saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved == [int(match.group(1))]
+
+
+def test_sigterm_then_relaunch_equals_an_uninterrupted_run_bitwise(tmp_path):
+    """Preempted by SIGTERM mid-run, relaunched with the same command: the final parameters are
+    bit for bit those of a run that was never interrupted."""
+    flags = ("--config.num_steps=12", "--config.log_every=1", "--config.eval_every=12",
+             "--config.checkpoint_every=100")  # fmt: skip
+    env = cpu_env(PYTHONUNBUFFERED="1")
+    work, straight = tmp_path / "preempted", tmp_path / "straight"
+    proc = subprocess.Popen(
+        _train_cmd(work, *flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, out[-2000:]
+    match = re.search(r"stopped by SIGTERM/preemption at step (\d+)", out)
+    assert match and int(match.group(1)) < 12, out[-2000:]
+    for w in (work, straight):
+        done = subprocess.run(_train_cmd(w, *flags), capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    states = [loop.restore(loop.load_run_config(w), w, best=False)[1] for w in (work, straight)]
+    assert int(states[0].step) == int(states[1].step) == 12
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
