@@ -439,9 +439,11 @@ class Trainer:
         return to_host(self._window_fn(method, win)(state, volume))
 
     def restore_run(self, workdir: str | Path, checkpoint: str = "best") -> tuple[Trainer, Any]:
-        """(trainer, state) of another finished run in `workdir`, on this trainer's mesh."""
+        """(trainer, state) of another finished run in `workdir`, on this trainer's mesh (of
+        its replica 0 when it trained several)."""
         config = load_run_config(workdir)
-        return restore(config, workdir, best=checkpoint == "best", mesh=self.mesh)
+        trainer, state = restore(config, workdir, best=checkpoint == "best", mesh=self.mesh)
+        return trainer, trainer.replica(state, 0)
 
 
 def combine_pictures(pictures: Mapping[str, np.ndarray]) -> np.ndarray | None:

@@ -341,3 +341,61 @@ def test_data_shards_must_fit_processes_and_batch(monkeypatch):
     with pytest.raises(ValueError, match=r"batch_size=6 .*multiple of the 4 data shards"):
         pipeline.data_shards(4, 6)
     assert pipeline.data_shards(0, 4) == (2, range(0, 1))
+
+
+# multi-process launch
+# ---------------------------------------------------------------------------------------------
+
+_CLUSTER_VARS = (
+    "MEDJAX_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "MEDJAX_NUM_PROCESSES", "JAX_NUM_PROCESSES",
+    "MEDJAX_PROCESS_ID", "JAX_PROCESS_ID", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+    "JOB_COMPLETION_INDEX", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, None),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+         {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
+        ({"MEDJAX_COORDINATOR": "h:2", "MEDJAX_NUM_PROCESSES": "4", "MEDJAX_PROCESS_ID": "3"},
+         {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}),
+        ({"MASTER_ADDR": "m", "MASTER_PORT": "9", "WORLD_SIZE": "2", "RANK": "0"},
+         {"coordinator_address": "m:9", "num_processes": 2, "process_id": 0}),
+        ({"SLURM_NTASKS": "1"}, None),
+        ({"SLURM_NTASKS": "4"}, {}),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+        ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+    ],
+)  # fmt: skip
+def test_cluster_from_env(monkeypatch, env, want):
+    for k in _CLUSTER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert parallel.cluster_from_env() == want
+
+
+def test_half_described_clusters_are_refused(monkeypatch):
+    for k in _CLUSTER_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MEDJAX_COORDINATOR", "h:1")
+    with pytest.raises(ValueError, match="MEDJAX_NUM_PROCESSES and MEDJAX_PROCESS_ID"):
+        parallel.cluster_from_env()
+    with pytest.raises(ValueError, match="all three of --coordinator"):
+        parallel.initialize_distributed("h:1", None, 0)
+    with pytest.raises(ValueError, match=r"process id 2 is not in \[0, 2\)"):
+        parallel.initialize_distributed("h:1", 2, 2)
+    assert parallel.initialize_distributed("h:1", 1, 0) is False  # one process: nothing to join
+
+
+def test_fsdp_spec_splits_large_arrays_on_a_divisible_axis():
+    assert parallel.fsdp_spec((3, 3, 64, 128), 1) == P()
+    assert parallel.fsdp_spec((3, 3, 64, 128), 2) == P(None, None, None, "fsdp")
+    assert parallel.fsdp_spec((3, 3, 64, 130), 4) == P(None, None, "fsdp")
+    assert parallel.fsdp_spec((128,), 2) == P()  # small: replicated
+    assert parallel.fsdp_spec((4, 3, 3, 64, 128), 2, skip=1) == P(None, None, None, None, "fsdp")
+    assert parallel.fsdp_spec((3, 3, 63, 129), 2) == P()  # nothing divisible
