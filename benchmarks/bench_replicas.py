@@ -1,13 +1,14 @@
-"""Many seeds in one program: N vmapped replicas in one compiled step against N separate models.
+"""Many seeds in one program: N replicas in one compiled step against N separate models.
 
     python benchmarks/bench_replicas.py [--config mni152_demo] [--arg ""] [--replicas 4 8]
-        [--steps 10] [--batch-size 0]
+        [--modes vmap unroll] [--steps 10] [--batch-size 0]
 
-For each N: the compiled step of `config.replicas = N` (one program, one batch per replica)
-against N sequential steps of the one-model program (what N separate runs do, each on its own
-batch), on the same synthetic batches from the task contract (`task.synthetic_batch`), after a
-warm-up. Prints the machine, compile times, the median time of one step of all N models both
-ways, and the ratio (> 1: the vmapped program is faster). Data loading is not included.
+For each N and `replica_mode` (vmap, unroll): the compiled step of `config.replicas = N` (one
+program, one batch per replica) against N sequential steps of the one-model program (what N
+separate runs do, each on its own batch), on the same real batches of the config's data
+(`task.load_data`), after a warm-up. Prints the machine, compile times, the median time of one
+step of all N models both ways, and the ratio (> 1: the one program is faster). Data loading
+is not included.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--config", default="mni152_demo", help="a shipped config name or a path")
     p.add_argument("--arg", default=None)
     p.add_argument("--replicas", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--modes", nargs="+", default=["vmap", "unroll"], choices=["vmap", "unroll"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=0)
     args = p.parse_args()
@@ -67,18 +69,27 @@ def main() -> None:
         return compile_s, statistics.median(times)
 
     one = loop.Trainer(base)
-    singles = [one.task.synthetic_batch(b, seed=i) for i in range(max(args.replicas))]
+    data = one.task.load_data()  # real batches of the config's own data
+    it = data.make_train_iter(
+        global_batch_size=b, mesh=one.mesh, seed=0, num_steps=max(args.replicas)
+    )
+    singles = [jax.tree.map(np.asarray, x) for x in it]
     c1, t1 = timed(one, singles[:1], args.steps)
     print(f"one model: compile {c1:.1f} s, step {t1 * 1e3:.1f} ms")
-    print("| replicas | N separate steps (s) | one vmapped step (s) | ratio | compile (s) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| replicas | mode | N separate steps (s) | one program's step (s) | ratio | compile (s) |"
+    )
+    print("|---|---|---|---|---|---|")
     for n in args.replicas:
-        cfg = base.copy_and_resolve_references()
-        cfg.replicas = n
-        trainer = loop.Trainer(cfg)
-        stacked = {k: np.stack([s[k] for s in singles[:n]]) for k in singles[0]}
-        cn, tn = timed(trainer, [stacked], args.steps)
-        print(f"| {n} | {n * t1:.3f} | {tn:.3f} | {n * t1 / tn:.2f} | {cn:.1f} |", flush=True)
+        for mode in args.modes:
+            cfg = base.copy_and_resolve_references()
+            cfg.replicas = n
+            cfg.replica_mode = mode
+            trainer = loop.Trainer(cfg)
+            stacked = {k: np.stack([s[k] for s in singles[:n]]) for k in singles[0]}
+            cn, tn = timed(trainer, [stacked], args.steps)
+            print(f"| {n} | {mode} | {n * t1:.3f} | {tn:.3f} | {n * t1 / tn:.2f} | {cn:.1f} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per optimizer step (batch_size is the sum)
     c.replicas = 1  # independent models in one program (vmap), seeds seed, seed + 1, ...
     c.replica_lr_scales = ()  # () all 1; else one learning-rate factor per replica
+    c.replica_mode = "auto"  # vmap | unroll | auto: unroll on CPU, vmap on GPU/TPU
     return c
 
 

@@ -209,11 +209,14 @@ class Trainer:
 
     Scale-out settings of the config (see README "Scaling"): `num_devices` and `fsdp` shape the
     mesh (`medjax.parallel`); `replicas` > 1 trains that many independent models side by side
-    in ONE compiled step (`jax.vmap` over the state and a stacked batch, replica i with seed
-    `seed + i` for its parameters and its data order, and learning rate
-    `lr * replica_lr_scales[i]`). The replicas are split over the devices when their number
-    divides the device count, otherwise every replica's batch is. Evaluation scores every
-    replica and reports the mean and the standard deviation (`<metric>_sd`).
+    in ONE compiled step over the stacked states and batches (replica i with seed `seed + i`
+    for its parameters and its data order, and learning rate `lr * replica_lr_scales[i]`):
+    `replica_mode="vmap"` (`jax.vmap`; the replicas are split over the devices when their
+    number divides the device count, otherwise every replica's batch is) or `"unroll"` (each
+    replica's step side by side in the program, each batch split over the devices; compiles
+    N times the graph); `"auto"` picks unroll on CPUs, whose vmapped (grouped) convolutions
+    are slow, vmap elsewhere. Evaluation scores every replica and reports the mean and the
+    standard deviation (`<metric>_sd`).
     """
 
     def __init__(self, config: Any, *, task: task_lib.Task | None = None, mesh: Any = None):
@@ -244,8 +247,17 @@ class Trainer:
         )
         n_dev = self.mesh.devices.size
         fsdp = int(self.mesh.shape.get(parallel.FSDP_AXIS, 1))
-        # Replicas split over the devices (no communication at all), else each replica's batch.
-        self.split_replicas = self.replicas > 1 and self.replicas % n_dev == 0 and fsdp == 1
+        mode = str(config.get("replica_mode") or "auto")
+        if mode == "auto":  # XLA:CPU runs vmapped (grouped) convolutions slowly
+            mode = "unroll" if self.mesh.devices.flat[0].platform == "cpu" else "vmap"
+        if mode not in ("vmap", "unroll"):
+            raise ValueError(f"config.replica_mode={mode!r} is not 'auto', 'vmap' or 'unroll'")
+        self.replica_mode = mode
+        # vmap: replicas split over the devices (no communication at all) when they divide
+        # evenly; otherwise, and unrolled, every replica's batch is split over the devices.
+        self.split_replicas = (
+            self.replicas > 1 and mode == "vmap" and self.replicas % n_dev == 0 and fsdp == 1
+        )
         self.rep = parallel.replicated(self.mesh)
         batch_dim = 1 if self.replicas > 1 and not self.split_replicas else 0
         self.data_sh = parallel.data_sharding(self.mesh, batch_dim)
@@ -279,7 +291,18 @@ class Trainer:
 
     @functools.cached_property
     def train_step(self) -> Callable[..., Any]:
-        step = self.task.train_step if self.replicas == 1 else jax.vmap(self.task.train_step)
+        step = self.task.train_step
+        if self.replicas > 1 and self.replica_mode == "vmap":
+            step = jax.vmap(self.task.train_step)
+        elif self.replicas > 1:  # one program holding each replica's step, unrolled
+
+            def step(state: Any, batch: Any) -> Any:
+                outs = [
+                    self.task.train_step(*jax.tree.map(lambda x, i=i: x[i], (state, batch)))
+                    for i in range(self.replicas)
+                ]
+                return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
         return jax.jit(
             step,
             in_shardings=(self.state_sh, self.data_sh),

@@ -91,6 +91,7 @@ def settings(cfg) -> dict:
         c.num_devices = 8 if name in ("8", "fsdp", "replicas") else 1
         if name == "replicas":
             c.replicas = 2
+            c.replica_mode = "vmap"
         if name == "fsdp":
             c.fsdp = 2
         if name == "accum":
