@@ -305,7 +305,25 @@ _SHARDED_SCRIPT = textwrap.dedent(
         raised = ""
     except ValueError as e:
         raised = str(e)
-    print(json.dumps({"diff": float(jnp.max(jnp.abs(plain - sharded))), "raised": raised}))
+    # The trainer spreads ANY window batch over the 8 devices (3 -> 8, padded with weight 0).
+    import ml_collections
+    from medjax.train.loop import Trainer
+
+    class Conv:  # a task whose model is the convolution above, its state the kernel
+        accumulates_gradients = False
+
+        def predict(self, state, x):
+            dn = ("NDHWC", "DHWIO", "NDHWC")
+            return jax.lax.conv_general_dilated(x, state, (1, 1, 1), "SAME", dimension_numbers=dn)
+
+    cfg = ml_collections.ConfigDict(
+        {"seed": 0, "patch_size": (8, 6, 5), "inference": {"window_batch": 3, "overlap": 0.5}}
+    )
+    trainer = Trainer(cfg, task=Conv(), mesh=make_mesh())
+    trainer.model_sh = trainer.rep
+    via_trainer = trainer.sliding_window(k, np.asarray(vol))
+    print(json.dumps({"diff": float(jnp.max(jnp.abs(plain - sharded))), "raised": raised,
+                      "trainer_diff": float(np.max(np.abs(np.asarray(plain) - via_trainer)))}))
     """
 )
 
@@ -323,3 +341,4 @@ def test_sharded_windows_equal_unsharded_on_8_cpu_devices():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["diff"] < 1e-5
     assert "multiple of the 8 devices" in report["raised"]
+    assert report["trainer_diff"] < 1e-5

@@ -1,4 +1,5 @@
-"""Many models in one program (`config.replicas`): replica i of a vmapped run is the run with
+"""Many models in one program (`config.replicas`, here `replica_mode="auto"`: unrolled on the
+CPU; the vmapped step of every task is checked in step_script.py): replica i is the run with
 seed `seed + i` (its parameters and its data order) and learning rate `lr * scale_i`, trained
 alone; the evaluation reports the mean and spread over replicas."""
 
@@ -52,7 +53,7 @@ def test_replica_i_is_the_run_with_seed_i_and_its_learning_rate(tmp_path):
                 for a, b in zip(mine, theirs, strict=True)
             ]
         )
-        # vmap batches the convolutions differently: float reassociation only, which Adam's
+        # float reassociation only (XLA fuses one program differently), which Adam's
         # normalisation can blow up to ~lr for the few weights with a near-zero gradient.
         assert diff.max() < 4 * lr and np.mean(diff > 1e-5) < 0.01, (
             diff.max(),
