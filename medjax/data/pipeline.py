@@ -226,8 +226,8 @@ def make_train_iter(
     else:
         per = global_batch_size // n_shards
         parts = [
-            sampler(
-                {k: v[s::n_shards] for k, v in arrays.items()},
+            sampler(  # copies: the other shards' rows are not kept alive by views
+                {k: np.ascontiguousarray(v[s::n_shards]) for k, v in arrays.items()},
                 None if w is None else w[s::n_shards],
                 shard_seed(seed, s, n_shards),
                 per,

@@ -544,6 +544,9 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     train_seconds = 0.0
     window: list[dict[str, jax.Array]] = []
     it = trainer.train_batches(data, start_step=start, num_steps=num_steps - start)
+    # The iterators hold this process's data shards; the full training set goes (the
+    # evaluation set stays in `data.eval`).
+    data.make_train_iter = None
     t_last = time.perf_counter()
     stop = StopSignal()
     preempted = False
