@@ -11,19 +11,15 @@ import pytest
 
 from medjax.configs import isbi2012
 from medjax.train import loop
+from medjax.train.evaluate import apply_overrides
 
 
-def _config(**changes):
+def _config(*changes: str):
     c = isbi2012.get_config("smoke")
     c.num_steps = 4
     c.eval_every = c.checkpoint_every = 4
     c.data.max_examples = 8
-    for k, v in changes.items():
-        node = c
-        *parents, leaf = k.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    apply_overrides(c, changes)
     return c
 
 
@@ -34,12 +30,12 @@ def _params(workdir):
 
 
 def test_replica_i_is_the_run_with_seed_i_and_its_learning_rate(tmp_path):
-    many = _config(seed=3, replicas=2, replica_lr_scales=(1.0, 0.5))
+    many = _config("seed=3", "replicas=2", "replica_lr_scales=(1.0, 0.5)")
     final = loop.run(many, tmp_path / "many")
     lr = float(many.optimizer.learning_rate)
     alone = [
-        loop.run(_config(seed=3, optimizer__learning_rate=lr), tmp_path / "r0"),
-        loop.run(_config(seed=4, optimizer__learning_rate=lr * 0.5), tmp_path / "r1"),
+        loop.run(_config("seed=3", f"optimizer.learning_rate={lr}"), tmp_path / "r0"),
+        loop.run(_config("seed=4", f"optimizer.learning_rate={lr * 0.5}"), tmp_path / "r1"),
     ]
     trainer, state = _params(tmp_path / "many")
     assert trainer.replicas == 2 and trainer.step_of(state) == 4
@@ -67,4 +63,4 @@ def test_replica_i_is_the_run_with_seed_i_and_its_learning_rate(tmp_path):
 
 def test_replica_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="replica_lr_scales has 3 entries for 2 replicas"):
-        loop.Trainer(_config(replicas=2, replica_lr_scales=(1.0, 0.5, 0.1)))
+        loop.Trainer(_config("replicas=2", "replica_lr_scales=(1.0, 0.5, 0.1)"))
