@@ -303,8 +303,8 @@ def make_patch_train_iter(
     """
     patch = _as_size(patch_size, None, "patch_size")
     _check_volumes(volumes, len(patch))
-    parallel.check_batch_size(global_batch_size, mesh)
-    n_shards, owned = pipeline.data_shards(num_shards, global_batch_size)
+    local = parallel.check_batch_size(global_batch_size, mesh)
+    n_shards, shard_parts = pipeline.shard_parts(num_shards, global_batch_size)
     ids = np.arange(len(volumes)) % n_shards if shard_ids is None else np.asarray(shard_ids)
     if len(ids) != len(volumes):
         raise ValueError(f"{len(ids)} shard_ids for {len(volumes)} volumes")
@@ -337,21 +337,11 @@ def make_patch_train_iter(
         )
         return functools.partial(patch_batch, vols, **kwargs)
 
-    if n_shards == 1:
-        rows = parallel.process_slice(global_batch_size)
-        parts = [plan(0, global_batch_size, rows)]
-        local = rows.stop - rows.start
-    else:
-        per = global_batch_size // n_shards
-        parts = [plan(s, per, None) for s in owned]
-        local = per * len(owned)
+    parts = [plan(shard, batch, rows) for shard, batch, rows in shard_parts]
     n_chan = np.shape(volumes[0]["image"])[-1]
 
     def host_batch(step: int) -> dict[str, np.ndarray]:
-        outs = [part(step) for part in parts]
-        if len(outs) == 1:
-            return outs[0]
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return pipeline.concat_parts([part(step) for part in parts])
 
     spec = {
         "image": ((local, *patch, n_chan), np.dtype(np.float32)),

@@ -17,7 +17,6 @@ Evaluation visits every example once; the last batch is padded and carries a boo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -61,6 +60,26 @@ def data_shards(num_shards: int, global_batch_size: int) -> tuple[int, range]:
     per = k // procs
     start = jax.process_index() * per
     return k, range(start, start + per)
+
+
+def shard_parts(
+    num_shards: int, global_batch_size: int
+) -> tuple[int, list[tuple[int, int, slice]]]:
+    """(K, the parts of every global batch this process feeds): `(shard, rows drawn from that
+    shard per step, which of those rows this process feeds)`. One shard: all `B` rows, this
+    process's `process_slice`; K shards: `B / K` rows of each owned shard, all of them. Either
+    way a process feeds `B / process_count` rows, its parts concatenated (`concat_parts`)."""
+    k, owned = data_shards(num_shards, global_batch_size)
+    if k == 1:
+        return 1, [(0, int(global_batch_size), parallel.process_slice(global_batch_size))]
+    return k, [(s, int(global_batch_size) // k, slice(None)) for s in owned]
+
+
+def concat_parts(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """This process's rows of one batch from its parts, in shard order."""
+    if len(outs) == 1:
+        return outs[0]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 def shard_seed(seed: int, shard: int, num_shards: int) -> int:
@@ -177,12 +196,12 @@ def make_train_iter(
                 raise ValueError(f"the dataset array {k!r} is empty")
     else:
         num_examples(arrays)
-    parallel.check_batch_size(global_batch_size, mesh)
-    n_shards, owned = data_shards(num_shards, global_batch_size)
+    local = parallel.check_batch_size(global_batch_size, mesh)
+    n_shards, parts = shard_parts(num_shards, global_batch_size)
     if sample_weights is not None:
-        p = np.asarray(sample_weights, np.float64).reshape(-1)
+        w = np.asarray(sample_weights, np.float64).reshape(-1)
         n = num_examples(arrays)
-        if p.size != n or (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
+        if w.size != n or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
             raise ValueError(f"sample_weights must be {n} finite non-negative numbers, not all 0")
 
     def sampler(part: dict[str, np.ndarray], weights: np.ndarray | None, seed: int, batch: int):
@@ -216,31 +235,27 @@ def make_train_iter(
 
         return rows_of
 
-    w = None if sample_weights is None else p
+    def of_shard(v: np.ndarray, shard: int) -> np.ndarray:
+        # copies: the other shards' rows are not kept alive by views
+        return v if n_shards == 1 else np.ascontiguousarray(v[shard::n_shards])
+
     trailing = {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
-    if n_shards == 1:
-        rows = parallel.process_slice(global_batch_size)
-        one = sampler(arrays, w, seed, global_batch_size)
-        host_batch = functools.partial(one, rows=rows)
-        local = rows.stop - rows.start
-    else:
-        per = global_batch_size // n_shards
-        parts = [
-            sampler(  # copies: the other shards' rows are not kept alive by views
-                {k: np.ascontiguousarray(v[s::n_shards]) for k, v in arrays.items()},
-                None if w is None else w[s::n_shards],
-                shard_seed(seed, s, n_shards),
-                per,
-            )
-            for s in owned
-        ]
-        del arrays  # the other shards are not this process's
+    samplers = [
+        (
+            sampler(
+                {k: of_shard(v, shard) for k, v in arrays.items()},
+                None if sample_weights is None else of_shard(w, shard),
+                shard_seed(seed, shard, n_shards),
+                batch,
+            ),
+            rows,
+        )
+        for shard, batch, rows in parts
+    ]
+    del arrays  # the other shards are not this process's
 
-        def host_batch(step: int) -> dict[str, np.ndarray]:
-            outs = [part(step, slice(None)) for part in parts]
-            return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-        local = per * len(owned)
+    def host_batch(step: int) -> dict[str, np.ndarray]:
+        return concat_parts([rows_of(step, rows) for rows_of, rows in samplers])
 
     spec = {k: ((local, *shape), dtype) for k, (shape, dtype) in trailing.items()}
     return iterate_steps(

@@ -193,6 +193,11 @@ class StopSignal:
             self._previous = None
 
 
+def stack_trees(*trees: Any) -> Any:
+    """Pytrees of equal structure -> one pytree with their leaves stacked on a new axis 0."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def _leading_dim(data: Any) -> int:
     leaves = jax.tree.leaves(data)
     if not leaves:
@@ -301,7 +306,7 @@ class Trainer:
                     self.task.train_step(*jax.tree.map(lambda x, i=i: x[i], (state, batch)))
                     for i in range(self.replicas)
                 ]
-                return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+                return stack_trees(*outs)
 
         return jax.jit(
             step,
@@ -328,9 +333,7 @@ class Trainer:
         ]
         if self.replicas == 1:
             return its[0]
-        stack = jax.jit(
-            lambda *bs: jax.tree.map(lambda *xs: jnp.stack(xs), *bs), out_shardings=self.data_sh
-        )
+        stack = jax.jit(stack_trees, out_shardings=self.data_sh)
         return (stack(*bs) for bs in zip(*its, strict=True))
 
     def step_of(self, state: Any) -> int:
@@ -350,9 +353,16 @@ class Trainer:
             return state
         if not 0 <= i < self.replicas:
             raise ValueError(f"replica {i} is not in [0, {self.replicas})")
-        return jax.jit(lambda s: jax.tree.map(lambda x: x[i], s), out_shardings=self.model_sh)(
-            state
-        )
+        return self._take_replica(state, i)
+
+    @functools.cached_property
+    def _take_replica(self) -> Callable[[Any, int], Any]:
+        """One compiled selection for every replica index (the index is traced)."""
+
+        def take(state: Any, i: jax.Array) -> Any:
+            return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), state)
+
+        return jax.jit(take, out_shardings=self.model_sh)
 
     def evaluate(self, state: Any, eval_set: Any, num_pictures: int = 4) -> task_lib.Evaluation:
         """`task.evaluate` of the state; with replicas, of each one: the summary holds the mean
