@@ -98,6 +98,7 @@ __all__ = [
     "kernel_inception_distance",
     "laplacian_pyramid",
     "pixel_gaussian",
+    "pixel_moments",
     "real_vs_real",
     "reconstruct_laplacian_pyramid",
     "sliced_wasserstein",
@@ -571,21 +572,41 @@ def real_vs_real(fn: Callable[[np.ndarray, np.ndarray], T], real: ArrayLike, see
     return fn(real[perm[:half]], real[perm[half : 2 * half]])
 
 
+def pixel_moments(
+    images: ArrayLike, *, total: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean_p, std_p)`` (float64, ddof 0) of every pixel over ``images`` ``[N, *spatial,
+    C]``. ``total`` sums a host array over the processes of a multi-host run when each holds
+    some of the images (``medjax.parallel.process_sum``); the moments are then those of all of
+    them (two passes: exact, not E[x^2] - E[x]^2)."""
+    x = np.asarray(images, np.float64)
+    if x.ndim < 2:
+        raise ValueError(f"images must be [N, ...], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or Inf: the per-pixel statistics are undefined")
+    tot = total or (lambda a: a)
+    n = int(np.asarray(tot(np.asarray(x.shape[0], np.float64))))
+    if n < 1:
+        raise ValueError(f"images must be [N, ...] with N >= 1, got shape {x.shape}")
+    mean = np.asarray(tot(x.sum(axis=0))) / n
+    return mean, np.sqrt(np.asarray(tot(((x - mean) ** 2).sum(axis=0))) / n)
+
+
 def pixel_gaussian(
-    images: ArrayLike, n: int, *, seed: int = 0, clip: tuple[float, float] | None = (-1.0, 1.0)
+    images: ArrayLike | tuple[np.ndarray, np.ndarray],
+    n: int,
+    *,
+    seed: int = 0,
+    clip: tuple[float, float] | None = (-1.0, 1.0),
 ) -> np.ndarray:
     """``n`` images from the trivial generator of ``images`` ``[N, *spatial, C]`` (see the
     module docstring): pixel ``p`` of every sample is ``mean_p + std_p * z`` with ``z`` standard
     normal (``numpy.random.default_rng(seed)``), independent across pixels and samples, ``mean_p``
-    and ``std_p`` (ddof 0) taken over the ``N`` images; clipped to ``clip`` (None: not clipped).
-    float32 ``[n, *spatial, C]``."""
-    x = np.asarray(images, np.float64)
-    if x.ndim < 2 or x.shape[0] < 1:
-        raise ValueError(f"images must be [N, ...] with N >= 1, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("images contain NaN or Inf: the per-pixel statistics are undefined")
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    z = np.random.default_rng(seed).standard_normal((int(n), *x.shape[1:]))
+    and ``std_p`` (ddof 0) taken over the ``N`` images (or given: a ``(mean, std)`` tuple of
+    :func:`pixel_moments`); clipped to ``clip`` (None: not clipped). float32
+    ``[n, *spatial, C]``."""
+    mean, std = images if isinstance(images, tuple) else pixel_moments(images)
+    z = np.random.default_rng(seed).standard_normal((int(n), *np.shape(mean)))
     out = mean + std * z
     if clip is not None:
         out = np.clip(out, clip[0], clip[1])

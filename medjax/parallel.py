@@ -163,6 +163,17 @@ def process_slice(global_batch_size: int) -> slice:
     return slice(start, start + local)
 
 
+def process_sum(x: Any) -> np.ndarray:
+    """A host array summed over every process of the run (itself on one process): statistics of
+    data that each process holds a part of (its data shards)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=False)).sum(axis=0)
+
+
 def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global `jax.Array`s sharded over the data axis."""
     sharding = data_sharding(mesh)

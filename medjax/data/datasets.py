@@ -6,7 +6,9 @@ named ones are instances of it or of a special layout (`isbi2012`, `kvasir_seg`:
 fixed names and label conventions; `hc18`: outlines to fill and a pixel-size CSV; `mni152`: the
 template shipped in nilearn; `brats_slices`: tumour slices of BraTS-layout volumes).
 
-`load_examples(cfg, split)` returns the examples of one split at their ORIGINAL resolution
+`list_examples(cfg, split)` lists the examples of one split (`medjax.data.listing`: files are
+read only when the listing is, so a process reads its own data shards alone);
+`load_examples(cfg, split)` reads them, at their ORIGINAL resolution
 (`medjax.data.sources` convention: image float32 [H, W, C], label int32 [H, W], spacing, id);
 `preprocess` resizes and normalises one for the network; `stack_examples` turns same-size
 examples into the `{name: [N, ...]}` arrays the pipelines feed. Every reader takes a directory:
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from medjax.data import sources, transforms
+from medjax.data.listing import Listing
 from medjax.data.paths import data_dir
 
 SPLITS = ("train", "val", "test")
@@ -31,10 +34,10 @@ SPLITS = ("train", "val", "test")
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A dataset layout: `load(folder, cfg) -> examples` reads ONE split folder; its class
-    names, channels and shared folder(s)."""
+    """A dataset layout: `lister(folder, cfg) -> Listing` lists ONE split folder (examples read
+    on demand); its class names, channels and shared folder(s)."""
 
-    load: Callable[[Path | None, Mapping[str, Any]], list[dict[str, Any]]]
+    lister: Callable[[Path | None, Mapping[str, Any]], Listing[list[dict[str, Any]]]]
     class_names: tuple[str, ...] | None  # None: from the config (`folder`)
     shared_folder: str | None
     channels: int | None  # None: from the config (`folder`)
@@ -47,12 +50,12 @@ def _mode(cfg: Mapping[str, Any]) -> str | None:
     return {0: None, 1: "L", 3: "RGB"}.get(channels, None)
 
 
-def _folder(directory: Path | None, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _folder(directory: Path | None, cfg: Mapping[str, Any]) -> Listing[list[dict[str, Any]]]:
     if directory is None:
         raise ValueError("config.data.source='folder' needs config.data.directory")
     values = cfg.get("label_values") or None
     threshold = cfg.get("mask_threshold")
-    return sources.load_segmentation_folder(
+    return sources.list_segmentation_folder(
         directory,
         images=str(cfg.get("images", "images")),
         masks=str(cfg.get("masks", "masks")),
@@ -115,13 +118,15 @@ def load_brats_region_slices(
 SOURCES: dict[str, Source] = {
     "folder": Source(_folder, None, None, None),
     "mni152": Source(
-        lambda d, cfg: sources.load_mni152_slices(axis=2, directory=d),
+        lambda d, cfg: Listing.of_examples(
+            sources.load_mni152_slices(axis=2, directory=d), where="MNI152"
+        ),
         sources.MNI152_CLASSES,
         None,
         1,
     ),
     "isbi2012": Source(
-        lambda d, cfg: sources.load_segmentation_folder(
+        lambda d, cfg: sources.list_segmentation_folder(
             d, images="image", masks="label", label_values=sources.ISBI2012_LABEL_VALUES, mode="L"
         ),
         sources.ISBI2012_CLASSES,
@@ -130,16 +135,16 @@ SOURCES: dict[str, Source] = {
         label_values=sources.ISBI2012_LABEL_VALUES,
     ),
     "kvasir_seg": Source(
-        lambda d, cfg: sources.load_segmentation_folder(d, threshold=127, mode="RGB"),
+        lambda d, cfg: sources.list_segmentation_folder(d, threshold=127, mode="RGB"),
         sources.KVASIR_CLASSES,
         "kvasir_seg_polyps",
         3,
     ),
     "hc18": Source(
-        lambda d, cfg: sources.load_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
+        lambda d, cfg: sources.list_hc18(d), sources.HC18_CLASSES, "hc18_fetal_head_ultrasound", 1
     ),
     "brats_slices": Source(
-        load_brats_region_slices,
+        lambda d, cfg: Listing.of_examples(load_brats_region_slices(d, cfg), where=str(d)),
         ("background", "tumour"),
         "brats2015_deepmedic_3d/train",
         1,
@@ -208,26 +213,35 @@ def resolve_val_directory(cfg: Mapping[str, Any]) -> Path | None:
     return None if folder is None or cfg.get("directory") else data_dir(folder)
 
 
-def _read(src: Source, folder: Path | None, cfg: Mapping[str, Any], split: str):
-    return src.load(None if folder is None else sources.split_folder(folder, split), cfg)
+def _list(src: Source, folder: Path | None, cfg: Mapping[str, Any], split: str) -> Listing:
+    return src.lister(None if folder is None else sources.split_folder(folder, split), cfg)
 
 
 def load_examples(
     cfg: Mapping[str, Any], split: str, seed: int = 0, *, directory: str | Path | None = None
 ) -> list[dict[str, Any]]:
-    """The examples of `split` ("train", "val" or "test") at their original resolution.
+    """The examples of `list_examples(cfg, split, seed, directory=directory)`, read."""
+    return list_examples(cfg, split, seed, directory=directory).read()
+
+
+def list_examples(
+    cfg: Mapping[str, Any], split: str, seed: int = 0, *, directory: str | Path | None = None
+) -> Listing[list[dict[str, Any]]]:
+    """The examples of `split` ("train", "val" or "test"), listed (read on demand, at their
+    original resolution).
 
     With `directory`: every example of that folder's `split` folder (or of the folder itself
     when it has no split folders), any folder in the source's layout. Without it: the configured
-    data, split as in training (`val_directory`, else `val_ids` / `val_slices` / `val_fraction`
-    of the training folder; `max_examples` caps each split); "test" reads `cfg.test_directory`
+    data, split as in training (`val_directory`, else the dataset's own `val/` folder, else
+    `val_ids` / `val_slices` / `val_fraction` of the training folder; `max_examples` caps each
+    split); "test" reads `cfg.test_directory`
     or the `test` folder of the dataset.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     src = get_source(cfg["source"])
     if directory is not None:
-        return _read(src, Path(directory), cfg, split)
+        return _list(src, Path(directory), cfg, split)
     root = resolve_directory(cfg)
     cap = int(cfg.get("max_examples") or 0)
     if split == "test":
@@ -237,16 +251,18 @@ def load_examples(
                 f"dataset {cfg['source']!r} at {root} has no test folder; pass one "
                 "(evaluate.py --data_dir DIR) or set config.data.test_directory"
             )
-        return _read(src, Path(test_dir) if test_dir else root, cfg, "test")
+        return _list(src, Path(test_dir) if test_dir else root, cfg, "test")
     val_dir = resolve_val_directory(cfg)
+    if val_dir is None and root is not None and sources.split_folder(root, "val") != root:
+        val_dir = root  # the dataset's own val/ folder
     if val_dir is not None:  # validation cases live in their own folder
-        chosen = _read(src, root if split == "train" else val_dir, cfg, split)
+        chosen = _list(src, root if split == "train" else val_dir, cfg, split)
     else:
-        train, val = split_examples(_read(src, root, cfg, "train"), cfg, seed)
-        chosen = train if split == "train" else val
-    if cap:  # smoke runs: cap each split after splitting
-        chosen = chosen[:cap]
-    if not chosen:
+        every = _list(src, root, cfg, "train")
+        train, val = split_positions(every.ids, every.meta.get("slice_index"), cfg, seed)
+        chosen = every.take(train if split == "train" else val)
+    chosen = chosen.head(cap)  # smoke runs: cap each split after splitting
+    if not len(chosen):
         raise ValueError(f"dataset {cfg['source']!r} at {root}: the {split} split is empty")
     return chosen
 
@@ -265,31 +281,49 @@ def preprocess(ex: dict[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
 def split_examples(
     examples: list[dict[str, Any]], cfg: Mapping[str, Any], seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train/validation split (when there is no validation folder): explicit `val_ids`, else a
-    `val_slices=(lo, hi)` block (with `val_gap` slices either side dropped from training), else
-    a seeded `val_fraction`."""
-    ids = [ex["id"] for ex in examples]
+    """`split_positions` of example dicts: (train, val)."""
+    has_slices = bool(examples) and all("slice_index" in ex for ex in examples)
+    train, val = split_positions(
+        [ex["id"] for ex in examples],
+        [ex["slice_index"] for ex in examples] if has_slices else None,
+        cfg,
+        seed,
+    )
+    return [examples[i] for i in train], [examples[i] for i in val]
+
+
+def split_positions(
+    ids: Sequence[str], slice_index: Sequence[int] | None, cfg: Mapping[str, Any], seed: int
+) -> tuple[list[int], list[int]]:
+    """Train/validation positions (when there is no validation folder), from the ids alone:
+    explicit `val_ids`, else a `val_slices=(lo, hi)` block of `slice_index` (with `val_gap`
+    slices either side dropped from training), else a seeded `val_fraction`."""
+    ids = [str(i) for i in ids]
     if cfg.get("val_ids"):
-        want = [str(i) for i in cfg["val_ids"]]
-        missing = sorted(set(want) - set(ids))
+        want = {str(i) for i in cfg["val_ids"]}
+        missing = sorted(want - set(ids))
         if missing:
             raise ValueError(
                 f"config.data.val_ids {missing} are not in the dataset (ids: {ids[:8]}...)"
             )
-        val = [ex for ex in examples if ex["id"] in want]
-        return [ex for ex in examples if ex["id"] not in want], val
+        return (
+            [i for i, x in enumerate(ids) if x not in want],
+            [i for i, x in enumerate(ids) if x in want],
+        )
     if cfg.get("val_slices"):
         lo, hi = (int(v) for v in cfg["val_slices"])
         gap = int(cfg.get("val_gap", 0))
-        if any("slice_index" not in ex for ex in examples):
+        if slice_index is None:
             raise ValueError(
                 f"config.data.val_slices needs examples with a 'slice_index' (volume slices); "
                 f"source {cfg['source']!r} has none: use val_ids or val_fraction"
             )
-        val = [ex for ex in examples if lo <= ex["slice_index"] < hi]
-        train = [ex for ex in examples if not lo - gap <= ex["slice_index"] < hi + gap]
-        return train, val
-    return sources.split_examples(examples, float(cfg.get("val_fraction", 0.2)), seed)
+        z = [int(v) for v in slice_index]
+        return (
+            [i for i, v in enumerate(z) if not lo - gap <= v < hi + gap],
+            [i for i, v in enumerate(z) if lo <= v < hi],
+        )
+    return sources.split_examples(range(len(ids)), float(cfg.get("val_fraction", 0.2)), seed)
 
 
 def stack_examples(

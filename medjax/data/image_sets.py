@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from medjax.data.io import read_dicom_series
+from medjax.data.listing import Listing
 from medjax.data.sources import natural_key
 from medjax.data.volumes import find_cases, load_case
 
@@ -718,36 +719,59 @@ def _stack(images: Sequence[np.ndarray], where: PathLike) -> np.ndarray:
     return np.stack(images).astype(np.float32, copy=False)
 
 
-def load_image_folder(
+def _stacked(key: str = "image") -> Any:
+    """`combine` of a listing whose examples read as `(id, image)`: ``{key, "id"}``."""
+
+    def combine(read: list[tuple[str, np.ndarray]]) -> ImageSet:
+        return {key: _stack([im for _, im in read], "the listed files"), "id": np.array(
+            [i for i, _ in read]
+        )}  # fmt: skip
+
+    return combine
+
+
+def list_image_folder(
     folder: PathLike,
     *,
     spatial_dims: int = 2,
     channels: int | None = None,
     size: Sequence[int] | None = None,
-) -> ImageSet:
-    """Every image of one folder (natural name order) as ``{"image": [N, *spatial, C] in
-    [-1, 1], "id": [N]}`` (:func:`read_scaled`); ids are the file stems."""
+) -> Listing[ImageSet]:
+    """Every image of one folder (natural name order), listed (:mod:`medjax.data.listing`);
+    read, ``{"image": [N, *spatial, C] in [-1, 1], "id": [N]}`` (:func:`read_scaled`); ids are
+    the file stems."""
     from medjax.data import sources
 
     files = sources.list_image_files(folder)
-    images = [
-        read_scaled(f, spatial_dims=spatial_dims, channels=channels, size=size) for f in files
-    ]
-    return {"image": _stack(images, folder), "id": np.array([sources.image_stem(f) for f in files])}
+    stems = [sources.image_stem(f) for f in files]
+    kw = dict(spatial_dims=spatial_dims, channels=channels, size=size)
+    return Listing.of_files(
+        stems,
+        list(zip(stems, files, strict=True)),
+        lambda item: (item[0], read_scaled(item[1], **kw)),
+        _stacked(),
+        where=str(folder),
+    )
 
 
-def load_class_folders(
+def load_image_folder(folder: PathLike, **kw: Any) -> ImageSet:
+    """:func:`list_image_folder` (same arguments), read."""
+    return list_image_folder(folder, **kw).read()
+
+
+def list_class_folders(
     root: PathLike,
     *,
     class_names: Sequence[str] | None = None,
     spatial_dims: int = 2,
     channels: int | None = None,
     size: Sequence[int] | None = None,
-) -> ImageSet:
-    """A folder per class (torchvision's ImageFolder): ``root/<class name>/<image>``.
+) -> Listing[ImageSet]:
+    """A folder per class (torchvision's ImageFolder): ``root/<class name>/<image>``, listed
+    (the class of every image is known before it is read: ``meta["label"]``).
 
     Class ``c`` is ``class_names[c]`` (default: the sub-folder names in natural order; a class
-    without a folder is allowed only when ``class_names`` are given). Returns ``{"image",
+    without a folder is allowed only when ``class_names`` are given). Read, ``{"image",
     "label" int32 [N], "id"}``; a sub-folder that is not a class is an error naming it.
     """
     from medjax.data import sources
@@ -765,19 +789,34 @@ def load_class_folders(
         raise ValueError(f"{root} has folders {extra} that are not among the classes {names}")
     if not present:
         raise FileNotFoundError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
-    images, labels, ids = [], [], []
-    for c, name in enumerate(names):
-        if name not in present:
-            continue
-        for f in sources.list_image_files(root / name):
-            images.append(read_scaled(f, spatial_dims=spatial_dims, channels=channels, size=size))
-            labels.append(c)
-            ids.append(f"{name}/{sources.image_stem(f)}")
-    return {
-        "image": _stack(images, root),
-        "label": np.asarray(labels, np.int32),
-        "id": np.array(ids),
-    }
+    items = [
+        (f"{name}/{sources.image_stem(f)}", f, c)
+        for c, name in enumerate(names)
+        if name in present
+        for f in sources.list_image_files(root / name)
+    ]
+    kw = dict(spatial_dims=spatial_dims, channels=channels, size=size)
+
+    def combine(read: list[tuple[str, np.ndarray, int]]) -> ImageSet:
+        return {
+            "image": _stack([im for _, im, _ in read], root),
+            "label": np.asarray([c for _, _, c in read], np.int32),
+            "id": np.array([i for i, _, _ in read]),
+        }
+
+    return Listing.of_files(
+        [it[0] for it in items],
+        items,
+        lambda it: (it[0], read_scaled(it[1], **kw), it[2]),
+        combine,
+        meta={"label": np.asarray([it[2] for it in items], np.int32)},
+        where=str(root),
+    )
+
+
+def load_class_folders(root: PathLike, **kw: Any) -> ImageSet:
+    """:func:`list_class_folders` (same arguments), read."""
+    return list_class_folders(root, **kw).read()
 
 
 def _read_mask(path: Path, spatial_dims: int, size: Sequence[int] | None) -> np.ndarray:
@@ -801,7 +840,7 @@ def _read_mask(path: Path, spatial_dims: int, size: Sequence[int] | None) -> np.
     return m
 
 
-def load_paired_folders(
+def list_paired_folders(
     a_dir: PathLike,
     b_dir: PathLike,
     *,
@@ -809,57 +848,71 @@ def load_paired_folders(
     spatial_dims: int = 2,
     channels: int | None = None,
     size: Sequence[int] | None = None,
-) -> ImageSet:
-    """Aligned pairs from two folders with matching file names (pix2pix's ``A/`` and ``B/``):
-    ``{"source": [N, *spatial, Ca], "target": [N, *spatial, Cb], "mask": bool [N, *spatial],
-    "id"}``. The optional ``mask_dir`` holds a mask per pair (non-zero = inside; default: every
-    pixel). An A image without its B partner is an error naming both paths."""
+) -> Listing[ImageSet]:
+    """Aligned pairs from two folders with matching file names (pix2pix's ``A/`` and ``B/``),
+    listed; read, ``{"source": [N, *spatial, Ca], "target": [N, *spatial, Cb], "mask": bool
+    [N, *spatial], "id"}``. The optional ``mask_dir`` holds a mask per pair (non-zero = inside;
+    default: every pixel). An A image without its B partner (or mask) is an error naming both
+    paths."""
     from medjax.data import sources
 
-    a_files = sources.list_image_files(a_dir)
-    b_files = {sources.image_stem(p): p for p in sources.list_image_files(b_dir)}
-    kw = dict(spatial_dims=spatial_dims, channels=channels, size=size)
-    src, tgt, masks, ids = [], [], [], []
-    for fa in a_files:
+    def by_stem(folder: PathLike) -> dict[str, Path]:
+        return {sources.image_stem(p): p for p in sources.list_image_files(folder)}
+
+    b_files = by_stem(b_dir)
+    m_files = {} if mask_dir is None else by_stem(mask_dir)
+    items = []
+    for fa in sources.list_image_files(a_dir):
         stem = sources.image_stem(fa)
         fb = b_files.get(stem)
         if fb is None:
             raise FileNotFoundError(
                 f"{fa} has no partner in {b_dir} (expected a file with stem {stem!r})"
             )
+        fm = m_files.get(stem)
+        if mask_dir is not None and fm is None:
+            raise FileNotFoundError(f"{fa} has no mask in {mask_dir} (stem {stem!r})")
+        items.append((stem, fa, fb, fm))
+    kw = dict(spatial_dims=spatial_dims, channels=channels, size=size)
+
+    def read(item: tuple[str, Path, Path, Path | None]) -> tuple:
+        stem, fa, fb, fm = item
         a, b = read_scaled(fa, **kw), read_scaled(fb, **kw)
         if a.shape[:-1] != b.shape[:-1]:
             raise ValueError(f"{fa} {a.shape[:-1]} and {fb} {b.shape[:-1]} differ in size")
-        m = np.ones(a.shape[:-1], bool)
-        if mask_dir is not None:
-            fm = next(
-                (p for p in sources.list_image_files(mask_dir) if sources.image_stem(p) == stem),
-                None,
-            )
-            if fm is None:
-                raise FileNotFoundError(f"{fa} has no mask in {mask_dir} (stem {stem!r})")
-            m = _read_mask(fm, spatial_dims, size)
-        src.append(a)
-        tgt.append(b)
-        masks.append(m)
-        ids.append(stem)
-    return {
-        "source": _stack(src, a_dir),
-        "target": _stack(tgt, b_dir),
-        "mask": np.stack(masks),
-        "id": np.array(ids),
-    }
+        m = np.ones(a.shape[:-1], bool) if fm is None else _read_mask(fm, spatial_dims, size)
+        return stem, a, b, m
+
+    return Listing.of_files([it[0] for it in items], items, read, _pairs(a_dir), where=str(a_dir))
 
 
-def load_side_by_side(
+def _pairs(where: PathLike) -> Any:
+    """`combine` of a listing whose examples read as `(id, source, target, mask)`."""
+
+    def combine(read: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> ImageSet:
+        return {
+            "source": _stack([r[1] for r in read], where),
+            "target": _stack([r[2] for r in read], where),
+            "mask": np.stack([r[3] for r in read]),
+            "id": np.array([r[0] for r in read]),
+        }
+
+    return combine
+
+
+def load_paired_folders(a_dir: PathLike, b_dir: PathLike, **kw: Any) -> ImageSet:
+    """:func:`list_paired_folders` (same arguments), read."""
+    return list_paired_folders(a_dir, b_dir, **kw).read()
+
+
+def list_side_by_side(
     folder: PathLike, *, channels: int | None = None, size: Sequence[int] | None = None
-) -> ImageSet:
+) -> Listing[ImageSet]:
     """pytorch-CycleGAN-and-pix2pix's aligned images: each file is ``[A | B]`` side by side
-    (width 2W); returns the keys of :func:`load_paired_folders` (A left, B right)."""
+    (width 2W), listed; read, the keys of :func:`load_paired_folders` (A left, B right)."""
     from medjax.data import sources, transforms
 
-    src, tgt, ids = [], [], []
-    for f in sources.list_image_files(folder):
+    def read(f: Path) -> tuple:
         ab = read_scaled(f, channels=channels)
         w2 = ab.shape[1]
         if w2 % 2:
@@ -868,34 +921,30 @@ def load_side_by_side(
         if size:
             a = np.clip(transforms.resize_2d(a, size, order=1), -1, 1)
             b = np.clip(transforms.resize_2d(b, size, order=1), -1, 1)
-        src.append(a)
-        tgt.append(b)
-        ids.append(sources.image_stem(f))
-    source = _stack(src, folder)
-    return {
-        "source": source,
-        "target": _stack(tgt, folder),
-        "mask": np.ones(source.shape[:-1], bool),
-        "id": np.array(ids),
-    }
+        return sources.image_stem(f), a, b, np.ones(a.shape[:-1], bool)
+
+    files = sources.list_image_files(folder)
+    return Listing.of_files(
+        [sources.image_stem(f) for f in files], files, read, _pairs(folder), where=str(folder)
+    )
 
 
-def _take(d: ImageSet, idx: np.ndarray) -> ImageSet:
-    return {k: np.asarray(v)[idx] for k, v in d.items()}
+def load_side_by_side(folder: PathLike, **kw: Any) -> ImageSet:
+    """:func:`list_side_by_side` (same arguments), read."""
+    return list_side_by_side(folder, **kw).read()
 
 
-def _holdout(d: ImageSet, split: str, cfg: Any) -> ImageSet:
-    """`split` of a set read from a folder without split folders: a seeded
-    `data.val_fraction` (default 0.2) is validation, the rest training."""
+def _holdout(d: Listing, split: str, cfg: Any) -> Listing:
+    """`split` of a listing of a folder without split folders: a seeded `data.val_fraction`
+    (default 0.2) is validation, the rest training."""
     from medjax.data import sources
 
     if split == "test":
         raise FileNotFoundError("no test folder in the data folder; pass one (--data_dir)")
-    n = len(next(iter(d.values())))
     train_i, val_i = sources.split_examples(
-        list(range(n)), float(cfg.get("val_fraction", 0.2)), int(cfg.get("split_seed", 0))
+        list(range(len(d))), float(cfg.get("val_fraction", 0.2)), int(cfg.get("split_seed", 0))
     )
-    return _take(d, np.asarray(train_i if split == "train" else val_i, np.int64))
+    return d.take(train_i if split == "train" else val_i)
 
 
 def _root(cfg: Any, directory: PathLike | None) -> Path:
@@ -921,9 +970,10 @@ def _sized(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any, whole: bool) -> ImageSet:
-    """`read(folder)` of the split folder of `root` when it has one; else all of `root` when
-    `whole` (a folder given to evaluate.py), or the `split` part of a seeded holdout."""
+def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any, whole: bool) -> Listing:
+    """`read(folder)` (a listing) of the split folder of `root` when it has one; else all of
+    `root` when `whole` (a folder given to evaluate.py), or the `split` part of a seeded
+    holdout."""
     from medjax.data import sources
 
     if sources.has_split_folders(root):
@@ -934,9 +984,30 @@ def _split_or_holdout(root: Path, split: str, cfg: Any, read: Any, whole: bool) 
     return read(root) if whole else _holdout(read(root), split, cfg)
 
 
+def _capped(d: Listing, cfg: Any, directory: PathLike | None) -> Listing:
+    """`data.max_examples` (smoke runs) caps a configured split, not a folder given to
+    evaluate.py."""
+    return d if directory is not None else d.head(int(cfg.get("max_examples") or 0))
+
+
+def _keys(d: Listing[ImageSet], keys: Sequence[str]) -> Listing[ImageSet]:
+    """The listing, reading only `keys` of its examples."""
+    reader = d.reader
+    return Listing(
+        d.ids, lambda pos: {k: v for k, v in reader(pos).items() if k in keys}, d.meta, d.where
+    )
+
+
 def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
-    """Images with a class label for `split`: ``{"image" [N, *spatial, C] in [-1, 1], "label"
-    int32 [N]}`` from `data.source`:
+    """:func:`list_labelled_images`, read."""
+    return list_labelled_images(cfg, split, directory=directory).read()
+
+
+def list_labelled_images(
+    cfg: Any, split: str, *, directory: PathLike | None = None
+) -> Listing[ImageSet]:
+    """Images with a class label for `split`, listed (``meta["label"]``); read, ``{"image"
+    [N, *spatial, C] in [-1, 1], "label" int32 [N]}`` from `data.source`:
 
     - ``"medmnist"``: a MedMNIST ``.npz`` (:func:`load_medmnist`; 3D sets for
       ``data.spatial_dims=3``);
@@ -946,8 +1017,11 @@ def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = N
     source = str(cfg["source"])
     kw = _sized(cfg)
     if source == "medmnist":
-        d = load_medmnist(
-            _root(cfg, directory), split, size=kw["size"], spatial_dims=kw["spatial_dims"]
+        root = _root(cfg, directory)
+        d = Listing.of_arrays(
+            load_medmnist(root, split, size=kw["size"], spatial_dims=kw["spatial_dims"]),
+            meta_keys=("label",),
+            where=str(root),
         )
     elif source == "class_folders":
         names = tuple(cfg.get("class_names") or ()) or None
@@ -955,15 +1029,14 @@ def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = N
             _root(cfg, directory),
             split,
             cfg,
-            lambda f: load_class_folders(f, class_names=names, **kw),
+            lambda f: list_class_folders(f, class_names=names, **kw),
             directory is not None,
         )
     else:
         raise ValueError(
             f"config.data.source={source!r} is not one of ['class_folders', 'medmnist']"
         )
-    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
-    return {k: v[:cap] if cap else v for k, v in d.items() if k in ("image", "label")}
+    return _keys(_capped(d, cfg, directory), ("image", "label"))
 
 
 def brats_patches(directory: PathLike, cfg: Any, seed: int) -> np.ndarray:
@@ -999,7 +1072,12 @@ def brats_patches(directory: PathLike, cfg: Any, seed: int) -> np.ndarray:
 
 
 def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
-    """Real images of `split` for an unconditional (or class-conditional) GAN:
+    """:func:`list_gan_images`, read."""
+    return list_gan_images(cfg, split, directory=directory).read()
+
+
+def list_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> Listing:
+    """Real images of `split` for an unconditional (or class-conditional) GAN, listed; read,
     ``{"image": [N, *spatial, C] in [-1, 1]}`` (plus ``"label"`` when the source has classes),
     from `data.source`:
 
@@ -1016,14 +1094,14 @@ def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) 
     source = str(cfg["source"])
     kw = _sized(cfg)
     if source in ("medmnist", "class_folders"):
-        return load_labelled_images(cfg, split, directory=directory)
+        return list_labelled_images(cfg, split, directory=directory)
     if source == "folder":
         d = _split_or_holdout(
-            _root(cfg, directory), split, cfg, lambda f: load_image_folder(f, **kw),
+            _root(cfg, directory), split, cfg, lambda f: list_image_folder(f, **kw),
             directory is not None,
         )  # fmt: skip
-        d = {"image": d["image"]}
-    elif source in ("brats_flair", "brats_patches"):
+        return _keys(_capped(d, cfg, directory), ("image",))
+    if source in ("brats_flair", "brats_patches"):
         folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
         if source == "brats_flair":
             mods = tuple(cfg.get("modalities") or ("flair",))[:1]
@@ -1033,13 +1111,11 @@ def load_gan_images(cfg: Any, split: str, *, directory: PathLike | None = None) 
             d = {"image": d["image"]}
         else:
             d = {"image": brats_patches(folder, cfg, seed=0 if split == "train" else 1)}
-    else:
-        raise ValueError(
-            f"config.data.source={source!r} is not one of ['brats_flair', 'brats_patches', "
-            "'class_folders', 'folder', 'medmnist']"
-        )
-    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
-    return {k: v[:cap] if cap else v for k, v in d.items()}
+        return _capped(Listing.of_arrays(d, where=str(folder)), cfg, directory)
+    raise ValueError(
+        f"config.data.source={source!r} is not one of ['brats_flair', 'brats_patches', "
+        "'class_folders', 'folder', 'medmnist']"
+    )
 
 
 def prepare_volume_pair(case: Any, cfg: Any, modalities: Sequence[str]) -> dict[str, Any]:
@@ -1086,6 +1162,14 @@ def brats_volume_pairs(
 ) -> list[dict[str, Any]]:
     """Every case (the first `limit` when > 0) of a BraTS-layout folder prepared by
     :func:`prepare_volume_pair`."""
+    return list_brats_volume_pairs(directory, cfg, modalities).head(limit).read()
+
+
+def list_brats_volume_pairs(
+    directory: PathLike, cfg: Any, modalities: Sequence[str]
+) -> Listing[list[dict[str, Any]]]:
+    """The cases of a BraTS-layout folder, listed; each is prepared by
+    :func:`prepare_volume_pair` when read."""
     from medjax.data import volumes
 
     found = volumes.find_cases(
@@ -1093,7 +1177,12 @@ def brats_volume_pairs(
     )
     if not found:
         raise ValueError(f"no cases in {directory} for config.data.source='brats_volumes'")
-    return [prepare_volume_pair(c, cfg, modalities) for c in found[: limit or None]]
+    return Listing.of_files(
+        [c.id for c in found],
+        found,
+        lambda c: prepare_volume_pair(c, cfg, modalities),
+        where=str(directory),
+    )
 
 
 def _pair_folders(root: Path, split: str) -> tuple[Path, Path, Path | None] | None:
@@ -1131,9 +1220,21 @@ def load_paired_images(
     directory: PathLike | None = None,
     n_source: int | None = None,
 ) -> ImageSet | list[dict[str, Any]]:
-    """Aligned (source, target) images of `split` for paired translation (pix2pix):
-    ``{"source": [N, *spatial, Cs], "target": [N, *spatial, Ct], "mask": bool [N, *spatial],
-    "label": int32 [N, *spatial]}``, everything in [-1, 1], from `data.source`:
+    """:func:`list_paired_images` (same arguments), read."""
+    return list_paired_images(cfg, split, modalities, directory=directory, n_source=n_source).read()
+
+
+def list_paired_images(
+    cfg: Any,
+    split: str,
+    modalities: Sequence[str] = (),
+    *,
+    directory: PathLike | None = None,
+    n_source: int | None = None,
+) -> Listing:
+    """Aligned (source, target) images of `split` for paired translation (pix2pix), listed;
+    read, ``{"source": [N, *spatial, Cs], "target": [N, *spatial, Ct], "mask": bool
+    [N, *spatial], "label": int32 [N, *spatial]}``, everything in [-1, 1], from `data.source`:
 
     - ``"pairs"``: two folders with matching file names, ``A/`` (source) and ``B/`` (target),
       split as ``A/<split>/`` or ``<split>/A/`` (or held out by ``data.val_fraction``), an
@@ -1144,8 +1245,8 @@ def load_paired_images(
       then target channels (:func:`load_brats_slices`);
     - ``"tcia"``: a co-registered DICOM exam (:func:`load_tcia_series`), validation = the
       slice block ``data.val_slices``;
-    - ``"brats_volumes"``: whole 3D cases, a list of :func:`brats_volume_pairs` dicts (with
-      ``"image"`` holding the modalities).
+    - ``"brats_volumes"``: whole 3D cases, a list of :func:`prepare_volume_pair` dicts (with
+      ``"image"`` holding the modalities), each case read when the listing is.
 
     Without a label the ``label`` maps are zeros; without a mask every pixel is inside.
     """
@@ -1155,8 +1256,7 @@ def load_paired_images(
     kw = _sized(cfg)
     if source == "brats_volumes":
         folder = Path(directory) if directory is not None else paths.split_dir(cfg, split)
-        cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
-        return brats_volume_pairs(folder, cfg, modalities, limit=cap)
+        return _capped(list_brats_volume_pairs(folder, cfg, modalities), cfg, directory)
     if source in ("brats_slices", "tcia"):
         n_src = n_source or len(tuple(cfg.get("source_modalities") or ())) or 1
         if source == "brats_slices":
@@ -1168,33 +1268,37 @@ def load_paired_images(
                 size=kw["size"],
             )
         else:
-            d = load_tcia_series(_root(cfg, directory), tuple(modalities), size=kw["size"])
+            folder = _root(cfg, directory)
+            d = load_tcia_series(folder, tuple(modalities), size=kw["size"])
             if directory is None:
                 train, val = split_slice_block(d, cfg["val_slices"])
                 if split == "test":
                     raise FileNotFoundError("the TCIA exam has no test slices; pass --data_dir")
                 d = train if split == "train" else val
-        out = {
-            "source": d["image"][..., :n_src],
-            "target": d["image"][..., n_src:],
-            "mask": d["mask"],
-            "label": d["label"],
-        }
+        out = Listing.of_arrays(
+            {
+                "source": d["image"][..., :n_src],
+                "target": d["image"][..., n_src:],
+                "mask": d["mask"],
+                "label": d["label"],
+            },
+            where=str(folder),
+        )
     elif source == "pairs":
         root = _root(cfg, directory)
         folders = _pair_folders(root, split)
         if folders is None:
-            out = load_paired_folders(root / "A", root / "B", mask_dir=_opt(root / "mask"), **kw)
+            out = list_paired_folders(root / "A", root / "B", mask_dir=_opt(root / "mask"), **kw)
             out = out if directory is not None else _holdout(out, split, cfg)
         else:
-            out = load_paired_folders(folders[0], folders[1], mask_dir=folders[2], **kw)
+            out = list_paired_folders(folders[0], folders[1], mask_dir=folders[2], **kw)
     elif source == "aligned":
         root = _root(cfg, directory)
         out = _split_or_holdout(
             root,
             split,
             cfg,
-            lambda f: load_side_by_side(f, channels=kw["channels"], size=kw["size"]),
+            lambda f: list_side_by_side(f, channels=kw["channels"], size=kw["size"]),
             directory is not None,
         )
     else:
@@ -1202,14 +1306,17 @@ def load_paired_images(
             f"config.data.source={source!r} is not one of ['aligned', 'brats_slices', "
             "'brats_volumes', 'pairs', 'tcia']"
         )
-    out.setdefault("label", np.zeros(out["mask"].shape, np.int32))
-    out = {k: out[k] for k in ("source", "target", "mask", "label")}
-    cap = 0 if directory is not None else int(cfg.get("max_examples") or 0)
-    if cap:
-        out = {k: v[:cap] for k, v in out.items()}
-    if not len(out["source"]):
+    out = _capped(out, cfg, directory)
+    if not len(out):
         raise ValueError(f"the {split} split of config.data.source={source!r} is empty")
-    return out
+    reader = out.reader
+
+    def read(pos: list[int]) -> ImageSet:
+        d = reader(pos)
+        d.setdefault("label", np.zeros(d["mask"].shape, np.int32))
+        return {k: d[k] for k in ("source", "target", "mask", "label")}
+
+    return Listing(out.ids, read, out.meta, out.where)
 
 
 def _opt(path: Path) -> Path | None:
@@ -1218,12 +1325,27 @@ def _opt(path: Path) -> Path | None:
 
 def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
     """Two image domains of `split` for unpaired translation (CycleGAN): ``{"a": [Na, ...],
-    "b": [Nb, ...], "mask": bool [Na, *spatial] | None}``, in [-1, 1], from `data.source`:
+    "b": [Nb, ...], "mask": bool [Na, *spatial] | None, "paired": bool}``, in [-1, 1]: the
+    domains of :func:`list_unpaired_images`, read."""
+    d = list_unpaired_images(cfg, split, directory=directory)
+    a, b = d["a"].read()["image"], d["b"].read()["image"]
+    mask = d["mask"]
+    if d["paired"] and mask is None:
+        mask = np.ones(a.shape[:-1], bool)
+    return {"a": a, "b": b, "mask": mask, "paired": d["paired"]}
+
+
+def list_unpaired_images(
+    cfg: Any, split: str, *, directory: PathLike | None = None
+) -> dict[str, Any]:
+    """Two image domains of `split` for unpaired translation (CycleGAN): ``{"a": Listing,
+    "b": Listing, "mask": bool [Na, *spatial] | None, "paired": bool}`` (each domain reads as
+    ``{"image": [N, ...]}`` in [-1, 1]) from `data.source`:
 
     - ``"unpaired"``: pytorch-CycleGAN-and-pix2pix's ``trainA/ trainB/ testA/ testB/`` (the
       validation split reads ``valA/ valB/`` when present, else ``testA/ testB/``); 2D files
-      or 3D NIfTI, any channels. When the two test folders hold files of the same names, the
-      pairs are aligned for scoring (`"paired"`);
+      or 3D NIfTI, any channels. When the two folders hold files of the same names, the
+      pairs are aligned for scoring (`"paired"`; every pixel is inside the mask);
     - ``"brats_slices"`` / ``"tcia"``: paired slices of `data.domain_a` and `data.domain_b`
       (:func:`load_paired_images`); for training each domain takes one seeded random half of
       the slices (:func:`split_unpaired`), so no slice is seen in both.
@@ -1241,16 +1363,9 @@ def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = N
                 "(the CycleGAN layout trainA/ trainB/ testA/ testB/)"
             )
         kw = _sized(cfg)
-        a = load_image_folder(root / f"{tag}A", **kw)
-        b = load_image_folder(root / f"{tag}B", **kw)
-        paired = list(a["id"]) == list(b["id"])
-        cap = None if directory is not None else int(cfg.get("max_examples") or 0) or None
-        return {
-            "a": a["image"][:cap],
-            "b": b["image"][:cap],
-            "mask": np.ones(a["image"].shape[:-1], bool)[:cap] if paired else None,
-            "paired": paired,
-        }
+        a = _capped(list_image_folder(root / f"{tag}A", **kw), cfg, directory)
+        b = _capped(list_image_folder(root / f"{tag}B", **kw), cfg, directory)
+        return {"a": a, "b": b, "mask": None, "paired": a.ids == b.ids}
     if source not in ("brats_slices", "tcia"):
         raise ValueError(
             f"config.data.source={source!r} is not one of ['brats_slices', 'tcia', 'unpaired']"
@@ -1259,16 +1374,13 @@ def load_unpaired_images(cfg: Any, split: str, *, directory: PathLike | None = N
     d = load_paired_images(cfg, split, mods, directory=directory, n_source=1)
     cap = None if directory is not None else int(cfg.get("max_examples") or 0) or None
     if split != "train":
-        return {
-            "a": d["source"][:cap],
-            "b": d["target"][:cap],
-            "mask": d["mask"][:cap],
-            "paired": True,
-        }
-    idx_a, idx_b = split_unpaired(len(d["source"]), seed=int(cfg.get("split_seed", 0)))
+        a, b, mask, paired = d["source"][:cap], d["target"][:cap], d["mask"][:cap], True
+    else:
+        idx_a, idx_b = split_unpaired(len(d["source"]), seed=int(cfg.get("split_seed", 0)))
+        a, b, mask, paired = d["source"][idx_a][:cap], d["target"][idx_b][:cap], None, False
     return {
-        "a": d["source"][idx_a][:cap],
-        "b": d["target"][idx_b][:cap],
-        "mask": None,
-        "paired": False,
+        "a": Listing.of_arrays({"image": a}),
+        "b": Listing.of_arrays({"image": b}),
+        "mask": mask,
+        "paired": paired,
     }

@@ -173,6 +173,7 @@ def make_train_iter(
     independent: bool = False,
     sample_weights: np.ndarray | None = None,
     num_shards: int = 0,
+    shard_ids: np.ndarray | Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
     """Yields the global batches for steps `start_step, start_step + 1, ...` (endless if None).
 
@@ -188,6 +189,9 @@ def make_train_iter(
         inverse class frequencies for class-balanced batches; None: epochs of permutations.
       num_shards: data shards K (`data_shards`; 0: one per process). This process keeps only
         the rows of its own shards; with weights, each shard draws by its own normalised ones.
+      shard_ids: the data shard of every row (per key when `independent`), when `arrays` hold
+        only this process's shards (`medjax.train.task.owned_examples`); None: row `i` of the
+        full set is in shard `i % K`.
     """
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     if independent:
@@ -235,15 +239,22 @@ def make_train_iter(
 
         return rows_of
 
-    def of_shard(v: np.ndarray, shard: int) -> np.ndarray:
+    def of_shard(v: np.ndarray, shard: int, key: str | None = None) -> np.ndarray:
         # copies: the other shards' rows are not kept alive by views
-        return v if n_shards == 1 else np.ascontiguousarray(v[shard::n_shards])
+        if n_shards == 1:
+            return v
+        if shard_ids is None:
+            return np.ascontiguousarray(v[shard::n_shards])
+        ids = np.asarray(shard_ids[key] if isinstance(shard_ids, Mapping) else shard_ids)
+        if ids.shape != (len(v),):
+            raise ValueError(f"shard_ids has shape {ids.shape} for {len(v)} rows of {key!r}")
+        return np.ascontiguousarray(v[ids == shard])
 
     trailing = {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
     samplers = [
         (
             sampler(
-                {k: of_shard(v, shard) for k, v in arrays.items()},
+                {k: of_shard(v, shard, k) for k, v in arrays.items()},
                 None if sample_weights is None else of_shard(w, shard),
                 shard_seed(seed, shard, n_shards),
                 batch,

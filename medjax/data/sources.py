@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from medjax.data.listing import Listing
+
 Example = dict[str, Any]
 Transform = Callable[[Example], Example]
 
@@ -62,6 +64,8 @@ __all__ = [
     "load_isbi2012",
     "load_kvasir_seg",
     "load_mni152_slices",
+    "list_hc18",
+    "list_segmentation_folder",
     "load_segmentation_folder",
     "mask_to_classes",
     "mni152_data_dir",
@@ -137,6 +141,18 @@ def _default_workers() -> int:
 
 def _finish(ex: Example, transform: Transform | None) -> Example:
     return transform(ex) if transform is not None else ex
+
+
+def _listing(
+    items: Sequence[Any], read: Callable[[Any], Example], where: Path, num_workers: int | None
+) -> Listing[list[Example]]:
+    """A listing of per-file examples (`items[i][0]` or the item's stem is the id), read on
+    `num_workers` threads."""
+    workers = _default_workers() if num_workers is None else num_workers
+    ids = [it[0] if isinstance(it, tuple) else Path(it).stem for it in items]
+    return Listing.of_files(
+        ids, items, read, where=str(where), map_fn=lambda fn, xs: _map(fn, xs, workers)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +398,7 @@ def pair_files(
     return out
 
 
-def load_segmentation_folder(
+def list_segmentation_folder(
     directory: str | os.PathLike[str],
     *,
     images: str = "images",
@@ -396,8 +412,9 @@ def load_segmentation_folder(
     require_masks: bool = True,
     transform: Transform | None = None,
     num_workers: int | None = None,
-) -> list[Example]:
-    """Read 2D images and their masks: ``<directory>/<images>/`` and ``<directory>/<masks>/``.
+) -> Listing[list[Example]]:
+    """List 2D images and their masks: ``<directory>/<images>/`` and ``<directory>/<masks>/``
+    (:mod:`medjax.data.listing`: files are read when the listing is).
 
     Images are PNG / JPEG / TIFF / BMP / 2D NIfTI (:func:`read_image_2d`, ``mode`` "L" or "RGB"
     converts PIL images), masks are paired by file name (:func:`pair_files`) and mapped to
@@ -432,7 +449,12 @@ def load_segmentation_folder(
             )
         return _finish(ex, transform)
 
-    return _map(read, pairs, _default_workers() if num_workers is None else num_workers)
+    return _listing(pairs, read, root, num_workers)
+
+
+def load_segmentation_folder(directory: str | os.PathLike[str], **kw: Any) -> list[Example]:
+    """Every example of :func:`list_segmentation_folder` (same arguments), read."""
+    return list_segmentation_folder(directory, **kw).read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +586,18 @@ def load_hc18(
     transform: Transform | None = None,
     num_workers: int | None = None,
 ) -> list[Example]:
-    """Read HC18: ``<directory>/training_set/<name>.png`` + ``<name>_Annotation.png``.
+    """Every example of :func:`list_hc18`, read."""
+    return list_hc18(directory, csv_path, transform=transform, num_workers=num_workers).read()
+
+
+def list_hc18(
+    directory: str | os.PathLike[str],
+    csv_path: str | os.PathLike[str] | None = None,
+    *,
+    transform: Transform | None = None,
+    num_workers: int | None = None,
+) -> Listing[list[Example]]:
+    """List HC18: ``<directory>/training_set/<name>.png`` + ``<name>_Annotation.png``.
 
     The annotation is a 1-pixel ellipse outline (255 on 0); it is filled with
     ``scipy.ndimage.binary_fill_holes(annotation > 0)`` -> class 1 head, 0 background
@@ -615,7 +648,7 @@ def load_hc18(
         }
         return _finish(ex, transform)
 
-    return _map(read, images, _default_workers() if num_workers is None else num_workers)
+    return _listing(images, read, image_dir, num_workers)
 
 
 # --------------------------------------------------------------------------------------------

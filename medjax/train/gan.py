@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import gan_metrics, losses, visualize
+from medjax import gan_metrics, losses, parallel, visualize
 from medjax.data import image_sets
 from medjax.train import task
 from medjax.train.optim import make_optimizer
@@ -41,6 +41,11 @@ __all__ = [
     "new_state",
     "to_float32",
 ]
+
+
+def pixel_moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`gan_metrics.pixel_moments` of images of which each process holds its own part."""
+    return gan_metrics.pixel_moments(images, total=parallel.process_sum)
 
 
 @flax.struct.dataclass
@@ -212,6 +217,9 @@ class LatentGAN(task.Task):
     # -- data --------------------------------------------------------------------------------------
     def _images(self, split: str, directory: str | Path | None = None) -> dict[str, np.ndarray]:
         d = image_sets.load_gan_images(self.config.data, split, directory=directory)
+        return self._checked(d, split)
+
+    def _checked(self, d: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
         x = d["image"]
         if x.shape[1:] != (*self.spatial, self.channels):
             raise ValueError(
@@ -231,21 +239,35 @@ class LatentGAN(task.Task):
                 raise ValueError(f"{split} labels {bad} are outside 0..{self.num_classes - 1}")
         return out
 
+    def _owned_train(self) -> tuple[dict[str, np.ndarray], np.ndarray, int, np.ndarray | None]:
+        """(this process's training images (its data shards only are read), their shards, the
+        number of training images, every training label when the source lists them)."""
+        listing = image_sets.list_gan_images(self.config.data, "train")
+        d, shard_ids, n = task.owned_examples(listing, self.config)
+        return self._checked(d, "train"), shard_ids, n, listing.meta.get("label")
+
     def load_data(self) -> task.TaskData:
-        train = self._images("train")
+        train, shard_ids, n, all_labels = self._owned_train()
         weights = None
         if self.conditional and self.config.data.get("balance_classes"):
-            counts = np.bincount(train["label"], minlength=self.num_classes)
+            labels = train["label"] if all_labels is None else np.asarray(all_labels, np.int64)
+            counts = np.bincount(labels, minlength=self.num_classes)
             weights = 1.0 / counts[train["label"]]  # every class equally often in a batch
         return task.TaskData.from_arrays(
-            train, self._eval_set(self._images("val"), train), sample_weights=weights
+            train,
+            self._eval_set(self._images("val"), train),
+            sample_weights=weights,
+            shard_ids=shard_ids,
+            num_train=n,
         )
 
     def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
-        return self._eval_set(self._images(split, directory), self._images("train"))
+        return self._eval_set(self._images(split, directory), self._owned_train()[0])
 
     def _eval_set(self, reference: dict[str, np.ndarray], train: dict[str, np.ndarray]):
-        return {**reference, "train_image": train["image"]}
+        """The reference images and the pixel moments of the training images (over every
+        process's shards: the trivial generator's)."""
+        return {**reference, "train_moments": pixel_moments(train["image"])}
 
     def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -451,7 +473,7 @@ class LatentGAN(task.Task):
 
         def baselines() -> dict[str, float]:
             trivial = gan_metrics.pixel_gaussian(
-                eval_set["train_image"], half, seed=int(self.config.seed)
+                eval_set["train_moments"], half, seed=int(self.config.seed)
             )
             return self.distribution_metrics(
                 runner, reference, {"_real": real_sample, "_trivial": trivial}

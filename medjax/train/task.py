@@ -63,12 +63,15 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import numpy as np
 
+from medjax.data.listing import Listing
+
 Batch = dict[str, jax.Array]
+T = TypeVar("T")
 TrainIterFactory = Callable[..., Iterator[Batch]]
 
 
@@ -110,15 +113,22 @@ class TaskData:
         num_eval: int | None = None,
         independent: bool = False,
         sample_weights: np.ndarray | None = None,
+        shard_ids: np.ndarray | Mapping[str, np.ndarray] | None = None,
+        num_train: int | None = None,
     ) -> TaskData:
         """In-memory training arrays `{key: [N, ...]}` (equal N), batched in a seeded order
         (`medjax.data.pipeline.make_train_iter`); `independent`: every key is its own set,
         drawn in its own order (unpaired domains); `sample_weights`: rows drawn with these
-        relative probabilities (e.g. class-balanced)."""
+        relative probabilities (e.g. class-balanced).
+
+        On many processes a task reads only the examples of its own data shards
+        (`owned_examples`): it passes them with their `shard_ids` (per key when
+        `independent`) and the total `num_train`."""
         from medjax.data import pipeline
 
         arrays = {k: np.asarray(v) for k, v in train.items()}
         n = max(len(v) for v in arrays.values()) if independent else pipeline.num_examples(arrays)
+        n = n if num_train is None else int(num_train)
         return cls(
             example_spec={k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in arrays.items()},
             make_train_iter=functools.partial(
@@ -126,6 +136,7 @@ class TaskData:
                 arrays,
                 independent=independent,
                 sample_weights=sample_weights,
+                shard_ids=shard_ids,
             ),
             eval=eval,
             num_train=n,
@@ -184,8 +195,22 @@ def owned_cases(items: Sequence[Any], config: Any) -> tuple[list[Any], list[int]
     from medjax.data import pipeline
 
     k, owned = pipeline.data_shards(int(config.data.get("shards") or 0), int(config.batch_size))
+    if len(items) < k:
+        raise ValueError(
+            f"{len(items)} training examples cannot fill {k} data shards (config.data.shards; "
+            "0 = one per process): use fewer shards or more data"
+        )
     keep = [i for i in range(len(items)) if i % k in owned]
     return [items[i] for i in keep], [i % k for i in keep]
+
+
+def owned_examples(listing: Listing[T], config: Any) -> tuple[T, np.ndarray, int]:
+    """(this process's training examples, read; their data shards; the number listed): only
+    the files of this process's shards are read (`owned_cases` of a
+    `medjax.data.listing.Listing`). Pass them on as `TaskData.from_arrays(..., shard_ids=...,
+    num_train=...)`."""
+    keep, shard_ids = owned_cases(range(len(listing)), config)
+    return listing.take(keep).read(), np.asarray(shard_ids, np.int64), len(listing)
 
 
 def batch_spec(

@@ -47,6 +47,9 @@ class Task(supervised.Supervised):
 
     def _load(self, split: str, directory: str | Path | None = None) -> dict[str, np.ndarray]:
         d = image_sets.load_labelled_images(self.config.data, split, directory=directory)
+        return self._checked(d, split)
+
+    def _checked(self, d: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
         bad = sorted(set(np.unique(d["label"]).tolist()) - set(range(self.num_classes)))
         if bad:
             raise ValueError(
@@ -62,7 +65,11 @@ class Task(supervised.Supervised):
         return {"image": d["image"], "label": d["label"].astype(np.int32)}
 
     def load_data(self) -> task.TaskData:
-        return task.TaskData.from_arrays(self._load("train"), self._load("val"))
+        listing = image_sets.list_labelled_images(self.config.data, "train")
+        train, shard_ids, n = task.owned_examples(listing, self.config)
+        return task.TaskData.from_arrays(
+            self._checked(train, "train"), self._load("val"), shard_ids=shard_ids, num_train=n
+        )
 
     def load_eval(self, directory: str | Path | None, split: str) -> dict[str, np.ndarray]:
         return self._load(split, directory)

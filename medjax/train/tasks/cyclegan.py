@@ -113,6 +113,9 @@ class Task(task.Task):
     # -- data --------------------------------------------------------------------------------------
     def _load(self, split: str, directory: str | Path | None = None) -> dict[str, Any]:
         d = image_sets.load_unpaired_images(self.config.data, split, directory=directory)
+        return self._check(d)
+
+    def _check(self, d: dict[str, Any]) -> dict[str, Any]:
         for k in ("a", "b"):
             if d[k].shape[-1] != self.channels or d[k].ndim != self.dims + 2:
                 raise ValueError(
@@ -122,11 +125,22 @@ class Task(task.Task):
         return d
 
     def load_data(self) -> task.TaskData:
-        train = self._load("train")
+        """Each domain is its own set of data shards: a process reads its own images of each."""
+        domains = image_sets.list_unpaired_images(self.config.data, "train")
+        train, shard_ids = {}, {}
+        for k in ("a", "b"):
+            d, shard_ids[k], _ = task.owned_examples(domains[k], self.config)
+            train[k] = d["image"]
+        self._check(train)
         val = self._load("val")
         self._preview = val
         return task.TaskData.from_arrays(
-            {"a": train["a"], "b": train["b"]}, val, num_eval=len(val["a"]), independent=True
+            train,
+            val,
+            num_eval=len(val["a"]),
+            independent=True,
+            shard_ids=shard_ids,
+            num_train=max(len(domains["a"]), len(domains["b"])),
         )
 
     def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:

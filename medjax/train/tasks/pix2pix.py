@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import gan_metrics, losses, metrics, visualize
+from medjax import gan_metrics, losses, metrics, parallel, visualize
 from medjax.data import image_sets, io, transforms, volumes
 from medjax.train import gan, task, translate
 from medjax.train.gan import GANState
@@ -144,10 +144,21 @@ class Task(task.Task):
             "label": np.asarray(d["label"], np.int32),
         }
 
-    def _load(self, split: str, directory: str | Path | None = None) -> Any:
-        d = image_sets.load_paired_images(
+    def _listing(self, split: str, directory: str | Path | None = None) -> Any:
+        return image_sets.list_paired_images(
             self.config.data, split, self.modalities, directory=directory, n_source=self.cs
         )
+
+    def _load(self, split: str, directory: str | Path | None = None) -> Any:
+        return self._prepared(self._listing(split, directory).read())
+
+    def _owned_train(self) -> tuple[Any, np.ndarray, int]:
+        """(this process's training pairs, prepared: only its data shards are read; their
+        shards; the number of training pairs)."""
+        d, shard_ids, n = task.owned_examples(self._listing("train"), self.config)
+        return self._prepared(d), shard_ids, n
+
+    def _prepared(self, d: Any) -> Any:
         if self.volumetric:
             return [
                 {
@@ -166,18 +177,25 @@ class Task(task.Task):
         return self._pack(d)
 
     def _eval_set(self, data: Any, train: Any) -> dict[str, Any]:
+        """The scored pairs and the mean training target (over every process's shards)."""
         mean = None
         if self.target == "image" and not self.volumetric:
-            mean = train["image"][..., self.cs : self.cs + self.ct].mean(0, keepdims=True)
+            t = train["image"][..., self.cs : self.cs + self.ct]
+            total = parallel.process_sum(t.sum(0, keepdims=True, dtype=np.float64))
+            mean = (total / parallel.process_sum(len(t))).astype(np.float32)
         return {"data": data, "train_target_mean": mean}
 
     def load_data(self) -> task.TaskData:
-        train = self._load("train")
+        train, shard_ids, n = self._owned_train()
         eval_set = self._eval_set(self._load("val"), train)
         self._preview = eval_set["data"]
         if not self.volumetric:
             return task.TaskData.from_arrays(
-                train, eval_set, num_eval=len(eval_set["data"]["image"])
+                train,
+                eval_set,
+                num_eval=len(eval_set["data"]["image"]),
+                shard_ids=shard_ids,
+                num_train=n,
             )
         return task.TaskData.from_patches(
             train,
@@ -186,10 +204,13 @@ class Task(task.Task):
             fg_fraction=float(self.config.data.get("fg_fraction", 0.5)),
             image_pad=-1.0,
             num_eval=len(eval_set["data"]),
+            shard_ids=shard_ids,
+            num_train=n,
         )
 
     def load_eval(self, directory: str | Path | None, split: str) -> dict[str, Any]:
-        train = self._load("train") if self.target == "image" and not self.volumetric else None
+        image_2d = self.target == "image" and not self.volumetric
+        train = self._owned_train()[0] if image_2d else None
         return self._eval_set(self._load(split, directory), train)
 
     def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:

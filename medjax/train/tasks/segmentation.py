@@ -68,8 +68,12 @@ class Task(supervised.Supervised):
         return [datasets.preprocess(ex, self.config.data) for ex in examples]
 
     def load_data(self) -> task.TaskData:
-        train = datasets.stack_examples(self._preprocessed(self._examples("train")))
-        return task.TaskData.from_arrays(train, self.load_eval(None, "val"))
+        listing = datasets.list_examples(self.config.data, "train", int(self.config.seed))
+        examples, shard_ids, n = task.owned_examples(listing, self.config)
+        train = datasets.stack_examples(self._preprocessed(examples))
+        return task.TaskData.from_arrays(
+            train, self.load_eval(None, "val"), shard_ids=shard_ids, num_train=n
+        )
 
     def load_eval(self, directory: str | Path | None, split: str) -> list[dict[str, Any]]:
         """Examples at their original resolution, each with `net_image` (the network input)."""
