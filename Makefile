@@ -36,10 +36,14 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## bench: measured step times (model layers, U-Net train step, input pipeline)
-bench: $(VENV)/.dev-installed
-	$(BIN)/python benchmarks/bench_layers.py
-	$(BIN)/python benchmarks/bench_train_step.py
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@ $(VENV)/.dev-installed $(VENV)/.train-installed
+
+## bench: every training step beside its PyTorch/MONAI reference (one table: build/bench/)
+bench: $(VENV)/.bench-installed
+	@mkdir -p build/bench
+	$(BIN)/python benchmarks/suite.py --json build/bench/suite.json --markdown build/bench/suite.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

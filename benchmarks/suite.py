@@ -1,0 +1,361 @@
+"""The medjax benchmark suite: every model's training step beside its PyTorch reference, in one
+run on one machine, printed as one table (markdown) and saved as JSON.
+
+    make bench                                   # = python benchmarks/suite.py
+    python benchmarks/suite.py --only unet2d_128,dcgan_64 --rounds 12
+    python benchmarks/suite.py --no-torch        # medjax alone (no `bench` extra needed)
+    python benchmarks/suite.py --json bench.json --markdown bench.md
+
+For every case: the medjax step (`loop.Trainer.train_step` of the shipped config, with the
+overrides listed, state donated, batch on every visible device; random data from the task
+contract's `synthetic_batch`; on-device augmentation off so both sides do the same work) and,
+where one exists, the PyTorch reference step (`benchmarks/torch_reference.py`: MONAI
+`BasicUNet`, the canonical DCGAN, pytorch-CycleGAN-and-pix2pix's networks) at the same shapes,
+batch and optimizer, with `torch.set_num_threads(<cores>)`. The two are timed INTERLEAVED (one
+medjax step, one torch step, `--rounds` times, after warm-up), so both see the same machine
+state; the table gives medians. `ratio` = torch time / medjax time (> 1: medjax is faster).
+
+Also: compile time, XLA's memory of the compiled step (arguments + temporaries), FLOPs per step
+(XLA's cost analysis; torch's `FlopCounterMode`) and the achieved FLOP/s as a fraction of the
+machine's measured peak (a large float32 matrix product through XLA, `--peak-size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from medjax.train.platform import configure_xla
+
+MiB = 2.0**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One model: a shipped config (+ arguments, overrides) and its PyTorch reference (a function
+    of the medjax config and the step's facts, or None)."""
+
+    name: str
+    what: str
+    config: str
+    overrides: dict[str, Any]
+    torch: Callable[..., Any] | None = None
+    arg: str = ""
+
+
+def _unet(cfg, facts, features=(32, 32, 64, 128, 256)):
+    import torch_reference as tr
+
+    spatial, channels, classes = facts["example_shape"]
+    return tr.unet_step(len(spatial), facts["batch"], tuple(spatial), channels, classes, features)
+
+
+def _dcgan(cfg, facts):
+    import torch_reference as tr
+
+    return tr.dcgan_step(facts["batch"], int(cfg.data.channels))
+
+
+def _pix2pix(cfg, facts):
+    import torch_reference as tr
+
+    return tr.pix2pix_step(
+        facts["batch"],
+        int(cfg.data.image_size[0]),
+        int(cfg.data.source_channels),
+        int(cfg.model.generator.num_downs),
+    )
+
+
+def _cyclegan(cfg, facts):
+    import torch_reference as tr
+
+    return tr.cyclegan_step(
+        facts["batch"],
+        int(cfg.data.image_size[0]),
+        int(cfg.data.channels),
+        int(cfg.model.generator.num_blocks),
+    )
+
+
+NO_AUG = {"augment.enabled": False}
+UNET2D = {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "data.channels": 1,
+          "data.num_classes": 3, "crop_size": (), "batch_size": 8}  # fmt: skip
+CASES = (
+    Case("unet2d_128", "U-Net 2D, 8 x 128^2", "segmentation_folder",
+         {**UNET2D, "data.image_size": (128, 128)}, _unet),
+    Case("unet2d_256", "U-Net 2D, 8 x 256^2", "segmentation_folder",
+         {**UNET2D, "data.image_size": (256, 256)}, _unet),
+    Case("unet3d_64", "U-Net 3D, 2 x 64^3", "unet3d_brats",
+         {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "patch_size": (64, 64, 64),
+          "batch_size": 2}, _unet),
+    Case("dcgan_64", "DCGAN 64^2, batch 64 (D + G)", "dcgan_medmnist",
+         {"data.channels": 3, "model.generator.base_features": 512, "batch_size": 64,
+          "model.generator.latent_dim": 100}, _dcgan, "64"),
+    Case("wgan_gp_64", "WGAN-GP 64^2, 5 x 64 critic + G", "wgan_gp_medmnist", {}, None, "64"),
+    Case("pix2pix_256", "pix2pix 256^2, batch 1", "pix2pix_folder",
+         {"data.image_size": (256, 256), "model.generator.num_downs": 8, "batch_size": 1,
+          "data.channels": 3, "data.source_channels": 3, "data.target_channels": 3},
+         _pix2pix),
+    Case("cyclegan_256_b1", "CycleGAN 256^2, batch 1", "cyclegan_folder",
+         {"data.image_size": (256, 256), "model.generator.num_blocks": 9, "batch_size": 1,
+          "data.channels": 3}, _cyclegan),
+    Case("cyclegan_256_b4", "CycleGAN 256^2, batch 4", "cyclegan_folder",
+         {"data.image_size": (256, 256), "model.generator.num_blocks": 9, "batch_size": 4,
+          "data.channels": 3}, _cyclegan),
+    Case("vox2vox", "Vox2Vox (3D pix2pix), its config", "vox2vox_brats", {}),
+    Case("classifier", "classifier 28^2, batch 64", "classifier_medmnist", {**NO_AUG}),
+)  # fmt: skip
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"{key!r} is not a key of the config")
+    node[leaf] = value
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured_peak(n: int) -> float:
+    """FLOP/s of an n x n x n float32 matrix product through XLA (median of 5)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(ts)
+
+
+def _flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def medjax_step(case: Case, devices: int):
+    """(step() -> None, facts, config) of the case's compiled medjax training step."""
+    import jax
+    import numpy as np
+
+    from medjax.train import loop
+
+    cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
+    for k, v in case.overrides.items():
+        _set(cfg, k, v)
+    gb = int(cfg.batch_size)
+    if gb % devices:
+        gb = max(devices, gb - gb % devices)
+        cfg.batch_size = gb
+    trainer = loop.Trainer(cfg)
+    batch = trainer.task.synthetic_batch(gb)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    state = trainer.init_state(spec)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    batch = {k: jax.device_put(v, trainer.data_sh) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    t_compile = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    mib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / MiB if mem else float("nan")
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], m = compiled(holder["state"], batch)
+        jax.block_until_ready(m)
+
+    step()  # warm-up
+    try:
+        shape = trainer.task.example_shape()
+    except Exception:  # noqa: BLE001 - a task without a segmentation-style shape
+        shape = None
+    facts = {
+        "batch": gb,
+        "params": n_params,
+        "compile_s": t_compile,
+        "memory_mib": mib,
+        "flops": _flops(compiled),
+        "example_shape": shape,
+    }
+    return step, facts, cfg
+
+
+def timed_interleaved(steps: list[Callable[[], None]], rounds: int) -> list[list[float]]:
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for i, fn in enumerate(steps):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated case names")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timed steps per side")
+    p.add_argument("--no-torch", action="store_true", help="medjax alone")
+    p.add_argument("--peak-size", type=int, default=2048)
+    p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--markdown", default="", help="write the table here")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = p.parse_args()
+    if args.list:
+        for c in CASES:
+            print(f"{c.name:18s} {c.what}  ({c.config}{':' + c.arg if c.arg else ''})")
+        return
+    configure_xla()
+    import flax
+    import jax
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import monai
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+        except ImportError as exc:
+            sys.exit(f"{exc}: install the bench extra (pip install -e '.[bench]') or --no-torch")
+    dev = jax.devices()
+    machine = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "devices": f"{len(dev)} x {dev[0].device_kind}",
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__ if torch else None,
+        "monai": monai.__version__ if torch else None,
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
+    peak = measured_peak(args.peak_size)
+    machine["peak_gflops"] = peak / 1e9
+    print(" | ".join(f"{k} {v}" for k, v in machine.items() if v is not None), flush=True)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - {c.name for c in CASES}
+    if unknown:
+        sys.exit(f"unknown cases {sorted(unknown)}; --list shows them")
+    rows = []
+    for case in CASES:
+        if only and case.name not in only:
+            continue
+        step, facts, cfg = medjax_step(case, len(dev))
+        steps = [step]
+        ref = None
+        if torch is not None and case.torch is not None:
+            ref = case.torch(cfg, facts)
+            steps.append(ref.run)
+        times = timed_interleaved(steps, args.rounds)
+        t_jax = statistics.median(times[0])
+        row = {
+            "case": case.name,
+            "what": case.what,
+            "config": case.config + (":" + case.arg if case.arg else ""),
+            "overrides": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in case.overrides.items()
+            },  # fmt: skip
+            "batch": facts["batch"],
+            "medjax_params": facts["params"],
+            "medjax_s": t_jax,
+            "medjax_ex_per_s": facts["batch"] / t_jax,
+            "compile_s": facts["compile_s"],
+            "memory_mib": facts["memory_mib"],
+            "medjax_gflop": facts["flops"] / 1e9,
+            "medjax_peak_frac": facts["flops"] / t_jax / peak,
+        }
+        if ref is not None:
+            t_ref = statistics.median(times[1])
+            row.update(
+                torch_params=ref.params,
+                torch_s=t_ref,
+                torch_gflop=ref.flops / 1e9,
+                torch_peak_frac=ref.flops / t_ref / peak,
+                ratio=t_ref / t_jax,
+            )
+        rows.append(row)
+        print(_line(row), flush=True)
+    table = markdown(machine, rows)
+    print("\n" + table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+def _line(r: dict) -> str:
+    ref = f" | torch {r['torch_s'] * 1e3:8.1f} ms  ratio {r['ratio']:.2f}" if "ratio" in r else ""
+    return (
+        f"{r['case']:16s} medjax {r['medjax_s'] * 1e3:8.1f} ms  compile {r['compile_s']:5.1f} s"
+        f"  {r['memory_mib']:7.0f} MiB  {r['medjax_peak_frac']:5.1%} of peak{ref}"
+    )
+
+
+def markdown(machine: dict, rows: list[dict]) -> str:
+    head = (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['devices']}; "
+        f"jax {machine['jax']}, flax {machine['flax']}"
+        + (
+            f", torch {machine['torch']} ({machine['torch_threads']} threads), monai "
+            f"{machine['monai']}"
+            if machine.get("torch")
+            else ""
+        )  # fmt: skip
+        + f". Measured float32 GEMM peak {machine['peak_gflops']:.1f} GFLOP/s.\n\n"
+    )
+    cols = ("model | batch | medjax step | ex/s | compile | XLA memory | GFLOP/step (medjax / "
+            "torch) | % of peak (medjax / torch) | PyTorch step | ratio")  # fmt: skip
+    lines = [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1)]
+    for r in rows:
+        has = "ratio" in r
+        lines.append(
+            f"| {r['what']} | {r['batch']} | {r['medjax_s'] * 1e3:.0f} ms | "
+            f"{r['medjax_ex_per_s']:.1f} | {r['compile_s']:.1f} s | {r['memory_mib']:.0f} MiB | "
+            f"{r['medjax_gflop']:.1f} / {r['torch_gflop']:.1f} | " if has else
+            f"| {r['what']} | {r['batch']} | {r['medjax_s'] * 1e3:.0f} ms | "
+            f"{r['medjax_ex_per_s']:.1f} | {r['compile_s']:.1f} s | {r['memory_mib']:.0f} MiB | "
+            f"{r['medjax_gflop']:.1f} / - | "
+        )  # fmt: skip
+        lines[-1] += (
+            f"{r['medjax_peak_frac']:.0%} / {r['torch_peak_frac']:.0%} | "
+            f"{r['torch_s'] * 1e3:.0f} ms | **{r['ratio']:.2f}** |"
+            if has
+            else f"{r['medjax_peak_frac']:.0%} / - | - | - |"
+        )
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
