@@ -330,7 +330,12 @@ class LatentGAN(task.Task):
             self.generator, state.params["g"], state.batch_stats["g"], *self._g_args(z, y),
             train=True,
         )  # fmt: skip
-        fake = jax.lax.stop_gradient(fake)
+        return self._d_update(state, real, jax.lax.stop_gradient(fake), k_loss, y)
+
+    def _d_update(
+        self, state: GANState, real: jax.Array, fake: jax.Array, k_loss: jax.Array, y: Any
+    ) -> tuple[GANState, dict[str, jax.Array]]:
+        """One discriminator update on `real` and the (detached) `fake` images."""
         (loss, (stats_d, aux)), grads = jax.value_and_grad(self.d_loss, has_aux=True)(
             state.params["d"], state.batch_stats["d"], real, fake, k_loss, y
         )
@@ -364,11 +369,35 @@ class LatentGAN(task.Task):
     def train_step(
         self, state: GANState, batch: Mapping[str, jax.Array]
     ) -> tuple[GANState, dict[str, jax.Array]]:
-        k_d, k_g = jax.random.split(step_key(state))
+        """One D update on the real batch and this step's fakes, then one G update through the
+        updated D on the SAME fakes, as the canonical DCGAN does (pytorch/examples `dcgan`): the
+        generator runs forward once and its backward is the saved VJP of that pass."""
+        k_z, k_loss = jax.random.split(step_key(state))
         real, y = batch["image"], batch.get("label")
-        state, m_d = self.discriminator_update(state, real, k_d, y)
-        state, m_g = self.generator_update(state, real.shape[0], k_g, y)
-        return state, {**m_d, **m_g}
+        z = self.latent(k_z, real.shape[0])
+
+        def generate(params_g: Any) -> tuple[jax.Array, Any]:
+            return apply_model(
+                self.generator, params_g, state.batch_stats["g"], *self._g_args(z, y), train=True
+            )
+
+        fake, g_vjp, stats_g = jax.vjp(generate, state.params["g"], has_aux=True)
+        state, m_d = self._d_update(state, real, jax.lax.stop_gradient(fake), k_loss, y)
+
+        def g_loss(images: jax.Array) -> jax.Array:
+            # D's statistics are not updated by the generator's pass (the D step owns them).
+            logits, _ = apply_model(
+                self.discriminator, state.params["d"], state.batch_stats["d"],
+                *self._g_args(images, y), train=True,
+            )  # fmt: skip
+            return jnp.mean(losses.gan_generator_loss(logits, self.loss_kind))
+
+        loss, d_fake = jax.value_and_grad(g_loss)(fake)
+        (grads,) = g_vjp(d_fake)
+        state = apply_gradients(
+            state, {"g": grads}, self.tx, batch_stats={"g": stats_g}, ema_decay=self.ema_decay
+        )
+        return state, {**m_d, "g_loss": loss, "g_grad_norm": optax.tree.norm(grads)}
 
     def predict(self, state: GANState, inputs: Any) -> jax.Array:
         """Generated images `[B, *spatial, C]` (float32, tanh range) for latents `z [B, latent]`

@@ -138,6 +138,39 @@ def test_dcgan_ema_is_the_hand_average():
     np.testing.assert_allclose(out, task.predict(ema_state, z), atol=1e-6)
 
 
+def test_dcgan_step_updates_g_through_the_updated_d_on_the_same_fakes():
+    """The canonical DCGAN order (pytorch/examples `dcgan`): D on real + detached fakes, then
+    G's gradient through the UPDATED D on those same fakes. Reference: the gradient of the whole
+    composition `loss(D_new(G(params, z)))` by `jax.grad`, with z drawn as the step draws it."""
+    import optax
+
+    from medjax import losses
+    from medjax.train.state import apply_model, step_key
+
+    cfg = dcgan_medmnist.get_config("smoke")
+    task = dcgan.Task(cfg)
+    rng = np.random.default_rng(3)
+    batch = {"image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)}
+    state = _tiny_state(task, batch)
+    new, m = jax.jit(task.train_step)(state, batch)
+
+    k_z, _ = jax.random.split(step_key(state))
+    z = task.latent(k_z, 4)
+    pd, sd = new.params["d"], new.batch_stats["d"]  # D after its update of this step
+
+    def g_loss(pg):
+        fake, _ = apply_model(task.generator, pg, state.batch_stats["g"], z, train=True)
+        logits, _ = apply_model(task.discriminator, pd, sd, fake, train=True)
+        return jnp.mean(losses.gan_generator_loss(logits, task.loss_kind))
+
+    loss, grads = jax.value_and_grad(g_loss)(state.params["g"])
+    np.testing.assert_allclose(m["g_loss"], loss, rtol=1e-5)
+    mu = optax.tree_utils.tree_get(new.opt_state["g"], "mu")  # Adam's first moment: (1-b1) g
+    b1 = float(cfg.optimizer_g.b1)
+    for got, want in zip(jax.tree.leaves(mu), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, (1 - b1) * np.asarray(want), rtol=2e-4, atol=1e-7)
+
+
 @pytest.mark.skipif(not _have("brain_tumor_progression_pgbm001"), reason="shared TCIA data missing")
 def test_pix2pix_on_tcia_dicom_with_baselines_by_hand(tmp_path):
     from medjax.data import image_sets
