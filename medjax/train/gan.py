@@ -167,7 +167,8 @@ class LatentGAN(task.Task):
     classifier_workdir}`, `num_pictures`.
 
     One jitted step = one discriminator update on a real batch and a fresh fake batch, then one
-    generator update (two `value_and_grad` calls). Subclasses change `d_loss` (WGAN-GP),
+    generator update through the updated discriminator on the same fakes (one generator
+    forward, as in the canonical PyTorch DCGAN). Subclasses change `d_loss` (WGAN-GP),
     `train_step` (n_critic) or condition both networks on labels (`conditional`).
 
     Evaluation, on a fixed set of latent vectors so numbers are comparable across steps:
