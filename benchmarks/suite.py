@@ -317,7 +317,12 @@ def main() -> None:
 
 
 def _line(r: dict) -> str:
-    ref = f" | torch {r['torch_s'] * 1e3:8.1f} ms  ratio {r['ratio']:.2f}" if "ratio" in r else ""
+    ref = (
+        f" | torch {r['torch_s'] * 1e3:8.1f} ms  {r['torch_gflop']:8.1f} GFLOP"
+        f"  ratio {r['ratio']:.2f}"
+        if "ratio" in r
+        else ""
+    )
     return (
         f"{r['case']:16s} medjax {r['medjax_s'] * 1e3:8.1f} ms  compile {r['compile_s']:5.1f} s"
         f"  {r['memory_mib']:7.0f} MiB  {r['medjax_gflop']:8.1f} GFLOP"
