@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
 
+from suite import compiled_step, cpu_name
+
 from medjax.train.platform import configure_xla
 
-MiB = 2.0**20
 VARIANTS = (("dcgan_medmnist", "64"), ("vox2vox_brats", "seg"))
 
 
@@ -52,13 +52,12 @@ def main() -> None:
     configure_xla()
     import flax
     import jax
-    import numpy as np
 
-    from medjax.train import loop, task
+    from medjax.train import task
 
     dev = jax.devices()
     print(
-        f"machine: {platform.processor() or platform.machine()} x{os.cpu_count()} | devices: "
+        f"machine: {cpu_name()} x{os.cpu_count()} | devices: "
         f"{len(dev)} x {dev[0].device_kind} | python {sys.version.split()[0]} | "
         f"jax {jax.__version__} | flax {flax.__version__}",
         flush=True,
@@ -82,21 +81,12 @@ def main() -> None:
         if cfg.task == "wgan_gp":
             gb = max(gb - gb % (n_dev * cfg.n_critic), n_dev * cfg.n_critic)
         cfg.batch_size = gb
-        trainer = loop.Trainer(cfg)
         try:
-            batch = trainer.task.synthetic_batch(gb)
+            compiled, state, batch, facts = compiled_step(cfg)
         except (task.TaskCannot, FileNotFoundError, ValueError) as exc:
             print(f"{name:28s} skipped: {exc}", flush=True)
             continue
-        spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        state = trainer.init_state(spec)
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-        batch = {k: jax.device_put(v, trainer.data_sh) for k, v in batch.items()}
-        t0 = time.perf_counter()
-        compiled = trainer.train_step.lower(state, batch).compile()
-        t_compile = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        temp = getattr(mem, "temp_size_in_bytes", float("nan")) / MiB if mem else float("nan")
+        n_params, t_compile, temp = facts["params"], facts["compile_s"], facts["temp_mib"]
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times = []

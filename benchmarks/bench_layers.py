@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
+from suite import cpu_name  # noqa: E402
 
 from medjax.models import UNet, conv_nd  # noqa: E402
 from medjax.models.layers import ConvTranspose4, StridedConv4, UpSample  # noqa: E402
@@ -151,7 +152,7 @@ def main() -> None:
     print("medjax layer benchmark (median wall time, jit, after warm-up)")
     print(f"python {sys.version.split()[0]}  jax {jax.__version__}  flax {flax.__version__}")
     print(f"backend {jax.default_backend()}  devices {jax.devices()}")
-    print(f"cpu {_cpu_name()}  cores {os.cpu_count()}  {platform.platform()}")
+    print(f"cpu {cpu_name()}  cores {os.cpu_count()}  {platform.platform()}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print()
     t0 = time.perf_counter()
@@ -200,17 +201,6 @@ def main() -> None:
             spatial_dims=3,
         )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -162,21 +162,16 @@ def _flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def medjax_step(case: Case, devices: int):
-    """(step() -> None, facts, config) of the case's compiled medjax training step."""
+def compiled_step(cfg: Any) -> tuple[Any, Any, dict, dict]:
+    """(compiled step, initial state, device batch, facts) of `cfg`'s training step on the task
+    contract's synthetic batch (`cfg.batch_size` rows, placed on the data sharding)."""
     import jax
     import numpy as np
 
     from medjax.train import loop
 
-    cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
-    for k, v in case.overrides.items():
-        _set(cfg, k, v)
-    gb = int(cfg.batch_size)
-    if gb % devices:
-        gb = max(devices, gb - gb % devices)
-        cfg.batch_size = gb
     trainer = loop.Trainer(cfg)
+    gb = int(cfg.batch_size)
     batch = trainer.task.synthetic_batch(gb)
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     state = trainer.init_state(spec)
@@ -186,14 +181,6 @@ def medjax_step(case: Case, devices: int):
     compiled = trainer.train_step.lower(state, batch).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    mib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / MiB if mem else float("nan")
-    holder = {"state": state}
-
-    def step() -> None:
-        holder["state"], m = compiled(holder["state"], batch)
-        jax.block_until_ready(m)
-
-    step()  # warm-up
     try:
         shape = trainer.task.example_shape()
     except Exception:  # noqa: BLE001 - a task without a segmentation-style shape
@@ -202,10 +189,34 @@ def medjax_step(case: Case, devices: int):
         "batch": gb,
         "params": n_params,
         "compile_s": t_compile,
-        "memory_mib": mib,
+        "memory_mib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / MiB
+        if mem
+        else float("nan"),
+        "temp_mib": mem.temp_size_in_bytes / MiB if mem else float("nan"),
         "flops": _flops(compiled),
         "example_shape": shape,
     }
+    return compiled, state, batch, facts
+
+
+def medjax_step(case: Case, devices: int):
+    """(step() -> None, facts, config) of the case's compiled medjax training step."""
+    import jax
+
+    cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
+    for k, v in case.overrides.items():
+        _set(cfg, k, v)
+    gb = int(cfg.batch_size)
+    if gb % devices:
+        cfg.batch_size = max(devices, gb - gb % devices)
+    compiled, state, batch, facts = compiled_step(cfg)
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], m = compiled(holder["state"], batch)
+        jax.block_until_ready(m)
+
+    step()  # warm-up
     return step, facts, cfg
 
 
