@@ -992,10 +992,7 @@ def _capped(d: Listing, cfg: Any, directory: PathLike | None) -> Listing:
 
 def _keys(d: Listing[ImageSet], keys: Sequence[str]) -> Listing[ImageSet]:
     """The listing, reading only `keys` of its examples."""
-    reader = d.reader
-    return Listing(
-        d.ids, lambda pos: {k: v for k, v in reader(pos).items() if k in keys}, d.meta, d.where
-    )
+    return d.map(lambda x: {k: v for k, v in x.items() if k in keys})
 
 
 def load_labelled_images(cfg: Any, split: str, *, directory: PathLike | None = None) -> ImageSet:
@@ -1309,14 +1306,12 @@ def list_paired_images(
     out = _capped(out, cfg, directory)
     if not len(out):
         raise ValueError(f"the {split} split of config.data.source={source!r} is empty")
-    reader = out.reader
 
-    def read(pos: list[int]) -> ImageSet:
-        d = reader(pos)
+    def with_label(d: ImageSet) -> ImageSet:
         d.setdefault("label", np.zeros(d["mask"].shape, np.int32))
         return {k: d[k] for k in ("source", "target", "mask", "label")}
 
-    return Listing(out.ids, read, out.meta, out.where)
+    return out.map(with_label)
 
 
 def _opt(path: Path) -> Path | None:
@@ -1372,15 +1367,11 @@ def list_unpaired_images(
         )
     mods = (str(cfg["domain_a"]), str(cfg["domain_b"]))
     d = load_paired_images(cfg, split, mods, directory=directory, n_source=1)
-    cap = None if directory is not None else int(cfg.get("max_examples") or 0) or None
     if split != "train":
-        a, b, mask, paired = d["source"][:cap], d["target"][:cap], d["mask"][:cap], True
+        a, b, mask, paired = d["source"], d["target"], d["mask"], True
     else:
         idx_a, idx_b = split_unpaired(len(d["source"]), seed=int(cfg.get("split_seed", 0)))
-        a, b, mask, paired = d["source"][idx_a][:cap], d["target"][idx_b][:cap], None, False
-    return {
-        "a": Listing.of_arrays({"image": a}),
-        "b": Listing.of_arrays({"image": b}),
-        "mask": mask,
-        "paired": paired,
-    }
+        a, b, mask, paired = d["source"][idx_a], d["target"][idx_b], None, False
+    a = _capped(Listing.of_arrays({"image": a}), cfg, directory)
+    b = _capped(Listing.of_arrays({"image": b}), cfg, directory)
+    return {"a": a, "b": b, "mask": None if mask is None else mask[: len(a)], "paired": paired}

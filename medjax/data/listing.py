@@ -65,6 +65,11 @@ class Listing(Generic[T]):
         """The first `n` examples (all of them when `n <= 0`)."""
         return self if int(n) <= 0 else self.take(np.arange(min(int(n), len(self))))
 
+    def map(self, fn: Callable[[T], Any]) -> Listing[Any]:
+        """The same examples, `fn` applied to whatever a selection reads as."""
+        reader = self.reader
+        return Listing(self.ids, lambda pos: fn(reader(pos)), self.meta, self.where)
+
     def read(self) -> T:
         """Every listed example, read."""
         if not len(self):

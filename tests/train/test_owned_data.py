@@ -164,6 +164,7 @@ def test_listing_reads_only_what_is_taken():
     part = listing.take([4, 1, 5]).head(2)
     assert part.ids == ("c4", "c1") and part.meta["y"].tolist() == [4, 1] and read == []
     assert part.read() == [40, 10] and read == [4, 1]
+    assert part.map(sum).read() == 50 and part.map(sum).ids == ("c4", "c1")
     with pytest.raises(IndexError, match="positions outside 0..5"):
         listing.take([6])
     with pytest.raises(ValueError, match="no examples to read"):
