@@ -40,7 +40,7 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $@ $(VENV)/.dev-installed $(VENV)/.train-installed
 
-## bench: every training step beside its PyTorch/MONAI reference (one table: build/bench/)
+## bench: every training step beside its PyTorch/MONAI reference, every config's input pipeline, sliding-window inference beside MONAI (tables: build/bench/)
 bench: $(VENV)/.bench-installed
 	@mkdir -p build/bench
 	$(BIN)/python benchmarks/suite.py --json build/bench/suite.json --markdown build/bench/suite.md

@@ -5,7 +5,9 @@
 Any task: the data come from the task contract (`task.load_data()`: its training iterator and
 batch shapes), so this measures exactly what `scripts/train.py` runs. Prints the machine,
 versions, compile time, steps/s and examples/s for each part (nnU-Net style: the step is
-measured apart from data loading, so a slow input pipeline is visible).
+measured apart from data loading, so a slow input pipeline is visible) and the share of a loop
+step spent waiting for data. `benchmarks/suite.py --section data` runs `measure` on every
+shipped config.
 """
 
 from __future__ import annotations
@@ -31,6 +33,70 @@ def load_config(path: str, arg: str | None):
     return mod.get_config(arg)
 
 
+def measure(cfg, steps: int = 30, seconds: float = 0.0) -> dict:
+    """Input pipeline alone, compiled step alone and both as the training loop runs them (the
+    next batch is made while the previous step runs; at most two steps in flight), for `cfg`'s
+    task on its real data. `seconds` > 0 caps each part near that long (at least 3 steps).
+    `wait_frac` = the share of a loop step spent waiting for data (0 when the pipeline keeps
+    up)."""
+    import jax
+
+    from medjax.train import loop
+
+    trainer = loop.Trainer(cfg)
+    t0 = time.perf_counter()
+    data = trainer.task.load_data()
+    t_load = time.perf_counter() - t0
+    gb = int(cfg.batch_size)
+    it = data.make_train_iter(global_batch_size=gb, mesh=trainer.mesh, seed=0)
+    b = next(it)
+    state = trainer.init_state(data.batch_spec(gb))
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(state, b).compile()
+    t_compile = time.perf_counter() - t0
+    state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    times = []
+    while len(times) < steps and (not seconds or len(times) < 3 or sum(times) < seconds):
+        t0 = time.perf_counter()
+        state, m = compiled(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    t_step = statistics.median(times)
+    n = len(times)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        b = next(it)
+    jax.block_until_ready(b)
+    t_pipe = (time.perf_counter() - t0) / n
+
+    prev = None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state, m = compiled(state, next(it))
+        if prev is not None:
+            jax.block_until_ready(prev)
+        prev = m
+    jax.block_until_ready(m)
+    t_loop = (time.perf_counter() - t0) / n
+    return {
+        "task": str(cfg.task),
+        "batch": gb,
+        "example": {k: tuple(v.shape) for k, v in data.example_spec.items()},
+        "num_train": data.num_train,
+        "load_s": t_load,
+        "compile_s": t_compile,
+        "steps": n,
+        "step_s": t_step,
+        "step_min_s": min(times),
+        "pipeline_s": t_pipe,
+        "loop_s": t_loop,
+        "wait_frac": max(0.0, (t_loop - t_step) / t_loop),
+        "progress": {k: float(m[k]) for k in trainer.task.progress_keys if k in m},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="mni152_demo", help="a shipped config name or a path")
@@ -43,10 +109,7 @@ def main() -> None:
         configure_xla()
     import flax
     import jax
-    import numpy as np
     import tensorflow as tf
-
-    from medjax.train import loop
 
     cfg = load_config(args.config, args.arg)
     if args.batch_size:
@@ -57,58 +120,26 @@ def main() -> None:
         f"flax {flax.__version__} | tf {tf.__version__}"
     )
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    trainer = loop.Trainer(cfg)
-    data = trainer.task.load_data()
-    gb = int(cfg.batch_size)
-    shapes = {k: tuple(v.shape) for k, v in data.example_spec.items()}
+    r = measure(cfg, args.steps)
+    gb = r["batch"]
     print(
-        f"config: {args.config} task={cfg.task} batch={gb} example={shapes} train={data.num_train}"
+        f"config: {args.config} task={r['task']} batch={gb} example={r['example']} "
+        f"train={r['num_train']} (loaded in {r['load_s']:.1f} s)"
     )
-
-    def make_iter():
-        return data.make_train_iter(global_batch_size=gb, mesh=trainer.mesh, seed=0)
-
-    it = make_iter()
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        b = next(it)
-    jax.block_until_ready(b)
-    dt = time.perf_counter() - t0
+    print(f"train step compile: {r['compile_s']:.1f} s")
     print(
-        f"input pipeline alone: {args.steps / dt:8.1f} batches/s "
-        f"({gb * args.steps / dt:.0f} examples/s)"
+        f"input pipeline alone: {1 / r['pipeline_s']:8.1f} batches/s "
+        f"({gb / r['pipeline_s']:.0f} examples/s)"
     )
-
-    state = trainer.init_state(data.batch_spec(gb))
-    t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(state, b).compile()
-    print(f"train step compile: {time.perf_counter() - t0:.1f} s")
-    state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, b)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
     print(
-        f"train step alone:     {1 / med:8.2f} steps/s  median {med * 1e3:.1f} ms "
-        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) = {gb / med:.1f} examples/s"
+        f"train step alone:     {1 / r['step_s']:8.2f} steps/s  median {r['step_s'] * 1e3:.1f} ms "
+        f"(min {r['step_min_s'] * 1e3:.1f}) = {gb / r['step_s']:.1f} examples/s"
     )
-
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = compiled(state, next(it))
-    jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
     print(
-        f"pipeline + step:      {args.steps / dt:8.2f} steps/s = "
-        f"{gb * args.steps / dt:.1f} examples/s"
+        f"pipeline + step:      {1 / r['loop_s']:8.2f} steps/s = {gb / r['loop_s']:.1f} "
+        f"examples/s; waiting for data {100 * r['wait_frac']:.1f} % of the step"
     )
-    shown = {k: float(np.asarray(m[k])) for k in trainer.task.progress_keys}
-    print("final", " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    print("final", " ".join(f"{k} {v:.4f}" for k, v in r["progress"].items()))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,40 @@ def _cyclegan(cfg, facts):
     )
 
 
+def _wgan_gp(cfg, facts):
+    import torch_reference as tr
+
+    n = int(cfg.n_critic)
+    g = cfg.model.generator
+    return tr.wgan_gp_step(
+        facts["batch"] // n, int(cfg.data.channels), n, int(g.latent_dim),
+        int(g.base_features) // 8, int(cfg.model.discriminator.features[0]),
+        float(cfg.loss.gp_weight),
+    )  # fmt: skip
+
+
+def _vox2vox(cfg, facts):
+    import torch_reference as tr
+
+    g, d = cfg.model.generator, cfg.model.discriminator
+    return tr.pix2pix_step(
+        facts["batch"], tuple(cfg.patch_size), len(cfg.data.source_modalities),
+        int(g.num_downs), target_channels=len(cfg.data.target_modalities),
+        ngf=int(g.features), ndf=int(d.features), norm=str(g.norm),
+        recon_weight=float(cfg.loss.recon_weight),
+    )  # fmt: skip
+
+
+def _classifier(cfg, facts):
+    import torch_reference as tr
+
+    spatial, channels, classes = facts["example_shape"]
+    m = cfg.model
+    return tr.classifier_step(
+        facts["batch"], tuple(spatial), channels, classes, tuple(m.features), float(m.dropout)
+    )
+
+
 NO_AUG = {"augment.enabled": False}
 UNET2D = {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "data.channels": 1,
           "data.num_classes": 3, "crop_size": (), "batch_size": 8}  # fmt: skip
@@ -102,7 +136,8 @@ CASES = (
     Case("dcgan_64", "DCGAN 64^2, batch 64 (D + G)", "dcgan_medmnist",
          {"data.channels": 3, "model.generator.base_features": 512, "batch_size": 64,
           "model.generator.latent_dim": 100}, _dcgan, "64"),
-    Case("wgan_gp_64", "WGAN-GP 64^2, 5 x 64 critic + G", "wgan_gp_medmnist", {}, None, "64", 3),
+    Case("wgan_gp_64", "WGAN-GP 64^2, 5 x 64 critic + G", "wgan_gp_medmnist", {}, _wgan_gp,
+         "64", 3),
     Case("pix2pix_256", "pix2pix 256^2, batch 1", "pix2pix_folder",
          {"data.image_size": (256, 256), "model.generator.num_downs": 8, "batch_size": 1,
           "data.channels": 3, "data.source_channels": 3, "data.target_channels": 3},
@@ -113,8 +148,8 @@ CASES = (
     Case("cyclegan_256_b4", "CycleGAN 256^2, batch 4", "cyclegan_folder",
          {"data.image_size": (256, 256), "model.generator.num_blocks": 9, "batch_size": 4,
           "data.channels": 3}, _cyclegan, "", 4),
-    Case("vox2vox", "Vox2Vox (3D pix2pix), its config", "vox2vox_brats", {}),
-    Case("classifier", "classifier 28^2, batch 64", "classifier_medmnist", {**NO_AUG}),
+    Case("vox2vox", "Vox2Vox (3D pix2pix), its config", "vox2vox_brats", {}, _vox2vox),
+    Case("classifier", "classifier 28^2, batch 64", "classifier_medmnist", {**NO_AUG}, _classifier),
 )  # fmt: skip
 
 
@@ -239,7 +274,27 @@ def main() -> None:
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--markdown", default="", help="write the table here")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument(
+        "--section",
+        default="steps,data,inference",
+        help="comma-separated: steps (training steps beside PyTorch), data (every shipped "
+        "config's input pipeline on its real data), inference (sliding window on a BraTS-size "
+        "volume beside MONAI)",
+    )
+    p.add_argument("--data-seconds", type=float, default=15.0, help="time per data measurement")
+    p.add_argument("--configs", default="", help="data section: only these shipped configs")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="CONFIG:KEY=VALUE",
+        help="data section: a config override, e.g. segmentation_folder:data.directory=/data/x "
+        "(repeatable; VALUE is a Python literal or a string)",
+    )
     args = p.parse_args()
+    sections = {s.strip() for s in args.section.split(",") if s.strip()}
+    if sections - {"steps", "data", "inference"}:
+        sys.exit(f"unknown sections {sorted(sections - {'steps', 'data', 'inference'})}")
     if args.list:
         for c in CASES:
             print(f"{c.name:18s} {c.what}  ({c.config}{':' + c.arg if c.arg else ''})")
@@ -279,7 +334,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown cases {sorted(unknown)}; --list shows them")
     rows = []
-    for case in CASES:
+    for case in CASES if "steps" in sections else ():
         if only and case.name not in only:
             continue
         step, facts, cfg = medjax_step(case, len(dev))
@@ -317,14 +372,188 @@ def main() -> None:
             )
         rows.append(row)
         print(_line(row), flush=True)
-    table = markdown(machine, rows)
+    data = data_section(args) if "data" in sections else []
+    infer = inference_section(torch, args.rounds) if "inference" in sections else []
+    table = markdown(machine, rows) + data_markdown(data) + inference_markdown(infer)
     print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine, "rows": rows, "data": data, "inference": infer}, f,
+                      indent=1, default=str)  # fmt: skip
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
+
+
+def shipped_configs() -> list[str]:
+    """The config modules shipped in `medjax.configs` (those with a `get_config`)."""
+    import pkgutil
+
+    import medjax.configs
+
+    names = []
+    for m in pkgutil.iter_modules(medjax.configs.__path__):
+        if hasattr(importlib.import_module(f"medjax.configs.{m.name}"), "get_config"):
+            names.append(m.name)
+    return sorted(names)
+
+
+def data_section(args) -> list[dict]:
+    """Every shipped config on its default (real, shared) data: the input pipeline alone, the
+    step alone and both as the loop runs them (`bench_train_step.measure`). The generic
+    `segmentation_folder` reads Kvasir-SEG's images/ and masks/; the other configs that need a
+    user's data directory (`--set NAME:data.directory=...`) are listed with the reason they
+    were not run."""
+    import ast
+
+    import bench_train_step
+
+    wanted = {c.strip() for c in args.configs.split(",") if c.strip()}
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in args.set:
+        name, _, kv = item.partition(":")
+        key, eq, value = kv.partition("=")
+        if not eq:
+            sys.exit(f"--set {item!r}: expected CONFIG:KEY=VALUE")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string (a path)
+        overrides.setdefault(name, {})[key] = value
+    from medjax.data import paths
+
+    try:  # the generic 2D folder reader on a shared dataset in its layout (images/, masks/)
+        kvasir = str(paths.data_dir("kvasir_seg_polyps"))
+        defaults = {"segmentation_folder": {"data.directory": kvasir, "data.channels": 3,
+                                            "data.mask_threshold": 127}}  # fmt: skip
+    except FileNotFoundError:
+        defaults = {}
+    rows = []
+    for name in shipped_configs():
+        if wanted and name not in wanted:
+            continue
+        cfg = importlib.import_module(f"medjax.configs.{name}").get_config(None)
+        for key, value in {**defaults.get(name, {}), **overrides.get(name, {})}.items():
+            _set(cfg, key, value)
+        try:
+            r = bench_train_step.measure(cfg, steps=30, seconds=args.data_seconds)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160]
+            rows.append({"config": name, "skipped": reason})
+            print(f"data {name:24s} not run: {reason}", flush=True)
+            continue
+        r["config"] = name
+        rows.append(r)
+        print(
+            f"data {name:24s} pipeline {1 / r['pipeline_s']:7.1f} batches/s  step "
+            f"{r['step_s'] * 1e3:8.1f} ms  loop {r['loop_s'] * 1e3:8.1f} ms  waits "
+            f"{r['wait_frac']:5.1%}",
+            flush=True,
+        )
+    return rows
+
+
+def data_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "\n\nInput pipeline of every shipped config on its real data (step alone vs. as the loop "
+        "runs it; wait = the share of a loop step spent waiting for data):\n",
+        "| config | task | batch | pipeline alone | step alone | loop step | wait |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['config']} | not run: {r['skipped']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['config']} | {r['task']} | {r['batch']} | {1 / r['pipeline_s']:.1f} batches/s "
+            f"({r['batch'] / r['pipeline_s']:.0f} ex/s) | {r['step_s'] * 1e3:.0f} ms | "
+            f"{r['loop_s'] * 1e3:.0f} ms | {r['wait_frac']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+BRATS_VOLUME = (240, 240, 155)
+
+
+def inference_section(torch, rounds: int, features=(16, 16, 32, 64, 128)) -> list[dict]:
+    """Gaussian-blended sliding-window inference of a 3D U-Net over one BraTS-size volume
+    (240 x 240 x 155, 4 modalities -> 4 classes; 96^3 windows, overlap 0.5, 2 windows per
+    call): `medjax.inference.sliding_window_inference` (jitted, the windows in one compiled
+    loop) beside MONAI's `sliding_window_inference` with `BasicUNet`, timed interleaved."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from medjax.inference import sliding_window_inference, window_starts
+    from medjax.models import UNet
+
+    window, wb, c_in, c_out = (96, 96, 96), 2, 4, 4
+    model = UNet(num_classes=c_out, features=features, spatial_dims=3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, c_in)))
+    vol = jnp.asarray(np.random.default_rng(0).standard_normal((*BRATS_VOLUME, c_in), np.float32))
+    infer = jax.jit(
+        lambda p, v: sliding_window_inference(
+            lambda x: model.apply(p, x), v, window, overlap=0.5, window_batch=wb
+        )
+    )
+    t0 = time.perf_counter()
+    compiled = infer.lower(params, vol).compile()
+    t_compile = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, vol))
+    steps = [lambda: jax.block_until_ready(compiled(params, vol))]
+    if torch is not None:
+        from monai.inferers import sliding_window_inference as monai_swi
+        from monai.networks.nets import BasicUNet
+
+        net = BasicUNet(3, c_in, c_out, features=tuple(features) + (features[0],)).eval()
+        tv = torch.randn(1, c_in, *BRATS_VOLUME)
+
+        def ref() -> None:
+            with torch.no_grad():
+                monai_swi(tv, window, wb, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
+
+        ref()
+        steps.append(ref)
+    times = timed_interleaved(steps, max(1, min(rounds, 3)))
+    n_win = len(window_starts(BRATS_VOLUME, window, 0.5))
+    row = {
+        "volume": BRATS_VOLUME,
+        "window": window,
+        "windows": n_win,
+        "window_batch": wb,
+        "features": features,
+        "compile_s": t_compile,
+        "medjax_s": statistics.median(times[0]),
+    }
+    if torch is not None:
+        row["torch_s"] = statistics.median(times[1])
+        row["ratio"] = row["torch_s"] / row["medjax_s"]
+    print(
+        f"inference {n_win} windows: medjax {row['medjax_s']:.1f} s/volume"
+        + (f", MONAI {row['torch_s']:.1f} s, ratio {row['ratio']:.2f}" if torch else ""),
+        flush=True,
+    )
+    return [row]
+
+
+def inference_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "\n\nSliding-window inference, one BraTS-size volume (4 channels, Gaussian blending):\n",
+        "| volume | U-Net features | windows (96^3, overlap 0.5) | window batch | compile | "
+        "medjax | MONAI | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        torch_s = f"{r['torch_s']:.1f} s | **{r['ratio']:.2f}**" if "ratio" in r else "- | -"
+        lines.append(
+            f"| {'x'.join(map(str, r['volume']))} | {r['features']} | {r['windows']} | "
+            f"{r['window_batch']} | {r['compile_s']:.1f} s | {r['medjax_s']:.1f} s | {torch_s} |"
+        )
+    return "\n".join(lines)
 
 
 def _line(r: dict) -> str:
@@ -353,6 +582,8 @@ def markdown(machine: dict, rows: list[dict]) -> str:
         )  # fmt: skip
         + f". Measured float32 GEMM peak {machine['peak_gflops']:.1f} GFLOP/s.\n\n"
     )
+    if not rows:
+        return head.rstrip()
     cols = ("model | batch | medjax step | ex/s | compile | XLA memory | GFLOP/step (medjax / "
             "torch) | % of peak (medjax / torch) | PyTorch step | ratio")  # fmt: skip
     lines = [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1)]

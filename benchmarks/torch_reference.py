@@ -149,45 +149,56 @@ def dcgan_step(batch: int, channels: int = 3, nz: int = 100, ngf: int = 64, ndf:
 # ---------------------------------------------------------------------------------------------
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def _norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
     if kind == "batch":
-        return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
-    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+        return (nn.BatchNorm2d, nn.BatchNorm3d)[dims - 2](channels)
+    return (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2](channels)
+
+
+def _conv(dims: int, transpose: bool = False) -> type[nn.Module]:
+    if transpose:
+        return (nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 2]
+    return (nn.Conv2d, nn.Conv3d)[dims - 2]
 
 
 class _SkipBlock(nn.Module):
     """`UnetSkipConnectionBlock`: down -> submodule -> up, concatenated with the input."""
 
     def __init__(self, outer, inner, input_nc=None, sub=None, outermost=False, innermost=False,
-                 norm="batch", dropout=False):  # fmt: skip
+                 norm="batch", dropout=False, dims=2):  # fmt: skip
         super().__init__()
         self.outermost = outermost
         bias = norm == "instance"
         input_nc = outer if input_nc is None else input_nc
-        down = nn.Conv2d(input_nc, inner, 4, 2, 1, bias=bias)
+        conv, convt = _conv(dims), _conv(dims, transpose=True)
+        down = conv(input_nc, inner, 4, 2, 1, bias=bias)
         if outermost:
-            up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1)
+            up = convt(inner * 2, outer, 4, 2, 1)
             layers = [down, sub, nn.ReLU(True), up, nn.Tanh()]
         elif innermost:
-            up = nn.ConvTranspose2d(inner, outer, 4, 2, 1, bias=bias)
-            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, _norm(norm, outer)]
+            up = convt(inner, outer, 4, 2, 1, bias=bias)
+            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, _norm(norm, outer, dims)]
         else:
-            up = nn.ConvTranspose2d(inner * 2, outer, 4, 2, 1, bias=bias)
-            layers = [nn.LeakyReLU(0.2, True), down, _norm(norm, inner), sub, nn.ReLU(True), up,
-                      _norm(norm, outer)] + ([nn.Dropout(0.5)] if dropout else [])  # fmt: skip
+            up = convt(inner * 2, outer, 4, 2, 1, bias=bias)
+            layers = [nn.LeakyReLU(0.2, True), down, _norm(norm, inner, dims), sub, nn.ReLU(True),
+                      up, _norm(norm, outer, dims)]  # fmt: skip
+            layers += [nn.Dropout(0.5)] if dropout else []
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
 
 
-def unet_generator(input_nc, output_nc, num_downs=8, ngf=64, norm="batch", dropout=True):
-    block = _SkipBlock(ngf * 8, ngf * 8, innermost=True, norm=norm)
-    for _ in range(num_downs - 5):
-        block = _SkipBlock(ngf * 8, ngf * 8, sub=block, norm=norm, dropout=dropout)
-    for mult in (4, 2, 1):
-        block = _SkipBlock(ngf * mult, ngf * mult * 2, sub=block, norm=norm)
-    return _SkipBlock(output_nc, ngf, input_nc=input_nc, sub=block, outermost=True, norm=norm)
+def unet_generator(input_nc, output_nc, num_downs=8, ngf=64, norm="batch", dropout=True, dims=2):
+    """`UnetGenerator`; level i has min(ngf * 2^i, 8 ngf) channels (for num_downs >= 5 exactly
+    the repository's nesting; fewer levels, as Vox2Vox uses, keep the same rule)."""
+    feats = [min(ngf * 2**i, ngf * 8) for i in range(num_downs)]
+    kw = dict(norm=norm, dims=dims)
+    block = _SkipBlock(feats[-2], feats[-1], innermost=True, **kw)
+    for i in range(num_downs - 2, 0, -1):
+        drop = dropout and i >= 4  # the num_downs - 5 `use_dropout` blocks
+        block = _SkipBlock(feats[i - 1], feats[i], sub=block, dropout=drop, **kw)
+    return _SkipBlock(output_nc, ngf, input_nc=input_nc, sub=block, outermost=True, **kw)
 
 
 class _ResnetBlock(nn.Module):
@@ -221,16 +232,17 @@ def resnet_generator(input_nc, output_nc, ngf=64, n_blocks=9, norm="instance"):
     return nn.Sequential(*layers)
 
 
-def nlayer_discriminator(input_nc, ndf=64, n_layers=3, norm="batch"):
+def nlayer_discriminator(input_nc, ndf=64, n_layers=3, norm="batch", dims=2):
     bias = norm == "instance"
-    layers = [nn.Conv2d(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    conv = _conv(dims)
+    layers = [conv(input_nc, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
     mult = 1
     for n in range(1, n_layers + 1):
         prev, mult = mult, min(2**n, 8)
         stride = 2 if n < n_layers else 1
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=bias),
-                   _norm(norm, ndf * mult), nn.LeakyReLU(0.2, True)]  # fmt: skip
-    layers += [nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
+        layers += [conv(ndf * prev, ndf * mult, 4, stride, 1, bias=bias),
+                   _norm(norm, ndf * mult, dims), nn.LeakyReLU(0.2, True)]  # fmt: skip
+    layers += [conv(ndf * mult, 1, 4, 1, 1)]
     return nn.Sequential(*layers)
 
 
@@ -244,15 +256,29 @@ def _set_grad(nets, on: bool) -> None:
             p.requires_grad = on
 
 
-def pix2pix_step(batch: int, size: int, channels: int = 3, num_downs: int = 8) -> TorchStep:
-    """pix2pix (U-Net generator, 70x70 PatchGAN on (A, B), vanilla GAN + 100 L1)."""
-    g = unet_generator(channels, channels, num_downs)
-    d = nlayer_discriminator(2 * channels)
+def pix2pix_step(
+    batch: int,
+    size: int | tuple[int, ...],
+    channels: int = 3,
+    num_downs: int = 8,
+    *,
+    target_channels: int | None = None,
+    ngf: int = 64,
+    ndf: int = 64,
+    norm: str = "batch",
+    recon_weight: float = 100.0,
+) -> TorchStep:
+    """pix2pix (U-Net generator, 70x70 PatchGAN on (A, B), vanilla GAN + 100 L1); `size` a
+    tuple of three gives the 3D version (Vox2Vox: Conv3d everywhere)."""
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    dims, out = len(shape), channels if target_channels is None else target_channels
+    g = unet_generator(channels, out, num_downs, ngf, norm, dims=dims)
+    d = nlayer_discriminator(channels + out, ndf, norm=norm, dims=dims)
     opt_g, opt_d = _adam(g), _adam(d)
     gan, l1 = nn.BCEWithLogitsLoss(), nn.L1Loss()
     gen = torch.Generator().manual_seed(0)
-    a = torch.rand((batch, channels, size, size), generator=gen) * 2 - 1
-    b = torch.rand((batch, channels, size, size), generator=gen) * 2 - 1
+    a = torch.rand((batch, channels, *shape), generator=gen) * 2 - 1
+    b = torch.rand((batch, out, *shape), generator=gen) * 2 - 1
 
     def run() -> None:
         fake = g(a)
@@ -265,7 +291,7 @@ def pix2pix_step(batch: int, size: int, channels: int = 3, num_downs: int = 8) -
         _set_grad([d], False)
         opt_g.zero_grad(set_to_none=True)
         pf = d(torch.cat([a, fake], 1))
-        (gan(pf, torch.ones_like(pf)) + 100.0 * l1(fake, b)).backward()
+        (gan(pf, torch.ones_like(pf)) + recon_weight * l1(fake, b)).backward()
         opt_g.step()
 
     return _finish(run, [g, d])
@@ -307,3 +333,81 @@ def cyclegan_step(batch: int, size: int, channels: int = 3, n_blocks: int = 9) -
         opt_d.step()
 
     return _finish(run, [g_a, g_b, d_a, d_b])
+
+
+# ---------------------------------------------------------------------------------------------
+# WGAN-GP (Gulrajani et al. 2017) and the classifier
+# ---------------------------------------------------------------------------------------------
+
+
+def wgan_gp_step(
+    critic_batch: int,
+    channels: int = 1,
+    n_critic: int = 5,
+    nz: int = 100,
+    ngf: int = 32,
+    ndf: int = 64,
+    gp_weight: float = 10.0,
+) -> TorchStep:
+    """64x64 WGAN-GP: the DCGAN nets with the critic's batch norm removed (as the paper
+    prescribes), `n_critic` critic updates on fresh real batches, each with the gradient
+    penalty at random interpolates (`torch.autograd.grad(create_graph=True)`), then one
+    generator update; Adam(1e-4, 0, 0.9)."""
+    g, d = _dcgan_nets(nz, ngf, ndf, channels)
+    d = nn.Sequential(*[m for m in d if not isinstance(m, nn.BatchNorm2d)])
+    opt_g = torch.optim.Adam(g.parameters(), 1e-4, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(d.parameters(), 1e-4, betas=(0.0, 0.9))
+    gen = torch.Generator().manual_seed(0)
+    reals = torch.rand((n_critic, critic_batch, channels, 64, 64), generator=gen) * 2 - 1
+
+    def run() -> None:
+        for real in reals:
+            opt_d.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                fake = g(torch.randn(critic_batch, nz, 1, 1))
+            eps = torch.rand(critic_batch, 1, 1, 1)
+            # A non-leaf input: FlopCounterMode's module hooks refuse autograd.grad of a leaf.
+            x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True) * 1.0
+            (grad,) = torch.autograd.grad(d(x_hat).sum(), x_hat, create_graph=True)
+            gp = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+            (d(fake).mean() - d(real).mean() + gp_weight * gp).backward()
+            opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        (-d(g(torch.randn(critic_batch, nz, 1, 1))).mean()).backward()
+        opt_g.step()
+
+    return _finish(run, [g, d])
+
+
+def classifier_step(
+    batch: int, size: tuple[int, ...], channels: int, classes: int, features=(32, 64, 128),
+    dropout: float = 0.2,
+) -> TorchStep:  # fmt: skip
+    """The VGG-style classifier of `medjax.models.Classifier`: per stage two (3^d conv + batch
+    norm + ReLU), 2x max-pool between stages, global average pooling, dropout, linear;
+    cross-entropy, Adam(1e-3)."""
+    dims = len(size)
+    conv, pool = _conv(dims), (nn.MaxPool2d, nn.MaxPool3d)[dims - 2]
+    layers, cin = [], channels
+    for s, f in enumerate(features):
+        if s:
+            layers.append(pool(2))
+        for _ in range(2):
+            layers += [conv(cin, f, 3, 1, 1, bias=False), _norm("batch", f, dims), nn.ReLU(True)]
+            cin = f
+    layers += [nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+               nn.Dropout(dropout), nn.Linear(cin, classes)]  # fmt: skip
+    net = nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, channels, *size), generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    ce = nn.CrossEntropyLoss()
+    net.train()
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        ce(net(x), y).backward()
+        opt.step()
+
+    return _finish(run, [net])

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from medjax.models import layers
+
 Array = jax.Array
 
 __all__ = [
@@ -421,7 +423,8 @@ def gradient_penalty(
       ``[B]`` float32 penalty.
     """
     x_hat, _ = interpolate(real, fake, key)
-    g = jax.grad(lambda x: jnp.sum(jnp.asarray(critic_fn(x), jnp.float32)))(x_hat)
+    with layers.second_order_convolutions():  # this gradient is differentiated again
+        g = jax.grad(lambda x: jnp.sum(jnp.asarray(critic_fn(x), jnp.float32)))(x_hat)
     sq = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
     positive = sq > 0
     norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)

@@ -21,11 +21,18 @@ output up to float rounding:
   kernel-2 stride-1 convolution.
 * The kernel-4 stride-2 transposed convolution (:class:`ConvTranspose4`) is ``2^d`` sub-pixel
   kernel-2 convolutions, one per output phase, interleaved by depth-to-space.
+
+Inside :func:`second_order_convolutions` (what a gradient penalty uses) those kernel-2
+convolutions carry their own VJP, made of ordinary convolutions, so their gradients can be
+differentiated again at full speed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -54,6 +61,7 @@ __all__ = [
     "depth_to_space",
     "get_activation",
     "match_spatial",
+    "second_order_convolutions",
     "space_to_depth",
 ]
 
@@ -178,6 +186,65 @@ def _resolve_padding(
     return [tuple(int(v) for v in p) for p in padding]
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_SECOND_ORDER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "medjax_second_order", default=False
+)
+
+
+@contextlib.contextmanager
+def second_order_convolutions() -> Iterator[None]:
+    """Inside this context, the small stride-1 convolutions of the fast layers (the kernel-2
+    forms of :class:`StridedConv4` and :class:`ConvTranspose4`, 2D and, through the depth
+    fold, 3D) are traced with a VJP made of ordinary convolutions, so that differentiating
+    their gradient again stays fast. Use it around a network call whose input gradient is
+    differentiated again, as :func:`medjax.losses.gradient_penalty` does; the values are the
+    same. Measured on a 2-core Xeon: the WGAN-GP critic's penalty gradient takes 125 ms instead
+    of 640 ms; outside it, first-order steps keep XLA's own rules, which are faster there
+    (DCGAN 1.02 vs 1.11 s, Vox2Vox 159 vs 214 ms).
+    """
+    token = _SECOND_ORDER.set(True)
+    try:
+        yield
+    finally:
+        _SECOND_ORDER.reset(token)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_small(x: Array, kernel: Array, pads: tuple[tuple[int, int], ...]) -> Array:
+    """Stride-1 2D convolution (kernel extents <= 2: the sub-pixel and space-to-depth forms)
+    whose VJP is written with ordinary stride-1 convolutions, so that derivatives of every
+    order stay ordinary convolutions: the input gradient is this same convolution of the
+    output gradient with the flipped, in/out-swapped kernel, and the filter gradient is the
+    correlation of the padded input with the output gradient (batch and channels swapped).
+    JAX's own transpose rules give the second-order filter gradients (the WGAN-GP gradient
+    penalty's) as kernel-reversed convolutions that XLA:CPU runs about 5x slower. Used inside
+    :func:`second_order_convolutions` only.
+    """
+    return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC)
+
+
+def _conv2d_small_fwd(x, kernel, pads):
+    return _conv2d_small(x, kernel, pads), (x, kernel)
+
+
+def _conv2d_small_bwd(pads, res, dy):
+    x, kernel = res
+    ks = kernel.shape[:2]
+    # 0 <= p <= k - 1 (checked by the caller), so the transposed padding is never negative.
+    tpads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(ks, pads, strict=True))
+    flipped = jnp.swapaxes(jnp.flip(kernel, (0, 1)), 2, 3)
+    dx = _conv2d_small(dy, flipped, tpads)
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    dk = lax.conv_general_dilated(
+        xp, dy, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "HWNC")
+    )
+    return dx, dk.astype(kernel.dtype)
+
+
+_conv2d_small.defvjp(_conv2d_small_fwd, _conv2d_small_bwd)
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -221,6 +288,15 @@ def conv_nd(
             x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
         return jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
 
+    if (
+        _SECOND_ORDER.get()
+        and d == 2
+        and strides == (1, 1)
+        and max(ks) <= 2
+        and all(0 <= p <= k - 1 for k, pp in zip(ks, pads, strict=True) for p in pp)
+    ):
+        return _conv2d_small(x, kernel, tuple(tuple(p) for p in pads))
+
     if d == 3 and ks[0] > 1:
         b, dd, h, w, cin = x.shape
         kd, sd, (plo, phi) = ks[0], strides[0], pads[0]
@@ -229,9 +305,7 @@ def conv_nd(
         views = [xp[:, i : i + sd * (do - 1) + 1 : sd] for i in range(kd)]
         xs = jnp.concatenate(views, axis=-1).reshape(b * do, h, w, kd * cin)
         k2 = jnp.moveaxis(kernel, 0, 2).reshape(ks[1], ks[2], kd * cin, kernel.shape[-1])
-        y = lax.conv_general_dilated(
-            xs, k2, strides[1:], pads[1:], dimension_numbers=_dimension_numbers(2)
-        )
+        y = conv_nd(xs, k2, strides[1:], pads[1:], fast=True)
         return y.reshape((b, do) + y.shape[1:])
 
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)

@@ -20,7 +20,7 @@ import optax
 
 from medjax import losses
 from medjax.data import transforms
-from medjax.train import task
+from medjax.train import platform, task
 from medjax.train.optim import make_optimizer, make_schedule
 from medjax.train.state import TrainState, apply_model, new_train_state, step_key
 
@@ -95,8 +95,10 @@ class Supervised(task.Task):
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
         """One optimizer step on the global batch. With `config.grad_accum_steps` k > 1 the
         (augmented) batch is cut into k micro-batches (rows i, i + k, ... so each device keeps
-        its share) whose gradients are summed in a `lax.scan`: the memory of one micro-batch,
-        the update of the whole batch (equal to it without batch-dependent layers)."""
+        its share) whose gradients are summed in a `lax.scan` (`platform.scan`: rolled on
+        accelerators, with the memory of one micro-batch; unrolled on the CPU, where XLA runs
+        convolution gradients in a loop far slower), the update of the whole batch (equal to it
+        without batch-dependent layers)."""
         k_aug, k_drop = jax.random.split(step_key(state))
         image, label = self.augment_batch(k_aug, batch["image"], batch["label"])
         accum = int(self.config.get("grad_accum_steps") or 1)
@@ -128,7 +130,7 @@ class Supervised(task.Task):
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (jnp.zeros((), jnp.float32), zeros, state.batch_stats)
-            (total, grads, stats), _ = jax.lax.scan(
+            (total, grads, stats), _ = platform.scan(
                 body, init, (micro(image), micro(label), jnp.arange(accum))
             )
         loss = total / n

@@ -25,6 +25,7 @@ from medjax.models.layers import (
     depth_to_space,
     get_activation,
     match_spatial,
+    second_order_convolutions,
     space_to_depth,
 )
 from tests.helpers import randn, random_variables
@@ -161,6 +162,63 @@ def test_conv_transpose4_equals_linen_conv_transpose(d, spatial):
     v, y = _assert_same_fn(ConvTranspose4(4, d), plain, x, grads=True)
     assert y.shape == (2, *(2 * s for s in spatial), 4)
     assert v["params"]["kernel"].shape == (4,) * d + (3, 4)
+
+
+def _penalty_grads(m: nn.Module, v, x):
+    """d/d(params, x) of the WGAN-GP-style penalty ||d sum(tanh(m(x))) / dx||^2: second
+    derivatives of the layer (its VJP differentiated again)."""
+
+    def penalty(v, x):
+        with second_order_convolutions():
+            g = jax.grad(lambda x: jnp.sum(jnp.tanh(m.apply(v, x))))(x)
+        return jnp.sum(g**2)
+
+    return jax.grad(penalty, argnums=(0, 1))(v, x)
+
+
+@pytest.mark.parametrize(
+    "layer,plain",
+    [
+        (StridedConv4(5, 2), nn.Conv(5, (4, 4), strides=(2, 2), padding="SAME")),
+        (ConvTranspose4(4, 2), nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding="SAME")),
+        (StridedConv4(3, 3), nn.Conv(3, (4, 4, 4), strides=(2, 2, 2), padding="SAME")),
+        (ConvTranspose4(2, 3), nn.ConvTranspose(2, (4, 4, 4), strides=(2, 2, 2), padding="SAME")),
+    ],
+)
+def test_fast_layers_second_derivatives_equal_linen(layer, plain):
+    # Inside second_order_convolutions the fast layers' kernel-2 convolutions have their own
+    # VJP (written with ordinary convolutions, so a gradient penalty's second derivatives stay
+    # fast); differentiated twice they must agree with Linen's strided / transposed conv.
+    d = layer.spatial_dims
+    x = _rand((2, *(6,) * d, 3))
+    v = _init(layer, x)
+    got = _penalty_grads(layer, v, x)
+    ref = _penalty_grads(plain, v, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pads", [[(0, 0), (0, 0)], [(1, 0), (0, 1)], [(1, 1), (1, 1)]])
+@pytest.mark.parametrize("ks", [(2, 2), (1, 2), (2, 1)])
+def test_conv_nd_small_kernel_derivatives_equal_lax(ks, pads):
+    x = _rand((2, 5, 4, 3))
+    k = _rand((*ks, 3, 4), 1)
+    w = _rand((2, 5 + sum(pads[0]) - ks[0] + 1, 4 + sum(pads[1]) - ks[1] + 1, 4), 2)
+
+    def f(fast):
+        def loss(x, k):
+            with second_order_convolutions():
+                return jnp.sum(jnp.sin(conv_nd(x, k, 1, pads, fast=fast)) * w)
+
+        return loss
+
+    def penalty(fast):
+        return lambda x, k: jnp.sum(jax.grad(f(fast), (0, 1))(x, k)[0] ** 2)
+
+    for fn in (f, penalty):
+        got, ref = jax.grad(fn(True), (0, 1))(x, k), jax.grad(fn(False), (0, 1))(x, k)
+        for a, b in zip(got, ref, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_conv_transpose4_hand_scatter_2d():

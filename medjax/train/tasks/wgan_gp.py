@@ -6,9 +6,11 @@ The latent GAN (`medjax.train.gan.LatentGAN`, as the DCGAN task) with the paper'
   penalty is per example, which batch norm breaks); the Wasserstein loss `D(fake) - D(real)`;
 * the gradient penalty `lambda * (||grad_x D(x_hat)||_2 - 1)^2` at random interpolates
   `x_hat = eps * real + (1 - eps) * fake`, computed in float32 (`medjax.losses.gradient_penalty`);
-* `n_critic` critic updates per generator update INSIDE one compiled step (a `lax.scan`), each on
-  its own real batch: the loop's global batch holds `n_critic * (batch_size / n_critic)` real
-  images, i.e. `batch_size` counts every real image one step consumes;
+* `n_critic` critic updates per generator update INSIDE one compiled step (`platform.scan`: a
+  `lax.scan`, unrolled on the CPU, where XLA runs convolution gradients inside a loop far
+  slower), each on its own real batch: the loop's global batch holds
+  `n_critic * (batch_size / n_critic)` real images, i.e. `batch_size` counts every real image
+  one step consumes;
 * Adam(1e-4, b1=0.0, b2=0.9) for both networks (the paper's defaults, set in the configs).
 """
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax import losses
-from medjax.train import gan
+from medjax.train import gan, platform
 from medjax.train.gan import GANState
 from medjax.train.state import step_key
 
@@ -82,7 +84,7 @@ class Task(gan.LatentGAN):
             x, k = xs
             return self.discriminator_update(st, x, k)
 
-        state, m_d = jax.lax.scan(critic_step, state, (chunks, keys))
+        state, m_d = platform.scan(critic_step, state, (chunks, keys))
         m_d = jax.tree.map(jnp.mean, m_d)
         state, m_g = self.generator_update(state, b, k_g)
         return state, {**m_d, **m_g}
