@@ -186,7 +186,6 @@ def _resolve_padding(
     return [tuple(int(v) for v in p) for p in padding]
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
 _SECOND_ORDER: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "medjax_second_order", default=False
 )
@@ -221,7 +220,9 @@ def _conv2d_small(x: Array, kernel: Array, pads: tuple[tuple[int, int], ...]) ->
     penalty's) as kernel-reversed convolutions that XLA:CPU runs about 5x slower. Used inside
     :func:`second_order_convolutions` only.
     """
-    return lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=_NHWC)
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), pads, dimension_numbers=_dimension_numbers(2)
+    )
 
 
 def _conv2d_small_fwd(x, kernel, pads):

@@ -164,6 +164,11 @@ def test_conv_transpose4_equals_linen_conv_transpose(d, spatial):
     assert v["params"]["kernel"].shape == (4,) * d + (3, 4)
 
 
+def _custom_vjp_calls(fn, *args) -> int:
+    """How many custom-VJP calls (the second-order convolutions) `fn` traces to."""
+    return str(jax.make_jaxpr(fn)(*args)).count("custom_vjp_call[")
+
+
 def _penalty_grads(m: nn.Module, v, x):
     """d/d(params, x) of the WGAN-GP-style penalty ||d sum(tanh(m(x))) / dx||^2: second
     derivatives of the layer (its VJP differentiated again)."""
@@ -173,7 +178,7 @@ def _penalty_grads(m: nn.Module, v, x):
             g = jax.grad(lambda x: jnp.sum(jnp.tanh(m.apply(v, x))))(x)
         return jnp.sum(g**2)
 
-    return jax.grad(penalty, argnums=(0, 1))(v, x)
+    return jax.grad(penalty, argnums=(0, 1))(v, x), _custom_vjp_calls(penalty, v, x)
 
 
 @pytest.mark.parametrize(
@@ -192,8 +197,13 @@ def test_fast_layers_second_derivatives_equal_linen(layer, plain):
     d = layer.spatial_dims
     x = _rand((2, *(6,) * d, 3))
     v = _init(layer, x)
-    got = _penalty_grads(layer, v, x)
-    ref = _penalty_grads(plain, v, x)
+    got, n_custom = _penalty_grads(layer, v, x)
+    ref, _ = _penalty_grads(plain, v, x)
+    # the fast layer really runs the custom-VJP convolutions (StridedConv4: one; ConvTranspose4:
+    # one per phase), each traced twice (the forward and its input gradient, which is the same
+    # convolution), and only inside the context: a plain forward traces none
+    assert n_custom == 2 * (1 if isinstance(layer, StridedConv4) else 2**d)
+    assert _custom_vjp_calls(layer.apply, v, x) == 0
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
@@ -219,6 +229,12 @@ def test_conv_nd_small_kernel_derivatives_equal_lax(ks, pads):
         got, ref = jax.grad(fn(True), (0, 1))(x, k), jax.grad(fn(False), (0, 1))(x, k)
         for a, b in zip(got, ref, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the custom-VJP convolution is taken exactly when every padding is at most k - 1 (a wider
+    # one falls back to XLA's own rules)
+    routed = all(p <= kk - 1 for kk, pp in zip(ks, pads, strict=True) for p in pp)
+    n_custom = _custom_vjp_calls(penalty(True), x, k)
+    assert n_custom > 0 if routed else n_custom == 0
+    assert _custom_vjp_calls(penalty(False), x, k) == 0
 
 
 def test_conv_transpose4_hand_scatter_2d():
