@@ -60,7 +60,7 @@ weight exp(-24) ~ 4e-11 before clamping, so the floor only affects voxels that n
 is near, e.g. volume corners with ``overlap=0``).
 """
 
-_MODES = ("gaussian", "constant")
+WINDOW_MODES = ("gaussian", "constant")  # window weighting of sliding_window_inference
 
 
 def _check_window(window: Sequence[int], what: str = "window") -> tuple[int, ...]:
@@ -215,8 +215,8 @@ def sliding_window_inference(
             f"volume must be [*spatial, C] with {nd} spatial axes for window {win}, "
             f"got shape {volume.shape}"
         )
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"mode must be one of {WINDOW_MODES}, got {mode!r}")
     window_batch = int(window_batch)
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")

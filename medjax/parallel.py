@@ -149,9 +149,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size
     """Returns the per-process batch size; raises when the global size does not divide evenly."""
     n_dev = mesh.devices.size
     if global_batch_size % n_dev:
-        raise ValueError(
-            f"config.{what}={global_batch_size} must be a multiple of the {n_dev} devices "
-            "in the mesh"
+        from medjax.errors import ConfigError
+
+        raise ConfigError(
+            [
+                f"config.{what}={global_batch_size} must be a multiple of the {n_dev} devices "
+                "in the mesh"
+            ]
         )
     return global_batch_size // jax.process_count()
 

@@ -14,6 +14,9 @@ def scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.replicas = 1  # independent models in one program (vmap), seeds seed, seed + 1, ...
     c.replica_lr_scales = ()  # () all 1; else one learning-rate factor per replica
     c.replica_mode = "auto"  # vmap | unroll | auto: unroll on CPU, vmap on GPU/TPU
+    # A step with a NaN/Inf loss term: "stop" the run (naming the step and the term; the last
+    # good checkpoint is kept) or "skip" it (the state keeps its previous values).
+    c.nonfinite = "stop"
     return c
 
 

@@ -336,7 +336,11 @@ def _brats_cases(
 
 
 def _deepmedic_cases(
-    root: Path, modalities: Sequence[str] | None, require_labels: bool, scheme: str
+    root: Path,
+    modalities: Sequence[str] | None,
+    require_labels: bool,
+    scheme: str,
+    mask_name: str | None = None,
 ) -> list[Case]:
     mods = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES["deepmedic"])
     unknown = [m for m in mods if m not in _DEEPMEDIC_FILES]
@@ -363,7 +367,16 @@ def _deepmedic_cases(
         label = _find_nifti(folder, _DEEPMEDIC_LABEL)
         if label is None and require_labels:
             raise _missing_label(cid, folder, f"{_DEEPMEDIC_LABEL}.nii")
-        mask = _find_nifti(folder, _DEEPMEDIC_MASK)
+        mask = None
+        if mask_name != "":  # "": the caller opted in to a brain from the non-zero voxels
+            mask = _find_nifti(folder, mask_name or _DEEPMEDIC_MASK)
+            if mask is None:
+                raise FileNotFoundError(
+                    f"case {cid!r}: brain mask {folder / (mask_name or _DEEPMEDIC_MASK)}.nii.gz "
+                    "(or .nii) does not exist; the deepmedic layout z-scores and crops inside "
+                    "it. Add it, or set config.data.brain_mask='nonzero' (mask_name='') to use "
+                    "the non-zero voxels of the images as the brain"
+                )
         cases.append(Case(cid, images, label, mask, scheme))
     return cases
 
@@ -608,7 +621,10 @@ def find_cases(
       modalities: the modalities to use, in channel order (default: :data:`DEFAULT_MODALITIES`
         of the layout; for ``"msd"`` all of dataset.json's, for ``"generic"`` those of the
         first case).
-      label_name, mask_name: file stems of the label / mask (``"generic"`` only).
+      label_name: file stem of the label (``"generic"`` only).
+      mask_name: file stem of the brain mask: optional for ``"generic"`` (None: no mask);
+        ``"deepmedic"`` requires one (default ``brainmask``) unless ``mask_name=""``, an
+        explicit opt-in to a brain made of the images' non-zero voxels.
       label_scheme: overrides the layout's scheme (e.g. ``"brats"`` for a generic folder of
         BraTS labels).
       require_labels: raise when a case has no label file (otherwise its ``label`` is None).
@@ -629,14 +645,14 @@ def find_cases(
     if layout in ("brats", "brats2023"):
         cases = _brats_cases(root, modalities, require_labels, scheme or layout, layout)
     elif layout == "deepmedic":
-        cases = _deepmedic_cases(root, modalities, require_labels, scheme or "deepmedic")
+        cases = _deepmedic_cases(root, modalities, require_labels, scheme or "deepmedic", mask_name)
     elif layout == "msd":
         cases = _msd_cases(root, modalities, require_labels, scheme, subset)
     elif layout == "nnunet":
         cases = _nnunet_cases(root, modalities, require_labels, subset)
     else:
         cases = _generic_cases(
-            root, modalities, require_labels, scheme or "identity", label_name, mask_name
+            root, modalities, require_labels, scheme or "identity", label_name, mask_name or None
         )
     if not cases:
         tag = "Tr" if subset == "train" else "Ts"
@@ -1043,6 +1059,12 @@ def load_case(
         out["label"] = map_labels(lab, case.label_scheme, path=case.label)
     if case.mask is not None:
         msk, mgeom = read_nifti(case.mask, dtype=np.float32)
+        if not np.isfinite(msk).all():
+            raise ValueError(
+                f"{case.mask}: the brain mask of case {case.id!r} has "
+                f"{int(msk.size - np.isfinite(msk).sum())} NaN/Inf voxels; expected values in "
+                "[0, 1] (> 0.5 is brain)"
+            )
         _check_grid(case.id, ref_path, ref_shape, geometry, Path(case.mask), msk.shape, mgeom)
         out["mask"] = msk > 0.5
     else:

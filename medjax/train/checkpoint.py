@@ -7,15 +7,74 @@ Two managers live under a work directory:
 
 Saves are asynchronous; `wait()` before reading what was written or before exit. A save interrupted
 half-way leaves a ``*.orbax-checkpoint-tmp*`` folder that is removed on the next start, never read.
+
+A save that cannot be written (a read-only or full disk) raises `CheckpointError` naming the folder
+and the complete checkpoints that are kept: the folder is probed before each save, so Orbax never
+starts one it cannot finish, and Orbax removes an old checkpoint only after a newer one committed.
+A restore onto a different model raises `CheckpointError` listing what differs.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from medjax.errors import CheckpointError
+
+
+def ensure_writable(folder: str | Path) -> None:
+    """Creates `folder` if needed and writes then removes a probe file in it; raises OSError
+    naming `folder` when that fails (read-only file system, permissions, full disk)."""
+    folder = Path(folder)
+    probe = folder / f".medjax-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in {folder}: {e.strerror or e}") from e
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in flat
+    }
+
+
+def describe_mismatch(saved: Any, target: Any, limit: int = 3) -> str:
+    """What differs between a checkpoint's arrays and a restore target's (paths, shapes)."""
+    a, b = _shapes(saved), _shapes(target)
+    missing = [k for k in b if k not in a]
+    extra = [k for k in a if k not in b]
+    shapes = [f"{k} saved {a[k]} vs model {b[k]}" for k in b if k in a and a[k] != b[k]]
+    parts = []
+    for what, items in (
+        ("arrays this model has and the checkpoint lacks", missing),
+        ("arrays the checkpoint has and this model lacks", extra),
+        ("arrays of another shape", shapes),
+    ):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+            parts.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) or "the array trees differ"
 
 
 def abstract_like(state: Any) -> Any:
@@ -82,11 +141,31 @@ class Checkpointer:
         return list(self._latest.all_steps())
 
     # -- writes --------------------------------------------------------------------------------
+    def _failed(self, what: str, mngr: Any, error: BaseException) -> CheckpointError:
+        folder = Path(mngr.directory)
+        try:
+            kept = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+        except OSError:
+            kept = []
+        return CheckpointError(
+            f"{what} in {folder} failed: {error}; the complete checkpoints {kept} in {folder} "
+            "are kept (free space or make the folder writable, then relaunch to resume)"
+        )
+
+    def _save(self, mngr: Any, step: int, state: Any, what: str, **kwargs: Any) -> bool:
+        try:
+            mngr.wait_until_finished()  # a failure of the previous (async) save surfaces here
+            if jax.process_index() == 0:
+                ensure_writable(mngr.directory)
+            return mngr.save(step, args=ocp.args.StandardSave(state), **kwargs)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise self._failed(what.format(step=step), mngr, e) from e
+
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Saves `state` as step `step` in `checkpoints/`; returns whether a save started."""
         if step in self._latest.all_steps():
             return False
-        return self._latest.save(step, args=ocp.args.StandardSave(state), force=force)
+        return self._save(self._latest, step, state, "saving step {step}", force=force)
 
     def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
         """Offers `state` to `best/`: kept only if `metrics[best_metric]` beats the best so far."""
@@ -102,7 +181,9 @@ class Checkpointer:
         if step in self._best.all_steps():
             return False
         scalars = {k: float(v) for k, v in metrics.items()}
-        return self._best.save(step, args=ocp.args.StandardSave(state), metrics=scalars, force=True)
+        return self._save(
+            self._best, step, state, "saving best step {step}", metrics=scalars, force=True
+        )
 
     def reached_preemption(self, step: int) -> bool:
         """True when the job is being preempted (SIGTERM sync point): save now and exit."""
@@ -120,12 +201,29 @@ class Checkpointer:
             where = "best" if best else "checkpoints"
             raise FileNotFoundError(f"no checkpoint found in {Path(mngr.directory) / ''} ({where})")
         abstract = abstract_like(target)
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError, TypeError) as e:
+            try:
+                saved = mngr.item_metadata(step)
+                saved = getattr(saved, "tree", saved)
+                why = describe_mismatch(saved, abstract) if saved is not None else str(e)
+            except Exception:  # noqa: BLE001 - the metadata is only for the message
+                why = str(e).splitlines()[0]
+            raise CheckpointError(
+                f"checkpoint step {step} in {Path(mngr.directory)} does not fit this config's "
+                f"model ({why}); restore it with the config it was trained with"
+            ) from e
 
     def wait(self) -> None:
-        self._latest.wait_until_finished()
-        if self._best is not None:
-            self._best.wait_until_finished()
+        """Waits for the saves in flight; raises `CheckpointError` when one failed."""
+        for mngr in (self._latest, self._best):
+            if mngr is None:
+                continue
+            try:
+                mngr.wait_until_finished()
+            except (OSError, RuntimeError, ValueError) as e:
+                raise self._failed("a checkpoint save", mngr, e) from e
 
     def close(self) -> None:
         self.wait()

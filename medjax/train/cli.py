@@ -13,6 +13,7 @@ name (`--config isbi2012:smoke`) or a path (`--config my_config.py:arg`).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,17 +241,57 @@ def _no_positional(argv: list[str]) -> None:
 _BUILDERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "sample": _sample}
 
 
+def _flag_error(argv: Sequence[str], error: BaseException) -> str:
+    """One line for a `--config.<key>=value` flag that could not be applied (ml_collections
+    raises it as three chained tracebacks)."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = str(chain[0]).strip("'\"").replace("\\n", "\n")
+    for a in argv:
+        if a.startswith(("--config.", "-config.")):
+            key = a.split(".", 1)[1].split("=", 1)[0]
+            missing = key.split(".")
+            if any(f"'{part}'" in str(c) for c in chain for part in missing):
+                near = re.search(r'Did you mean "([^"]+)"', text)
+                hint = f"; did you mean {near.group(1)!r}?" if near else ""
+                return f"{a}: the config has no key {key!r}{hint}"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run_command(command: str, argv: Sequence[str]) -> None:
-    """Runs one command with its flags `argv` (without the program name)."""
+    """Runs one command with its flags `argv` (without the program name).
+
+    A `medjax.errors.MedjaxError` (an invalid config, an unusable work directory, a checkpoint
+    that cannot be written or restored) and a flag that cannot be parsed are printed as one
+    message without a traceback, with exit status 2."""
     from absl import app
 
+    from medjax.errors import MedjaxError
     from medjax.train.platform import configure_xla
 
     if command not in _BUILDERS:
         raise SystemExit(f"unknown command {command!r}; expected one of {list(COMMANDS)}")
     configure_xla()
     main = _BUILDERS[command]()
-    app.run(main, argv=[f"medjax {command}", *_resolve_config_arg(list(argv))])
+    entered = []
+
+    def guarded(args: list[str]) -> None:
+        entered.append(True)
+        try:
+            main(args)
+        except MedjaxError as e:
+            print(f"medjax {command}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    try:
+        app.run(guarded, argv=[f"medjax {command}", *_resolve_config_arg(list(argv))])
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        if entered:  # raised by the command, not by flag parsing
+            raise
+        print(f"medjax {command}: error: {_flag_error(argv, e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -129,11 +130,13 @@ def _restore(workdir: Path, checkpoint: str, overrides: Sequence[str] = ()):
 
 def default_out_dir(workdir: Path, checkpoint: str, split: str, data_dir: Any) -> Path:
     """`<workdir>/eval/<checkpoint>-<split>` for the run's own data, or
-    `<workdir>/eval/<checkpoint>-<folder name>-<split>` for another folder."""
-    name = (
-        f"{checkpoint}-{split}" if not data_dir else f"{checkpoint}-{Path(data_dir).name}-{split}"
-    )
-    return workdir / "eval" / name
+    `<workdir>/eval/<checkpoint>-<folder name>-<hash>-<split>` for another folder: the hash of
+    its absolute path keeps `a/validation` and `b/validation` apart."""
+    if not data_dir:
+        return workdir / "eval" / f"{checkpoint}-{split}"
+    folder = Path(data_dir).resolve()
+    tag = hashlib.sha1(str(folder).encode()).hexdigest()[:6]
+    return workdir / "eval" / f"{checkpoint}-{folder.name}-{tag}-{split}"
 
 
 def evaluate_workdir(
@@ -174,9 +177,11 @@ def evaluate_workdir(
     summary["step"] = trainer.step_of(state)
     summary.setdefault("cases", len(ev.rows) or 1)
     rows = ev.rows or [{"id": split, **summary}]
+    summary_file = {**summary, "data_dir": str(Path(data_dir).resolve()) if data_dir else ""}
+    summary_file.update(split=split, checkpoint=checkpoint)
     with staging as tmp:
         write_csv(tmp / "metrics.csv", rows)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (tmp / "summary.json").write_text(json.dumps(summary_file, indent=2, sort_keys=True))
         for name, picture in list(ev.pictures.items())[: max(pictures, 0)]:
             visualize.save_png(tmp / "overlays" / f"{name}.png", picture)
     return rows, summary, out

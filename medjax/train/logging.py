@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -24,18 +25,46 @@ def _scalar(v: Any) -> float:
     return float(np.asarray(v))
 
 
-class MetricWriter:
-    """Writes `{"step": s, "split": ..., **scalars}` to `workdir/metrics.jsonl` and TensorBoard."""
+def resume_rows(path: Path, start_step: int) -> tuple[list[str], dict[str, float]]:
+    """The lines of a `metrics.jsonl` that a run resumed at `start_step` keeps (training rows up
+    to it, evaluation rows before it: the rest is redone), and the last kept training row."""
+    kept, last = [], {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        step, split = int(row.get("step", 0)), row.get("split")
+        if step < start_step or (step == start_step and split == "train"):
+            kept.append(line)
+            if split == "train":
+                last = row
+    return kept, last
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+
+class MetricWriter:
+    """Writes `{"step": s, "split": ..., **scalars}` to `workdir/metrics.jsonl` and TensorBoard.
+
+    `start_step`: a resumed run's step. Rows the killed process wrote after it (which the
+    resumed run redoes) are dropped, so every step is logged once; `resumed` is the last kept
+    training row (e.g. its `train_seconds`, which the resumed run continues from)."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int = 0):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
         self._tb = None
         self._jsonl = None
+        self.resumed: dict[str, float] = {}
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            kept, self.resumed = resume_rows(path, start_step)
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             import tensorflow as tf
 

@@ -12,9 +12,11 @@ step keys are `fold_in(key, step)` and the data order is a pure function of `(se
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import importlib
 import json
+import os
 import pkgutil
 import signal
 import threading
@@ -31,12 +33,14 @@ from jax.experimental import multihost_utils
 
 from medjax import inference, parallel, visualize
 from medjax.data import pipeline
-from medjax.train import optim
+from medjax.errors import WorkdirError
+from medjax.train import optim, schema
 from medjax.train import task as task_lib
-from medjax.train.checkpoint import Checkpointer
+from medjax.train.checkpoint import Checkpointer, ensure_writable
 from medjax.train.logging import MetricWriter, Progress
 
-# Config keys that may change between a run and its resumption (schedule-independent bookkeeping).
+# Config keys that may change between a run and its resumption: bookkeeping, the mesh, and
+# everything that only concerns evaluation (`fnmatch` patterns).
 RESUMABLE_CHANGES = (
     "num_devices",  # the mesh may change (more GPUs, FSDP): Orbax restores onto the new one
     "fsdp",
@@ -45,23 +49,18 @@ RESUMABLE_CHANGES = (
     "log_every",
     "eval_every",
     "checkpoint_every",
+    "keep_checkpoints",
+    "nonfinite",
+    "tensorboard",
+    "sample_every",
+    "num_pictures",
+    "eval_batch_size",
+    "eval.*",
+    "inference.*",
     "data.directory",
     "data.val_directory",
 )
 EXAMPLE_SPEC = "example_spec.json"  # shapes of one training example, written at the first run
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_dtypes(node: Any, where: str = "config.model") -> None:
-    """Every `dtype` key under `config.model` names a compute dtype medjax trains in."""
-    for k in list(node.keys()) if hasattr(node, "keys") else ():
-        v = node[k]
-        if k == "dtype" and str(v) not in COMPUTE_DTYPES:
-            raise ValueError(f"{where}.dtype={v!r} is not one of {COMPUTE_DTYPES}")
-        if hasattr(v, "keys"):
-            check_dtypes(v, f"{where}.{k}")
 
 
 def task_names() -> list[str]:
@@ -123,26 +122,58 @@ def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def check_workdir_config(config: Any, workdir: Path) -> None:
-    """Refuses to resume a run in `workdir` whose saved config differs in a way that would make
-    its checkpoints incompatible; writes `config.json` for a new run."""
+def _resumable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE_CHANGES)
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    return any(
+        (workdir / sub).is_dir() and any(p.name[:1].isdigit() for p in (workdir / sub).iterdir())
+        for sub in ("checkpoints", "best")
+    )
+
+
+def check_workdir(config: Any, workdir: Path) -> None:
+    """Refuses, before anything is written, a `workdir` this run cannot use: not writable,
+    holding checkpoints without the `config.json` that says what they are, or holding
+    checkpoints of a run whose config differs in a way that makes them incompatible (keys
+    outside `RESUMABLE_CHANGES`)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file, not a folder")
     path = workdir / "config.json"
-    new = _config_dict(config)
-    if path.exists():
-        old = json.loads(path.read_text())
-        a, b = _flatten(old), _flatten(new)
-        diff = sorted(
-            k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-        )
-        if diff and (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+    if workdir.is_dir() and _has_checkpoints(workdir):
+        if not path.exists():
+            raise WorkdirError(
+                f"{workdir} holds checkpoints but no config.json, so what they are cannot be "
+                "checked; nothing was written. Put back the run's config.json, or use a new "
+                "--workdir"
+            )
+        a, b = _flatten(json.loads(path.read_text())), _flatten(_config_dict(config))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _resumable(k))
+        if diff:
             details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-            raise ValueError(
+            raise WorkdirError(
                 f"{workdir} holds checkpoints of a run with a different config ({details}); "
                 "use a new --workdir (nothing in the old one is overwritten)"
             )
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(new, indent=2, sort_keys=True))
+        try:
+            ensure_writable(workdir)
+        except OSError as e:
+            raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes `obj` as JSON to `path` atomically (a temporary sibling, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_run_config(config: Any, workdir: Path) -> None:
+    """`workdir/config.json`: written once the state is initialised or restored."""
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", _config_dict(config))
 
 
 def write_example_spec(workdir: Path, spec: Mapping[str, jax.ShapeDtypeStruct]) -> None:
@@ -151,7 +182,7 @@ def write_example_spec(workdir: Path, spec: Mapping[str, jax.ShapeDtypeStruct]) 
         rows = {
             k: {"shape": list(v.shape), "dtype": np.dtype(v.dtype).name} for k, v in spec.items()
         }
-        (workdir / EXAMPLE_SPEC).write_text(json.dumps(rows, indent=2, sort_keys=True))
+        write_json(workdir / EXAMPLE_SPEC, rows)
 
 
 def read_example_spec(workdir: Path) -> dict[str, jax.ShapeDtypeStruct] | None:
@@ -193,6 +224,28 @@ class StopSignal:
             self._previous = None
 
 
+def skip_nonfinite(step: Callable[..., Any]) -> Callable[..., Any]:
+    """`step` that keeps the previous state (all but its step counter) when any of its metrics
+    is NaN/Inf, and reports `nonfinite` (1 for a skipped step) among the metrics."""
+
+    def guarded(state: Any, batch: Any) -> Any:
+        new, metrics = step(state, batch)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return kept.replace(step=new.step), {**metrics, "nonfinite": 1.0 - ok.astype(jnp.float32)}
+
+    return guarded
+
+
+def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str]:
+    """The metrics (loss terms) of one step that are NaN/Inf (`nonfinite` itself excluded)."""
+    return [
+        k
+        for k, v in metrics.items()
+        if k != "nonfinite" and not np.isfinite(np.asarray(to_host(v))).all()
+    ]
+
+
 def stack_trees(*trees: Any) -> Any:
     """Pytrees of equal structure -> one pytree with their leaves stacked on a new axis 0."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -225,17 +278,10 @@ class Trainer:
     """
 
     def __init__(self, config: Any, *, task: task_lib.Task | None = None, mesh: Any = None):
+        schema.validate(config)  # every key's type and range, before anything is built
         self.config = config
         self.replicas = int(config.get("replicas") or 1)
         self.lr_scales = tuple(float(x) for x in (config.get("replica_lr_scales") or ()))
-        if self.replicas < 1:
-            raise ValueError(f"config.replicas={self.replicas} must be >= 1")
-        if self.lr_scales and len(self.lr_scales) != self.replicas:
-            raise ValueError(
-                f"config.replica_lr_scales has {len(self.lr_scales)} entries for "
-                f"{self.replicas} replicas"
-            )
-        check_dtypes(config.get("model") or {})
         if task is None:
             task = get_task(optim.with_replica_scaling(config) if self.lr_scales else config)
         self.task = task
@@ -296,14 +342,17 @@ class Trainer:
 
     @functools.cached_property
     def train_step(self) -> Callable[..., Any]:
-        step = self.task.train_step
+        one = self.task.train_step
+        if str(self.config.get("nonfinite") or "stop") == "skip":
+            one = skip_nonfinite(one)
+        step = one
         if self.replicas > 1 and self.replica_mode == "vmap":
-            step = jax.vmap(self.task.train_step)
+            step = jax.vmap(one)
         elif self.replicas > 1:  # one program holding each replica's step, unrolled
 
             def step(state: Any, batch: Any) -> Any:
                 outs = [
-                    self.task.train_step(*jax.tree.map(lambda x, i=i: x[i], (state, batch)))
+                    one(*jax.tree.map(lambda x, i=i: x[i], (state, batch)))
                     for i in range(self.replicas)
                 ]
                 return stack_trees(*outs)
@@ -489,17 +538,20 @@ def combine_pictures(pictures: Mapping[str, np.ndarray]) -> np.ndarray | None:
 
 
 def run(config: Any, workdir: str | Path) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+    Nothing is written before the config (`schema`), the batch sizes, the work directory
+    (`check_workdir`) and the data have been checked and the state initialised or restored."""
     parallel.initialize_distributed()
     workdir = Path(workdir).resolve()
-    check_workdir_config(config, workdir)
     trainer = Trainer(config)
     task, mesh = trainer.task, trainer.mesh
-    data = task.load_data()
     gb = int(config.batch_size)
     parallel.check_batch_size(gb, mesh)
+    parallel.check_batch_size(trainer.eval_batch_size, mesh, "eval_batch_size")
+    check_workdir(config, workdir)
+    data = task.load_data()
     state = trainer.init_state(data.batch_spec(gb))
-    write_example_spec(workdir, data.example_spec)
     n_params = trainer.num_params(state)
 
     ckpt = Checkpointer(
@@ -510,9 +562,13 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     )
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
+    write_run_config(config, workdir)  # only now: a refused or failed restore changes nothing
+    write_example_spec(workdir, data.example_spec)
     start = trainer.step_of(state)
     num_steps = int(config.num_steps)
-    writer = MetricWriter(workdir, tensorboard=bool(config.get("tensorboard", True)))
+    writer = MetricWriter(
+        workdir, tensorboard=bool(config.get("tensorboard", True)), start_step=start
+    )
     if jax.process_index() == 0:
         print(
             f"medjax: task={config.task} devices={mesh.devices.size} "
@@ -535,6 +591,12 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         if picture is not None:
             writer.image(step, task.picture_name, picture)
         ckpt.save_best(step, state, summary)
+        if jax.process_index() == 0:
+            shown = {k: v for k, v in summary.items() if show_in_summary(k)}
+            print(
+                f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+                flush=True,
+            )
         return summary
 
     # A picture from the task every `sample_every` steps (GAN sample grids), besides evaluation.
@@ -550,9 +612,33 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
 
     log_every, eval_every = int(config.log_every), int(config.eval_every)
     ckpt_every = int(config.checkpoint_every)
+    skip = str(config.get("nonfinite") or "stop") == "skip"
+
+    def average(values: list[np.ndarray]) -> float:
+        """The mean of a window of step metrics; skipped steps' NaN losses are left out."""
+        v = np.asarray(values, np.float64)
+        if skip:
+            v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else float("nan")
+
+    def check_finite(step: int, m: Mapping[str, Any]) -> None:
+        """Stops at the first step with a NaN/Inf loss term (unless skipped steps are kept out
+        of the state, `nonfinite="skip"`): before any checkpoint of it is written."""
+        bad = [] if skip else nonfinite_terms(m)
+        if bad:
+            raise FloatingPointError(
+                f"step {step}: non-finite {', '.join(bad)}; training stopped and the last good "
+                f"checkpoint in {workdir / 'checkpoints'} is kept (lower the learning rate, or "
+                "set config.nonfinite='skip' to drop such steps)"
+            )
+
+    # The evaluation a resumed run owes: the restored step was due one (the previous process
+    # may have died before or while writing it, or its best/ checkpoint).
     summary: dict[str, float] = {}
-    train_seconds = 0.0
-    window: list[dict[str, jax.Array]] = []
+    if start and (start % eval_every == 0 or start >= num_steps):
+        summary = do_eval(start)
+    train_seconds = writer.resumed.get("train_seconds", 0.0)
+    window: list[tuple[int, dict[str, jax.Array]]] = []
     it = trainer.train_batches(data, start_step=start, num_steps=num_steps - start)
     # The iterators hold this process's data shards; the full training set goes (the
     # evaluation set stays in `data.eval`).
@@ -564,28 +650,28 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         for step in range(start + 1, num_steps + 1):
             batch = next(it)
             state, m = trainer.train_step(state, batch)
-            window.append(m)
+            window.append((step, m))
             # Bound the steps in flight: dispatch is asynchronous, and without this wait the
             # host can queue up to `log_every` steps ahead of the device, so a SIGTERM would
-            # first wait for all of them (and timings would be wrong).
+            # first wait for all of them (and timings would be wrong). The finished step's
+            # losses are checked every step.
             if len(window) > 1:
-                jax.block_until_ready(window[-2])
+                check_finite(*window[-2])
             save_now = step % ckpt_every == 0 or step == num_steps
             if step % log_every == 0 or save_now or step % eval_every == 0:
-                host = jax.tree.map(lambda *xs: float(np.mean([to_host(x) for x in xs])), *window)
+                check_finite(*window[-1])
+                ms = [x for _, x in window]
+                host = jax.tree.map(lambda *xs: float(average([to_host(x) for x in xs])), *ms)
+                if skip:
+                    host["nonfinite"] = float(sum(np.sum(to_host(x["nonfinite"])) for x in ms))
                 window.clear()
                 now = time.perf_counter()
                 train_seconds += now - t_last
                 writer.scalars(step, {**host, "train_seconds": train_seconds}, split="train")
                 shown = {k: host[k] for k in task.progress_keys}
+                if skip and host["nonfinite"]:
+                    shown["skipped"] = host["nonfinite"]
                 progress.update(step, shown, force=True)
-                bad = {k: v for k, v in shown.items() if not np.isfinite(v)}
-                if bad:  # never checkpoint a diverged state
-                    raise FloatingPointError(
-                        f"training loss became {bad} at step {step}; the last good "
-                        f"checkpoint in {workdir / 'checkpoints'} is kept (lower the learning "
-                        "rate?)"
-                    )
                 t_last = time.perf_counter()
             if sample_every and step % sample_every == 0:
                 writer.image(
@@ -596,15 +682,11 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
                 ckpt.save(step, state, force=True)
             if step % eval_every == 0 or step == num_steps:
                 summary = do_eval(step)
-                if jax.process_index() == 0:
-                    shown = {k: v for k, v in summary.items() if show_in_summary(k)}
-                    print(
-                        f"eval @ {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-                        flush=True,
-                    )
                 t_last = time.perf_counter()
             preempted = stop.stop_now(ckpt, step)
             if preempted and not save_now:
+                for done in window:
+                    check_finite(*done)
                 ckpt.save(step, state, force=True)
             if preempted:
                 print(f"stopped by SIGTERM/preemption at step {step}; checkpoint saved", flush=True)
@@ -615,8 +697,10 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         stop.close()
         # On any exit, finish the saves already started: a crash loses unsaved steps, never a
         # checkpoint that was being written.
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
     final = {
         **summary,
         "step": trainer.step_of(state),
@@ -624,7 +708,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
         "params": n_params,
     }
     if jax.process_index() == 0:
-        (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        write_json(workdir / "final_metrics.json", final)
     return final
 
 

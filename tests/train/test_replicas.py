@@ -62,5 +62,5 @@ def test_replica_i_is_the_run_with_seed_i_and_its_learning_rate(tmp_path):
 
 
 def test_replica_settings_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="replica_lr_scales has 3 entries for 2 replicas"):
+    with pytest.raises(ValueError, match=r"replica_lr_scales has 3 entries for config.replicas=2"):
         loop.Trainer(_config("replicas=2", "replica_lr_scales=(1.0, 0.5, 0.1)"))

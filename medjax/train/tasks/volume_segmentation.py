@@ -82,6 +82,9 @@ class Task(supervised.Supervised):
                 f"(config.model.spatial_dims={config.model.spatial_dims})"
             )
         self.modalities = tuple(str(m) for m in (config.data.get("modalities") or ())) or None
+        # data.brain_mask="nonzero": an explicit opt-in to a brain made of the non-zero voxels
+        # where the layout has a mask file (deepmedic); "file" (default) requires the file.
+        self.mask_name = "" if config.data.get("brain_mask", "file") == "nonzero" else None
 
     @functools.cached_property
     def spec(self) -> volumes.LabelSpec:
@@ -140,7 +143,9 @@ class Task(supervised.Supervised):
             subset = "test" if split == "test" and (root / "imagesTs").is_dir() else "train"
         else:
             root = sources.split_folder(root, split)
-        return volumes.find_cases(root, layout, modalities=self.modalities, subset=subset)
+        return volumes.find_cases(
+            root, layout, modalities=self.modalities, subset=subset, mask_name=self.mask_name
+        )
 
     def prepare(self, case: Any) -> dict[str, Any]:
         """Reads one case and preprocesses it for the network (host, numpy).
@@ -384,7 +389,13 @@ class Task(supervised.Supervised):
             if layout in ("nnunet", "msd"):
                 subset = "test" if (path / "imagesTs").is_dir() else "train"
                 out.extend(
-                    volumes.find_cases(path, layout, modalities=self.modalities, subset=subset)
+                    volumes.find_cases(
+                        path,
+                        layout,
+                        modalities=self.modalities,
+                        subset=subset,
+                        mask_name=self.mask_name,
+                    )
                 )
                 continue
             try:
