@@ -152,10 +152,18 @@ def sample_grid(
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Writes an RGB/greyscale uint8 array as PNG, creating parent folders."""
+    """Writes an RGB/greyscale uint8 array as PNG, creating parent folders; atomically (a
+    temporary file in the same folder, then a rename), so a kill never leaves half a PNG."""
+    import os
+
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

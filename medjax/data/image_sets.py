@@ -150,7 +150,7 @@ def _empty_set(n_channels: int, shape: tuple[int, int]) -> ImageSet:
 # --------------------------------------------------------------------------------------------
 
 
-def _find_npz(path: Path) -> Path:
+def find_npz(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
@@ -199,7 +199,7 @@ def load_medmnist(
         message names the file and lists the keys present), non-uint8 images, multi-label or
         mismatched label arrays.
     """
-    npz = _find_npz(Path(path))
+    npz = find_npz(Path(path))
     img_key, lab_key = f"{split}_images", f"{split}_labels"
     try:
         with np.load(npz, allow_pickle=False) as data:

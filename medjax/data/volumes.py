@@ -88,10 +88,11 @@ This module uses numpy and :mod:`medjax.data.io` (nibabel) only; it never import
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,18 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
+@contextlib.contextmanager
+def _per_case(errors: list[Exception] | None) -> Iterator[None]:
+    """Raises a case's error, or appends it to `errors` (the case is then skipped)."""
+    if errors is None:
+        yield
+        return
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as exc:
+        errors.append(exc)
+
+
 def _case_dirs(root: Path) -> list[Path]:
     dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(dirs, key=lambda p: natural_key(p.name))
@@ -305,33 +318,35 @@ def _brats_cases(
     require_labels: bool,
     scheme: str,
     layout: str = "brats",
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     """BraTS 2018-21 (``<case>_<mod>``) or, with ``layout="brats2023"``, ``<case>-<mod>``."""
     sep = "-" if layout == "brats2023" else "_"
     mods = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES[layout])
     cases = []
     for folder in _case_dirs(root):
-        cid = folder.name
-        images: dict[str, Path] = {}
-        for mod in mods:
-            path = _find_nifti(folder, f"{cid}{sep}{mod}")
-            if path is None:
-                prefix = f"{cid}{sep}"
-                present = [
-                    s[len(prefix) :]
-                    for s in (_nifti_stem(p.name) for p in _nifti_files(folder))
-                    if s is not None and s.startswith(prefix) and s != f"{cid}{sep}seg"
-                ]
-                raise FileNotFoundError(
-                    f"case {cid!r}: modality {mod!r} file {folder / (prefix + mod)}.nii.gz "
-                    f"(or .nii) does not exist; this case has modalities {present} "
-                    f"({layout} layout <case>/<case>{sep}<modality>.nii.gz)"
-                )
-            images[mod] = path
-        label = _find_nifti(folder, f"{cid}{sep}seg")
-        if label is None and require_labels:
-            raise _missing_label(cid, folder, f"{cid}{sep}seg.nii")
-        cases.append(Case(cid, images, label, None, scheme))
+        with _per_case(errors):
+            cid = folder.name
+            images: dict[str, Path] = {}
+            for mod in mods:
+                path = _find_nifti(folder, f"{cid}{sep}{mod}")
+                if path is None:
+                    prefix = f"{cid}{sep}"
+                    present = [
+                        s[len(prefix) :]
+                        for s in (_nifti_stem(p.name) for p in _nifti_files(folder))
+                        if s is not None and s.startswith(prefix) and s != f"{cid}{sep}seg"
+                    ]
+                    raise FileNotFoundError(
+                        f"case {cid!r}: modality {mod!r} file {folder / (prefix + mod)}.nii.gz "
+                        f"(or .nii) does not exist; this case has modalities {present} "
+                        f"({layout} layout <case>/<case>{sep}<modality>.nii.gz)"
+                    )
+                images[mod] = path
+            label = _find_nifti(folder, f"{cid}{sep}seg")
+            if label is None and require_labels:
+                raise _missing_label(cid, folder, f"{cid}{sep}seg.nii")
+            cases.append(Case(cid, images, label, None, scheme))
     return cases
 
 
@@ -341,6 +356,7 @@ def _deepmedic_cases(
     require_labels: bool,
     scheme: str,
     mask_name: str | None = None,
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     mods = list(modalities) if modalities is not None else list(DEFAULT_MODALITIES["deepmedic"])
     unknown = [m for m in mods if m not in _DEEPMEDIC_FILES]
@@ -351,33 +367,35 @@ def _deepmedic_cases(
         )
     cases = []
     for folder in _case_dirs(root):
-        cid = folder.name
-        images: dict[str, Path] = {}
-        for mod in mods:
-            path = _find_nifti(folder, _DEEPMEDIC_FILES[mod])
-            if path is None:
-                stems = {_nifti_stem(p.name) for p in _nifti_files(folder)}
-                present = [m for m, s in _DEEPMEDIC_FILES.items() if s in stems]
-                raise FileNotFoundError(
-                    f"case {cid!r}: modality {mod!r} file "
-                    f"{folder / _DEEPMEDIC_FILES[mod]}.nii.gz (or .nii) does not exist; this "
-                    f"case has modalities {present}"
-                )
-            images[mod] = path
-        label = _find_nifti(folder, _DEEPMEDIC_LABEL)
-        if label is None and require_labels:
-            raise _missing_label(cid, folder, f"{_DEEPMEDIC_LABEL}.nii")
-        mask = None
-        if mask_name != "":  # "": the caller opted in to a brain from the non-zero voxels
-            mask = _find_nifti(folder, mask_name or _DEEPMEDIC_MASK)
-            if mask is None:
-                raise FileNotFoundError(
-                    f"case {cid!r}: brain mask {folder / (mask_name or _DEEPMEDIC_MASK)}.nii.gz "
-                    "(or .nii) does not exist; the deepmedic layout z-scores and crops inside "
-                    "it. Add it, or set config.data.brain_mask='nonzero' (mask_name='') to use "
-                    "the non-zero voxels of the images as the brain"
-                )
-        cases.append(Case(cid, images, label, mask, scheme))
+        with _per_case(errors):
+            cid = folder.name
+            images: dict[str, Path] = {}
+            for mod in mods:
+                path = _find_nifti(folder, _DEEPMEDIC_FILES[mod])
+                if path is None:
+                    stems = {_nifti_stem(p.name) for p in _nifti_files(folder)}
+                    present = [m for m, s in _DEEPMEDIC_FILES.items() if s in stems]
+                    raise FileNotFoundError(
+                        f"case {cid!r}: modality {mod!r} file "
+                        f"{folder / _DEEPMEDIC_FILES[mod]}.nii.gz (or .nii) does not exist; this "
+                        f"case has modalities {present}"
+                    )
+                images[mod] = path
+            label = _find_nifti(folder, _DEEPMEDIC_LABEL)
+            if label is None and require_labels:
+                raise _missing_label(cid, folder, f"{_DEEPMEDIC_LABEL}.nii")
+            mask = None
+            if mask_name != "":  # "": the caller opted in to a brain from the non-zero voxels
+                mask = _find_nifti(folder, mask_name or _DEEPMEDIC_MASK)
+                if mask is None:
+                    expected = folder / (mask_name or _DEEPMEDIC_MASK)
+                    raise FileNotFoundError(
+                        f"case {cid!r}: brain mask {expected}.nii.gz "
+                        "(or .nii) does not exist; the deepmedic layout z-scores and crops inside "
+                        "it. Add it, or set config.data.brain_mask='nonzero' (mask_name='') to use "
+                        "the non-zero voxels of the images as the brain"
+                    )
+            cases.append(Case(cid, images, label, mask, scheme))
     return cases
 
 
@@ -445,6 +463,7 @@ def _msd_cases(
     require_labels: bool,
     scheme: str | None,
     subset: str = "train",
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     meta = _read_dataset_json(root)
     names = msd_modalities(root)
@@ -455,17 +474,18 @@ def _msd_cases(
     image_dir, label_dir = _subset_dirs(root, subset, "MSD task")
     cases = []
     for path in _nifti_files(image_dir):
-        cid = _nifti_stem(path.name)
-        assert cid is not None
-        label = label_dir / path.name
-        if not label.is_file():
-            if require_labels:
-                raise FileNotFoundError(
-                    f"case {cid!r} ({path}) has no label file: expected {label} "
-                    f"(labels are required)"
-                )
-            label = None
-        cases.append(Case(cid, {m: path for m in mods}, label, None, scheme, dict(channels)))
+        with _per_case(errors):
+            cid = _nifti_stem(path.name)
+            assert cid is not None
+            label = label_dir / path.name
+            if not label.is_file():
+                if require_labels:
+                    raise FileNotFoundError(
+                        f"case {cid!r} ({path}) has no label file: expected {label} "
+                        f"(labels are required)"
+                    )
+                label = None
+            cases.append(Case(cid, {m: path for m in mods}, label, None, scheme, dict(channels)))
     return cases
 
 
@@ -504,7 +524,11 @@ def read_nnunet_json(root: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _nnunet_cases(
-    root: Path, modalities: Sequence[str] | None, require_labels: bool, subset: str
+    root: Path,
+    modalities: Sequence[str] | None,
+    require_labels: bool,
+    subset: str,
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     meta = read_nnunet_json(root)
     names = [str(meta["channel_names"][k]) for k in sorted(meta["channel_names"], key=int)]
@@ -525,23 +549,24 @@ def _nnunet_cases(
         by_case.setdefault(cid, {})[int(channel)] = path
     cases = []
     for cid, files in by_case.items():
-        missing = [
-            f"{cid}_{names.index(m):04d}{ending}" for m in mods if names.index(m) not in files
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"case {cid!r} in {image_dir} has no {missing} (dataset.json declares channels "
-                f"{dict(enumerate(names))})"
-            )
-        label = label_dir / f"{cid}{ending}"
-        if not label.is_file():
-            if require_labels:
+        with _per_case(errors):
+            missing = [
+                f"{cid}_{names.index(m):04d}{ending}" for m in mods if names.index(m) not in files
+            ]
+            if missing:
                 raise FileNotFoundError(
-                    f"case {cid!r} has no label file: expected {label} (labels are required)"
+                    f"case {cid!r} in {image_dir} has no {missing} (dataset.json declares channels "
+                    f"{dict(enumerate(names))})"
                 )
-            label = None
-        images = {m: files[names.index(m)] for m in mods}
-        cases.append(Case(cid, images, label, None, "identity"))
+            label = label_dir / f"{cid}{ending}"
+            if not label.is_file():
+                if require_labels:
+                    raise FileNotFoundError(
+                        f"case {cid!r} has no label file: expected {label} (labels are required)"
+                    )
+                label = None
+            images = {m: files[names.index(m)] for m in mods}
+            cases.append(Case(cid, images, label, None, "identity"))
     return cases
 
 
@@ -552,52 +577,55 @@ def _generic_cases(
     scheme: str,
     label_name: str,
     mask_name: str | None,
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     label_names = [label_name] + (["seg"] if label_name == "label" else [])
     cases = []
     inferred: list[str] | None = None
     for folder in _case_dirs(root):
-        cid = folder.name
-        stems = {_nifti_stem(p.name): p for p in _nifti_files(folder)}
-        label = next((stems[n] for n in label_names if n in stems), None)
-        if label is None and require_labels:
-            raise FileNotFoundError(
-                f"case {cid!r} has no label file: expected {folder / label_name}.nii.gz "
-                f"(or .nii{', or seg.nii.gz' if label_name == 'label' else ''}) "
-                f"(labels are required)"
-            )
-        mask = None
-        if mask_name is not None:
-            mask = stems.get(mask_name)
-            if mask is None:
+        with _per_case(errors):
+            cid = folder.name
+            stems = {_nifti_stem(p.name): p for p in _nifti_files(folder)}
+            label = next((stems[n] for n in label_names if n in stems), None)
+            if label is None and require_labels:
                 raise FileNotFoundError(
-                    f"case {cid!r} has no mask file: expected {folder / mask_name}.nii.gz (or .nii)"
+                    f"case {cid!r} has no label file: expected {folder / label_name}.nii.gz "
+                    f"(or .nii{', or seg.nii.gz' if label_name == 'label' else ''}) "
+                    f"(labels are required)"
                 )
-        others = [s for s in stems if s not in label_names and s != mask_name]
-        if modalities is not None:
-            mods = list(modalities)
-        elif inferred is None:
-            if not others:
-                raise FileNotFoundError(
-                    f"case {cid!r}: folder {folder} holds no image files (only label/mask)"
-                )
-            inferred = mods = others  # already in natural order
-        else:
-            mods = inferred
-            if sorted(others) != sorted(inferred):
-                raise ValueError(
-                    f"case {cid!r} has modalities {others} but the first case has {inferred}; "
-                    f"pass modalities= to choose the ones every case has"
-                )
-        images: dict[str, Path] = {}
-        for mod in mods:
-            if mod not in stems or mod in label_names or mod == mask_name:
-                raise FileNotFoundError(
-                    f"case {cid!r}: modality {mod!r} file {folder / mod}.nii.gz (or .nii) does "
-                    f"not exist; this case has modalities {others}"
-                )
-            images[mod] = stems[mod]
-        cases.append(Case(cid, images, label, mask, scheme))
+            mask = None
+            if mask_name is not None:
+                mask = stems.get(mask_name)
+                if mask is None:
+                    raise FileNotFoundError(
+                        f"case {cid!r} has no mask file: expected {folder / mask_name}.nii.gz "
+                        "(or .nii)"
+                    )
+            others = [s for s in stems if s not in label_names and s != mask_name]
+            if modalities is not None:
+                mods = list(modalities)
+            elif inferred is None:
+                if not others:
+                    raise FileNotFoundError(
+                        f"case {cid!r}: folder {folder} holds no image files (only label/mask)"
+                    )
+                inferred = mods = others  # already in natural order
+            else:
+                mods = inferred
+                if sorted(others) != sorted(inferred):
+                    raise ValueError(
+                        f"case {cid!r} has modalities {others} but the first case has {inferred}; "
+                        f"pass modalities= to choose the ones every case has"
+                    )
+            images: dict[str, Path] = {}
+            for mod in mods:
+                if mod not in stems or mod in label_names or mod == mask_name:
+                    raise FileNotFoundError(
+                        f"case {cid!r}: modality {mod!r} file {folder / mod}.nii.gz (or .nii) does "
+                        f"not exist; this case has modalities {others}"
+                    )
+                images[mod] = stems[mod]
+            cases.append(Case(cid, images, label, mask, scheme))
     return cases
 
 
@@ -611,6 +639,7 @@ def find_cases(
     label_scheme: str | None = None,
     require_labels: bool = False,
     subset: str = "train",
+    errors: list[Exception] | None = None,
 ) -> list[Case]:
     """The cases of ``directory`` in ``layout`` (see the module docstring), in natural id order.
 
@@ -630,6 +659,9 @@ def find_cases(
       require_labels: raise when a case has no label file (otherwise its ``label`` is None).
       subset: ``"msd"`` / ``"nnunet"``: ``"train"`` reads ``imagesTr``, ``"test"``
         ``imagesTs`` (with ``labelsTs`` when present).
+      errors: when a list, a case's error (missing file, duplicate id) is appended to it and
+        the case left out, instead of raised: every problem of a dataset at once
+        (`medjax.data.check`).
 
     Raises:
       FileNotFoundError: missing folder, no cases, a missing modality file (names the file and
@@ -643,25 +675,34 @@ def find_cases(
         raise FileNotFoundError(f"{layout} data folder {root} does not exist (or is not a folder)")
     scheme = _check_scheme(label_scheme) if label_scheme is not None else None
     if layout in ("brats", "brats2023"):
-        cases = _brats_cases(root, modalities, require_labels, scheme or layout, layout)
+        cases = _brats_cases(root, modalities, require_labels, scheme or layout, layout, errors)
     elif layout == "deepmedic":
-        cases = _deepmedic_cases(root, modalities, require_labels, scheme or "deepmedic", mask_name)
+        cases = _deepmedic_cases(
+            root, modalities, require_labels, scheme or "deepmedic", mask_name, errors
+        )
     elif layout == "msd":
-        cases = _msd_cases(root, modalities, require_labels, scheme, subset)
+        cases = _msd_cases(root, modalities, require_labels, scheme, subset, errors)
     elif layout == "nnunet":
-        cases = _nnunet_cases(root, modalities, require_labels, subset)
+        cases = _nnunet_cases(root, modalities, require_labels, subset, errors)
     else:
         cases = _generic_cases(
-            root, modalities, require_labels, scheme or "identity", label_name, mask_name or None
+            root,
+            modalities,
+            require_labels,
+            scheme or "identity",
+            label_name,
+            mask_name or None,
+            errors,
         )
-    if not cases:
+    if not cases and not errors:
         tag = "Tr" if subset == "train" else "Ts"
         where = root / f"images{tag}" if layout in ("msd", "nnunet") else root
         raise FileNotFoundError(f"no cases found in {where} (layout {layout!r})")
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"case ids {dup} occur twice in {root}")
+        with _per_case(errors):
+            raise ValueError(f"case ids {dup} occur twice in {root}")
     return sorted(cases, key=lambda c: natural_key(c.id))
 
 

@@ -8,6 +8,7 @@ name (`--config isbi2012:smoke`) or a path (`--config my_config.py:arg`).
     medjax evaluate --workdir runs/isbi [--data_dir DIR] [--split val|test|train]
     medjax predict --workdir runs/isbi --input IMAGES_OR_CASES --output OUT
     medjax sample --workdir runs/dcgan --num 64 --output samples/
+    medjax check DATA_DIR --layout deepmedic|nnunet|msd|brats|folder|dicom|medmnist|...
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-COMMANDS = ("train", "evaluate", "predict", "sample")
+COMMANDS = ("train", "evaluate", "predict", "sample", "check")
 
 
 def config_path(spec: str) -> str:
@@ -231,6 +232,56 @@ def _sample() -> Callable[[list[str]], None]:
     return main
 
 
+def _check() -> Callable[[list[str]], None]:
+    from absl import flags
+
+    from medjax.data.check import LAYOUTS
+
+    flags.DEFINE_enum("layout", None, list(LAYOUTS), "The dataset's layout.")
+    flags.DEFINE_list("modalities", None, "Volume layouts: the modalities to read.")
+    flags.DEFINE_list("labels", None, "The allowed label values (default: the layout's).")
+    flags.DEFINE_string("images", "images", "'folder' layout: the image folder's name.")
+    flags.DEFINE_string("masks", "masks", "'folder' layout: the mask folder's name.")
+    flags.DEFINE_float("threshold", None, "'folder' layout: mask > threshold is foreground.")
+    flags.DEFINE_integer("num_classes", 2, "'folder' layout: classes of the masks.")
+    flags.DEFINE_integer("channels", 0, "'folder' layout: 1 (grey) or 3 (RGB) images.")
+    flags.DEFINE_string("json", None, "Also write the report (rows, errors, warnings) here.")
+    flags.mark_flags_as_required(["layout"])
+
+    def main(argv: list[str]) -> None:
+        from absl import app
+
+        from medjax.data.check import check_dataset
+
+        if len(argv) != 2:
+            raise app.UsageError("expected one DATA_DIR: medjax check DATA_DIR --layout ...")
+        f = flags.FLAGS
+        report = check_dataset(
+            argv[1],
+            f.layout,
+            modalities=f.modalities,
+            labels=[int(x) for x in f.labels] if f.labels else None,
+            images=f.images,
+            masks=f.masks,
+            threshold=f.threshold,
+            num_classes=f.num_classes,
+            channels=f.channels,
+        )
+        print(report.format())
+        if f.json:
+            Path(f.json).write_text(
+                json.dumps(
+                    {"rows": report.rows, "errors": report.errors, "warnings": report.warnings},
+                    indent=2,
+                    default=str,
+                )
+            )
+        if not report.ok:
+            raise SystemExit(1)
+
+    return main
+
+
 def _no_positional(argv: list[str]) -> None:
     from absl import app
 
@@ -238,7 +289,13 @@ def _no_positional(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
 
-_BUILDERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "sample": _sample}
+_BUILDERS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "sample": _sample,
+    "check": _check,
+}
 
 
 def _flag_error(argv: Sequence[str], error: BaseException) -> str:

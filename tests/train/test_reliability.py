@@ -443,6 +443,31 @@ def test_evaluation_outputs_of_two_folders_with_one_name_are_kept_apart(tmp_path
     assert evaluate.default_out_dir(tmp_path, "best", "val", None).name == "best-val"
 
 
+def test_sample_overwrite_replaces_the_whole_folder_and_too_many_is_refused(tmp_path):
+    from medjax.configs import dcgan_medmnist
+    from medjax.data import paths
+
+    try:
+        paths.data_dir("medmnist_pneumoniamnist")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    run = tmp_path / "run"
+    loop.run(dcgan_medmnist.get_config("smoke"), run)
+    out = tmp_path / "samples"
+    evaluate.sample_workdir(run, out, num=5)
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate.sample_workdir(run, out, num=2)
+    assert _snapshot(out) == before
+    evaluate.sample_workdir(run, out, num=2, overwrite=True)
+    assert sorted(p.name for p in out.glob("sample_*.png")) == [
+        "sample_0000.png",
+        "sample_0001.png",
+    ]
+    assert np.load(out / "samples.npz")["samples"].shape[0] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
 def test_the_nonfinite_default_is_in_every_config():
     c = common.scale(__import__("ml_collections").ConfigDict())
     assert c.nonfinite == "stop"
