@@ -15,6 +15,27 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def tiny_demo_config(num_steps: int = 8, eval_every: int = 4, **changes):
+    """The smoke demo config made tiny (30 slices, a log row every step, a checkpoint every 2
+    steps, all kept); `changes` set dotted keys (`**{"model.features": (4, 8)}`)."""
+    from medjax.configs import mni152_demo
+
+    c = mni152_demo.get_config("smoke")
+    c.num_steps = num_steps
+    c.log_every = 1
+    c.eval_every = eval_every
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 5
+    c.data.max_examples = 30
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
 def randn(shape, seed=0):
     """A float32 standard-normal array from numpy (no `jax.random` kernel to compile)."""
     import jax.numpy as jnp

@@ -11,10 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from medjax.configs import mni152_demo
 from medjax.data import pipeline
 from medjax.train import loop
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, tiny_demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,24 +25,13 @@ def _train_cmd(workdir, *overrides):
     return [sys.executable, script, "--config", config, "--workdir", str(workdir), *overrides]
 
 
-def _tiny_config(num_steps=8):
-    c = mni152_demo.get_config("smoke")
-    c.num_steps = num_steps
-    c.log_every = 1
-    c.eval_every = 4
-    c.checkpoint_every = 2
-    c.keep_checkpoints = 5
-    c.data.max_examples = 30
-    return c
-
-
 def _params(cfg, workdir):
     _, state = loop.restore(cfg, workdir, best=False)
     return state, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def test_crash_and_resume_matches_uninterrupted_run_bitwise(tmp_path, monkeypatch):
-    cfg = _tiny_config()
+    cfg = tiny_demo_config()
     loop.run(cfg, tmp_path / "straight")
 
     real_iter = pipeline.make_train_iter
@@ -83,7 +71,7 @@ def test_crash_and_resume_matches_uninterrupted_run_bitwise(tmp_path, monkeypatc
 
 
 def test_resume_refuses_an_incompatible_config(tmp_path):
-    cfg = _tiny_config(num_steps=2)
+    cfg = tiny_demo_config(num_steps=2)
     loop.run(cfg, tmp_path)
     cfg.model.features = (4, 8)
     with pytest.raises(ValueError, match="model.features"):
@@ -91,7 +79,7 @@ def test_resume_refuses_an_incompatible_config(tmp_path):
 
 
 def test_unknown_task_is_named():
-    cfg = _tiny_config()
+    cfg = tiny_demo_config()
     cfg.task = "no_such_task"
     with pytest.raises(ValueError, match="no_such_task"):
         loop.get_task(cfg)

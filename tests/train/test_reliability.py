@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from medjax.configs import common, mni152_demo
+from medjax.configs import common
 from medjax.errors import CheckpointError, ConfigError, WorkdirError
 from medjax.train import evaluate, loop, schema
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, tiny_demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
@@ -33,20 +33,7 @@ CONFIGS = sorted(
 
 
 def _tiny(num_steps: int = 4, **changes):
-    c = mni152_demo.get_config("smoke")
-    c.num_steps = num_steps
-    c.log_every = 1
-    c.eval_every = 2
-    c.checkpoint_every = 2
-    c.keep_checkpoints = 5
-    c.data.max_examples = 30
-    for k, v in changes.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return tiny_demo_config(num_steps, eval_every=2, **changes)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
