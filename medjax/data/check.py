@@ -260,6 +260,17 @@ def _describe_set(arrays: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _pair_dirs(root: Path, split: str, folder: Path) -> tuple[Path, Path, Path | None]:
+    """(A, B, mask or None) of a pix2pix "pairs" split: `A/<split>/`, `B/<split>/`,
+    `mask/<split>/` (`folder` is `A/<split>`), or `<split>/A/`, `<split>/B/`, `<split>/mask/`."""
+    if folder.parent == root / "A" or folder == root / "A":
+        rel = folder.relative_to(root / "A")
+        a, b, m = folder, root / "B" / rel, root / "mask" / rel
+    else:
+        a, b, m = folder / "A", folder / "B", folder / "mask"
+    return a, b, (m if m.is_dir() else None)
+
+
 def _check_images(report: Report, options: dict[str, Any]) -> None:
     from medjax.data import image_sets
 
@@ -315,6 +326,8 @@ def _check_images(report: Report, options: dict[str, Any]) -> None:
         ]
         if not folders:
             report.errors.append(f"{root} has no trainA/ trainB/ (testA/ testB/) folders")
+    elif layout == "pairs" and (root / "A").is_dir():  # A/<split>/ + B/<split>/
+        folders = _split_roots(root / "A")
     else:
         folders = _split_roots(root)
     for split, folder in folders:
@@ -348,7 +361,8 @@ def _check_images(report: Report, options: dict[str, Any]) -> None:
             if layout == "class_folders":
                 listing = image_sets.list_class_folders(folder)
             elif layout == "pairs":
-                listing = image_sets.list_paired_folders(folder / "A", folder / "B")
+                a, b, m = _pair_dirs(root, split, folder)
+                listing = image_sets.list_paired_folders(a, b, mask_dir=m)
             elif layout == "aligned":
                 listing = image_sets.list_side_by_side(folder)
             else:  # "images", "unpaired": every image of the folder

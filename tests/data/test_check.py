@@ -166,3 +166,30 @@ def test_check_command_exits_1_and_prints_every_problem(tmp_path):
         capture_output=True, text=True, env=cpu_env(), timeout=300,
     )  # fmt: skip
     assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1].startswith("OK")
+
+
+@pytest.mark.parametrize("layout", ["pairs", "aligned", "unpaired", "class_folders", "images"])
+def test_gan_and_classifier_folders_are_checked_file_by_file(tmp_path, layout):
+    from medjax.data import convert, image_sets
+
+    src = _shared("medmnist_breastmnist")
+    splits = {s: image_sets.load_medmnist(src, s) for s in ("train", "val")}
+    for d in splits.values():
+        d["image"], d["label"] = d["image"][:6], d["label"][:6]
+    root = tmp_path / layout
+    if layout in ("pairs", "aligned", "unpaired"):
+        pairs = {s: {"source": d["image"], "target": d["image"][::-1]} for s, d in splits.items()}
+        convert.to_pair_folders(pairs, root, layout)
+    else:
+        convert.to_image_folders(splits, root, by_class=layout == "class_folders")
+    clean = check_dataset(root, layout)
+    assert clean.ok and len(clean.rows) >= 12, clean.format()
+    # one file cut short and one that is not an image at all: two errors naming them
+    files = sorted(p for p in root.rglob("*.png"))
+    cut, junk = files[0], files[-1]
+    cut.write_bytes(cut.read_bytes()[:20])
+    junk.write_bytes(b"no image here")
+    broken = check_dataset(root, layout)
+    text = "\n".join(broken.errors)
+    assert not broken.ok and len(broken.errors) == 2, broken.format()
+    assert cut.name in text and junk.name in text
