@@ -239,11 +239,15 @@ def skip_nonfinite(step: Callable[..., Any]) -> Callable[..., Any]:
 
 def nonfinite_terms(metrics: Mapping[str, Any]) -> list[str]:
     """The metrics (loss terms) of one step that are NaN/Inf (`nonfinite` itself excluded)."""
-    return [
-        k
-        for k, v in metrics.items()
-        if k != "nonfinite" and not np.isfinite(np.asarray(to_host(v))).all()
-    ]
+
+    def local(v: Any) -> np.ndarray:
+        # replicated metrics: this process's copy, no collective per step on many hosts
+        sharding = getattr(v, "sharding", None)
+        if sharding is not None and sharding.is_fully_replicated:
+            return np.asarray(v.addressable_data(0))
+        return np.asarray(to_host(v))
+
+    return [k for k, v in metrics.items() if k != "nonfinite" and not np.isfinite(local(v)).all()]
 
 
 def stack_trees(*trees: Any) -> Any:
