@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medjax.errors import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a batch is split over every device
@@ -149,8 +151,6 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size
     """Returns the per-process batch size; raises when the global size does not divide evenly."""
     n_dev = mesh.devices.size
     if global_batch_size % n_dev:
-        from medjax.errors import ConfigError
-
         raise ConfigError(
             [
                 f"config.{what}={global_batch_size} must be a multiple of the {n_dev} devices "

@@ -109,6 +109,7 @@ class Seq:
 
     def __call__(self, v: Any) -> str | None:
         lens = "" if self.lengths is None else f" of length {' or '.join(map(str, self.lengths))}"
+        # the item rule's own "expected ..." text: what it says of a value no rule accepts
         what = f"a sequence{lens} whose items are each {self.item(object()) or 'a value'}"
         if not isinstance(v, (list, tuple)):
             return what
@@ -342,10 +343,3 @@ def validate(config: Any) -> None:
     found = problems(config)
     if found:
         raise ConfigError(found)
-
-
-def unknown_key_message(key: str, known: Sequence[str]) -> str:
-    """`config.<key>` is not a key: one line with the closest known key."""
-    near = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    return f"config.{key}: the config has no such key{hint}"
