@@ -154,16 +154,11 @@ def sample_grid(
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Writes an RGB/greyscale uint8 array as PNG, creating parent folders; atomically (a
     temporary file in the same folder, then a rename), so a kill never leaves half a PNG."""
-    import os
-
     from PIL import Image
 
+    from medjax import files  # imported here: the layer library imports nothing else of medjax
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
+    with files.replacing(path, ".png") as tmp:
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -21,7 +21,6 @@ This module reads data only; it never imports the trainer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,28 +106,17 @@ def _split_roots(root: Path) -> list[tuple[str, Path]]:
     """`(split, folder)` for each split folder of `root`, or `[("", root)]`."""
     if not sources.has_split_folders(root):
         return [("", root)]
-    out = []
-    for split, names in sources.SPLIT_ALIASES.items():
-        for n in names:
-            if (root / n).is_dir():
-                out.append((split, root / n))
-                break
-    return out
+    folders = [(split, sources.split_folder(root, split)) for split in sources.SPLIT_ALIASES]
+    return [(split, folder) for split, folder in folders if folder != root]
 
 
-def _declared_labels(root: Path, layout: str) -> set[int] | None:
-    """The label values a dataset.json declares (nnU-Net `labels`, MSD `labels` keys)."""
-    path = root / "dataset.json"
-    if layout not in ("nnunet", "msd") or not path.is_file():
+def _declared_classes(root: Path, layout: str) -> set[int] | None:
+    """The internal classes an nnU-Net / MSD `dataset.json` declares (`volumes.label_spec`,
+    the parser training uses); None for layouts whose label scheme already rejects unknown
+    values when a case is read."""
+    if layout not in ("nnunet", "msd"):
         return None
-    meta = json.loads(path.read_text())
-    labels = meta.get("labels") or {}
-    if layout == "msd":
-        return {int(k) for k in labels}
-    values: set[int] = set()
-    for v in labels.values():
-        values.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-    return values
+    return set(range(volumes.label_spec(root, layout).num_classes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,18 +133,17 @@ def _check_volumes(report: Report, modalities: Sequence[str] | None, labels: set
     else:
         parts = [(split, folder, "train") for split, folder in _split_roots(root)]
     try:
-        declared = labels if labels is not None else _declared_labels(root, layout)
+        declared = labels if labels is not None else _declared_classes(root, layout)
     except (OSError, ValueError) as exc:
         report.errors.append(f"{root / 'dataset.json'}: {_message(exc)}")
         return
     spacings: dict[tuple[float, ...], list[str]] = {}
     for split, folder, subset in parts:
         errors: list[Exception] = []
-        require = split != "test" and not (layout in ("msd", "nnunet") and subset == "test")
-        try:
+        try:  # a test split may come without labels (withheld for scoring)
             cases = volumes.find_cases(
                 folder, layout, modalities=modalities, subset=subset, errors=errors,
-                require_labels=require,
+                require_labels=split != "test",
             )  # fmt: skip
         except _READ_ERRORS as exc:
             report.errors.append(_message(exc))

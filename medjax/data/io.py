@@ -37,6 +37,8 @@ import numpy as np
 from nibabel import orientations
 from numpy.typing import DTypeLike
 
+from medjax import files
+
 __all__ = [
     "Geometry",
     "check_finite",
@@ -506,13 +508,8 @@ def write_png(path: PathLike, array: np.ndarray, *, overwrite: bool = False) -> 
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise ValueError(f"{path}: values outside 0..65535 cannot be stored in a PNG")
         arr = arr.astype(np.uint8 if arr.max(initial=0) <= 255 else np.uint16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp.png"
-    try:
+    with files.replacing(path, ".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

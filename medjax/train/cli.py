@@ -306,11 +306,11 @@ def _flag_error(argv: Sequence[str], error: BaseException) -> str:
         chain.append(e)
         e = e.__cause__ or e.__context__
     text = str(chain[0]).strip("'\"").replace("\\n", "\n")
+    lookups = [str(c) for c in chain if isinstance(c, (KeyError, AttributeError))]
     for a in argv:
         if a.startswith(("--config.", "-config.")):
             key = a.split(".", 1)[1].split("=", 1)[0]
-            missing = key.split(".")
-            if any(f"'{part}'" in str(c) for c in chain for part in missing):
+            if any(f"'{part}'" in c for c in lookups for part in key.split(".")):
                 near = re.search(r'Did you mean "([^"]+)"', text)
                 hint = f"; did you mean {near.group(1)!r}?" if near else ""
                 return f"{a}: the config has no key {key!r}{hint}"

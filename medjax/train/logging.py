@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from medjax import visualize
+from medjax import files, visualize
 
 
 def _scalar(v: Any) -> float:
@@ -61,9 +60,8 @@ class MetricWriter:
         path = self.workdir / "metrics.jsonl"
         if path.exists():
             kept, self.resumed = resume_rows(path, start_step)
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, path)
+            with files.replacing(path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in kept))
         self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             import tensorflow as tf

@@ -16,7 +16,6 @@ import fnmatch
 import functools
 import importlib
 import json
-import os
 import pkgutil
 import signal
 import threading
@@ -34,6 +33,7 @@ from jax.experimental import multihost_utils
 from medjax import inference, parallel, visualize
 from medjax.data import pipeline
 from medjax.errors import WorkdirError
+from medjax.files import write_json
 from medjax.train import optim, schema
 from medjax.train import task as task_lib
 from medjax.train.checkpoint import Checkpointer, ensure_writable
@@ -96,16 +96,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def _config_dict(config: Any) -> dict[str, Any]:
     return (
         json.loads(config.to_json_best_effort())
@@ -148,7 +138,9 @@ def check_workdir(config: Any, workdir: Path) -> None:
                 "checked; nothing was written. Put back the run's config.json, or use a new "
                 "--workdir"
             )
-        a, b = _flatten(json.loads(path.read_text())), _flatten(_config_dict(config))
+        # both sides as JSON (tuples become lists), so equal configs compare equal
+        a = schema.flatten(json.loads(path.read_text()))
+        b = schema.flatten(_config_dict(config))
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _resumable(k))
         if diff:
             details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
@@ -161,13 +153,6 @@ def check_workdir(config: Any, workdir: Path) -> None:
             ensure_writable(workdir)
         except OSError as e:
             raise WorkdirError(f"--workdir {workdir} is not writable: {e}") from e
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes `obj` as JSON to `path` atomically (a temporary sibling, then a rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def write_run_config(config: Any, workdir: Path) -> None:
@@ -665,7 +650,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
             if step % log_every == 0 or save_now or step % eval_every == 0:
                 check_finite(*window[-1])
                 ms = [x for _, x in window]
-                host = jax.tree.map(lambda *xs: float(average([to_host(x) for x in xs])), *ms)
+                host = jax.tree.map(lambda *xs: average([to_host(x) for x in xs]), *ms)
                 if skip:
                     host["nonfinite"] = float(sum(np.sum(to_host(x["nonfinite"])) for x in ms))
                 window.clear()

@@ -23,7 +23,7 @@ from typing import Any
 
 from medjax.errors import ConfigError
 
-__all__ = ["COMPUTE_DTYPES", "RULES", "ConfigError", "problems", "rule_for", "validate"]
+__all__ = ["COMPUTE_DTYPES", "RULES", "ConfigError", "flatten", "problems", "rule_for", "validate"]
 
 
 Check = Callable[[Any], str | None]  # None when fine, else what was expected
@@ -301,21 +301,23 @@ def _plain(v: Any) -> bool:
     return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
 
 
-def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config (`ConfigDict` or nested dicts, e.g. a loaded `config.json`) as
+    `{"dotted.key": value}` over its leaves."""
+    out = {}
     for k in node.keys():
         v = node[k]
         if isinstance(v, Mapping) or hasattr(v, "keys"):
-            out += _leaves(v, f"{prefix}{k}.")
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out.append((f"{prefix}{k}", v))
+            out[f"{prefix}{k}"] = v
     return out
 
 
 def problems(config: Any) -> list[str]:
     """Every problem of `config`, one line each (empty when it is valid)."""
     found = []
-    values = dict(_leaves(config))
+    values = flatten(config)
     for key, v in values.items():
         check = rule_for(key)
         why = check(v) if check is not None else (None if _plain(v) else "a plain value")

@@ -193,3 +193,23 @@ def test_gan_and_classifier_folders_are_checked_file_by_file(tmp_path, layout):
     text = "\n".join(broken.errors)
     assert not broken.ok and len(broken.errors) == 2, broken.format()
     assert cut.name in text and junk.name in text
+
+
+def test_nnunet_labels_are_checked_against_dataset_json(tmp_path):
+    from medjax.data import convert, volumes
+
+    src = _shared("brats2015_deepmedic_3d") / "train"
+    cases = volumes.find_cases(src, "deepmedic")[:1]
+    root = convert.to_nnunet(cases, tmp_path / "nn", volumes.BRATS_SPEC)
+    clean = check_dataset(root, "nnunet")
+    assert clean.ok and len(clean.rows) == 1, clean.format()
+    # a label value dataset.json does not declare (BraTS: classes 0..3)
+    (label,) = (root / "labelsTr").iterdir()
+    img = nib.load(str(label))
+    lab = np.asarray(img.dataobj).copy()
+    lab[0, 0, 0] = 5
+    nib.save(nib.Nifti1Image(lab, img.affine, img.header), str(label))
+    broken = check_dataset(root, "nnunet")
+    assert len(broken.errors) == 1, broken.format()
+    assert str(label) in broken.errors[0] and "[5]" in broken.errors[0]
+    assert "[0, 1, 2, 3]" in broken.errors[0]

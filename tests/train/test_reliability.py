@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-from medjax.configs import common
 from medjax.errors import CheckpointError, ConfigError, WorkdirError
 from medjax.train import evaluate, loop, schema
 from tests.helpers import cpu_env, tiny_demo_config
@@ -67,7 +66,7 @@ def finished_run(tmp_path_factory):
 def test_every_shipped_key_has_a_rule_and_passes_it(arg):
     for name in CONFIGS:
         c = importlib.import_module(f"medjax.configs.{name}").get_config(arg)
-        keys = [k for k, _ in schema._leaves(c)]
+        keys = list(schema.flatten(c))
         assert not [k for k in keys if schema.rule_for(k) is None], name
         assert schema.problems(c) == [], name
 
@@ -456,6 +455,8 @@ def test_sample_overwrite_replaces_the_whole_folder_and_too_many_is_refused(tmp_
 
 
 def test_the_nonfinite_default_is_in_every_config():
-    c = common.scale(__import__("ml_collections").ConfigDict())
-    assert c.nonfinite == "stop"
-    assert "nonfinite" in loop.RESUMABLE_CHANGES
+    for name in CONFIGS:
+        for arg in (None, "smoke"):
+            c = importlib.import_module(f"medjax.configs.{name}").get_config(arg)
+            assert c.nonfinite == "stop", (name, arg)
+    assert loop._resumable("nonfinite")  # runs from before the key resume
