@@ -20,7 +20,14 @@ output up to float rounding:
 * The kernel-4 stride-2 convolution (:class:`StridedConv4`) is space-to-depth followed by a
   kernel-2 stride-1 convolution.
 * The kernel-4 stride-2 transposed convolution (:class:`ConvTranspose4`) is ``2^d`` sub-pixel
-  kernel-2 convolutions, one per output phase, interleaved by depth-to-space.
+  kernel-2 convolutions, one per output phase, interleaved by depth-to-space; or, for few output
+  channels or a wide input, one matrix product to all ``4^d`` taps followed by an overlap-add of
+  shifted taps (:func:`conv_transpose4_overlap_add`).
+* Stride-1 convolutions to at most 4 output channels (output heads: a CycleGAN generator's
+  7x7 to RGB, a PatchGAN's 1-channel map) are one matrix product to all taps followed by a sum
+  of shifted taps (:func:`conv_overlap_add`).
+* 2x max-pooling (:func:`max_pool`) folds each window into axes of its own; its gradient picks
+  the first maximum of each window by selects, not by ``select_and_scatter``'s scatter.
 
 Inside :func:`second_order_convolutions` (what a gradient penalty uses) those kernel-2
 convolutions carry their own VJP, made of ordinary convolutions, so their gradients can be
@@ -58,9 +65,12 @@ __all__ = [
     "StridedConv4",
     "UpSample",
     "conv_nd",
+    "conv_overlap_add",
+    "conv_transpose4_overlap_add",
     "depth_to_space",
     "get_activation",
     "match_spatial",
+    "max_pool",
     "second_order_convolutions",
     "space_to_depth",
 ]
@@ -152,6 +162,58 @@ def depth_to_space(x: Array, block: int = 2) -> Array:
     x = x.reshape([b] + sp + [block] * d + [c])
     perm = [0] + [v for i in range(d) for v in (1 + i, 1 + d + i)] + [1 + 2 * d]
     return x.transpose(perm).reshape([b] + [s * block for s in sp] + [c])
+
+
+def max_pool(x: Array, window: int = 2) -> Array:
+    """Non-overlapping max-pooling (window = stride, 'VALID'), N-D, channels-last.
+
+    The same values and gradients as ``flax.linen.max_pool(x, (window,) * d, strides=(window,)
+    * d, padding='VALID')``: trailing rows that do not fill a window are dropped, and the
+    gradient of each window goes to its *first* maximum in row-major window order (as XLA's
+    ``select_and_scatter`` and PyTorch's ``MaxPool`` route it). The windows are folded into
+    axes of their own by a reshape, and the gradient is a select per window position, so
+    XLA:CPU needs neither the index arrays nor the scatter of its ``select_and_scatter``
+    expansion (several times faster, forward and backward, on the U-Nets' pooling).
+
+    Args:
+      x: ``[B, *spatial, C]``.
+      window: window edge length and stride along every spatial axis.
+
+    Returns:
+      ``[B, *(spatial // window), C]``.
+    """
+    b, *sp, c = x.shape
+    d = len(sp)
+    out = [s // window for s in sp]
+    if any(o == 0 for o in out):
+        raise ValueError(f"spatial shape {tuple(sp)} is smaller than the pooling window {window}")
+    if any(s % window for s in sp):
+        x = x[(slice(None),) + tuple(slice(0, o * window) for o in out)]
+    xr = x.reshape([b] + [v for o in out for v in (o, window)] + [c])
+    return _window_max(xr, tuple(2 + 2 * i for i in range(d)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _window_max(xr: Array, axes: tuple[int, ...]) -> Array:
+    return jnp.max(xr, axis=axes)
+
+
+@_window_max.defjvp
+def _window_max_jvp(axes, primals, tangents):
+    (xr,), (dxr,) = primals, tangents
+    y = jnp.max(xr, axis=axes)
+    taken = jnp.zeros(y.shape, bool)
+    dy = jnp.zeros(y.shape, dxr.dtype)
+    # Window positions in row-major order; the first maximum takes the whole tangent.
+    for pos in np.ndindex(*(xr.shape[a] for a in axes)):
+        index = [slice(None)] * xr.ndim
+        for a, p in zip(axes, pos, strict=True):
+            index[a] = p
+        index = tuple(index)
+        first = (xr[index] == y) & ~taken
+        dy = jnp.where(first, dxr[index], dy)
+        taken = taken | first
+    return y, dy
 
 
 def match_spatial(x: Array, shape: Sequence[int]) -> Array:
@@ -246,6 +308,50 @@ def _conv2d_small_bwd(pads, res, dy):
 _conv2d_small.defvjp(_conv2d_small_fwd, _conv2d_small_bwd)
 
 
+def _overlap_add_conv_is_faster(kernel_shape: Sequence[int]) -> bool:
+    """Where :func:`conv_overlap_add` beats XLA:CPU's convolution (forward + backward; measured
+    in ``BENCHMARKS.md``): very few output channels, where XLA's filter gradient is slowest,
+    and at most 7x7 taps (a 4x4x4 kernel's 64 shifted slices cost compile time and gained
+    nothing in Vox2Vox)."""
+    return kernel_shape[-1] <= 4 and 1 < int(np.prod(kernel_shape[:-2])) <= 49
+
+
+def conv_overlap_add(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
+    """Stride-1 N-D cross-correlation as one matrix product + a sum of shifted taps.
+
+    ``z = x @ kernel`` computes every input position's product with all ``T`` taps at once
+    (``[B, *spatial, T, Cout]``, ``Cin`` contracted in one matrix product of ``T * Cout``
+    columns). Tap ``t`` of input position ``q`` belongs to output ``m = q - t + pad_lo``, so
+    the output is the sum over taps of each tap's slice of ``z`` shifted by ``pad_lo - t``
+    (zero-filled). The gradients are matrix products as well: the shifts transpose to shifts
+    and a concatenation, then ``dz @ kernel^T`` and ``x^T @ dz``. Same semantics as
+    ``lax.conv_general_dilated(x, kernel, 1, pads)``.
+
+    Args:
+      x: ``[B, *spatial, Cin]``.
+      kernel: ``[*k, Cin, Cout]``.
+      pads: one ``(low, high)`` zero padding per spatial axis.
+
+    Returns:
+      ``[B, *(spatial + low + high - k + 1), Cout]``.
+    """
+    d = x.ndim - 2
+    ks = tuple(kernel.shape[:d])
+    cin, cout = kernel.shape[-2:]
+    taps = int(np.prod(ks))
+    k = jnp.moveaxis(kernel.reshape(taps, cin, cout), 1, 0).reshape(cin, taps * cout)
+    z = jnp.dot(x, k).reshape(x.shape[:-1] + (taps, cout))
+    zero = jnp.zeros((), z.dtype)
+    y = None
+    for t, zt in zip(np.ndindex(*ks), jnp.split(z, taps, axis=-2), strict=True):
+        shift = [
+            (lo - ti, hi - (kk - 1 - ti), 0) for ti, kk, (lo, hi) in zip(t, ks, pads, strict=True)
+        ]
+        zt = lax.pad(zt[..., 0, :], zero, [(0, 0, 0), *shift, (0, 0, 0)])
+        y = zt if y is None else y + zt
+    return y
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -297,6 +403,9 @@ def conv_nd(
         and all(0 <= p <= k - 1 for k, pp in zip(ks, pads, strict=True) for p in pp)
     ):
         return _conv2d_small(x, kernel, tuple(tuple(p) for p in pads))
+
+    if all(s == 1 for s in strides) and _overlap_add_conv_is_faster(kernel.shape):
+        return conv_overlap_add(x, kernel, pads)
 
     if d == 3 and ks[0] > 1:
         b, dd, h, w, cin = x.shape
@@ -475,6 +584,49 @@ class StridedConv4(nn.Module):
         return y
 
 
+def _overlap_add_is_faster(cin: int, cout: int) -> bool:
+    """Where :func:`conv_transpose4_overlap_add` beats the sub-pixel convolutions (measured on
+    XLA:CPU, forward + backward, ``BENCHMARKS.md``): few output channels, where XLA's
+    convolutions are slow, or a wide input, where the product dominates the overlap-add."""
+    return cout < 16 or cin >= 4 * cout
+
+
+def conv_transpose4_overlap_add(x: Array, kernel: Array) -> Array:
+    """Kernel-4 stride-2 'SAME' transposed convolution as one matrix product + overlap-add.
+
+    ``z = x @ kernel`` gives every input position's contribution to all ``4^d`` taps at once
+    (``[B, *spatial, 4^d, Cout]``, one matrix product with ``Cin`` contracted); output
+    ``2m + r`` (per axis) is then the sum of ``z[m - 1 + r + t, tap r + 2t]`` over ``t in {0,
+    1}`` -- a shift of each tap's slice, added into its phase, and the phases interleaved by
+    depth-to-space. The same products as :class:`ConvTranspose4`'s sub-pixel convolutions, in
+    a matrix product of ``4^d * Cout`` columns; its gradients are matrix products too (the
+    taps' shifts transpose to shifts and a concatenation). Same semantics as
+    ``lax.conv_transpose(x, kernel, (2,) * d, 'SAME')``.
+
+    Args:
+      x: ``[B, *spatial, Cin]``.
+      kernel: ``[4] * d + [Cin, Cout]``.
+
+    Returns:
+      ``[B, *(2 * spatial), Cout]``.
+    """
+    d = x.ndim - 2
+    b, *sp, cin = x.shape
+    cout = kernel.shape[-1]
+    k = jnp.moveaxis(kernel, d, 0).reshape(cin, 4**d * cout)  # columns ordered (taps, c)
+    z = jnp.dot(x, k).reshape([b, *sp, 4**d, cout])
+    zero = jnp.zeros((), z.dtype)
+    phases: dict[tuple[int, ...], Array] = {}
+    for tap, za in zip(np.ndindex(*(4,) * d), jnp.split(z, 4**d, axis=-2), strict=True):
+        r = tuple(a % 2 for a in tap)
+        # Tap a = r + 2t of input position p lands on phase r's output m = p + 1 - r - t.
+        shift = [1 - (a % 2) - (a // 2) for a in tap]
+        za = lax.pad(za[..., 0, :], zero, [(0, 0, 0)] + [(o, -o, 0) for o in shift] + [(0, 0, 0)])
+        phases[r] = za if r not in phases else phases[r] + za
+    y = jnp.stack([phases[r] for r in np.ndindex(*(2,) * d)], axis=-2)
+    return depth_to_space(y.reshape([b, *sp, 2**d * cout]), 2)
+
+
 class ConvTranspose4(nn.Module):
     """Kernel-4 stride-2 transposed convolution (the DCGAN/pix2pix up-sampler), N-D.
 
@@ -516,7 +668,9 @@ class ConvTranspose4(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (4,) * d + (cin, self.features))
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        if self.fast:
+        if self.fast and _overlap_add_is_faster(cin, self.features):
+            y = conv_transpose4_overlap_add(x, kernel)
+        elif self.fast:
             phases = []
             for r in np.ndindex(*(2,) * d):
                 k = kernel[tuple(slice(ri, None, 2) for ri in r)]
@@ -734,7 +888,10 @@ class DownSample(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         d = self.spatial_dims
         if self.mode == "maxpool":
-            return nn.max_pool(x.astype(self.dtype), (2,) * d, strides=(2,) * d, padding="VALID")
+            x = x.astype(self.dtype)
+            if self.fast:
+                return max_pool(x, 2)
+            return nn.max_pool(x, (2,) * d, strides=(2,) * d, padding="VALID")
         if self.mode == "conv":
             feats = self.features or x.shape[-1]
             return ConvNormAct(

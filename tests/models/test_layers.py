@@ -22,9 +22,12 @@ from medjax.models.layers import (
     StridedConv4,
     UpSample,
     conv_nd,
+    conv_overlap_add,
+    conv_transpose4_overlap_add,
     depth_to_space,
     get_activation,
     match_spatial,
+    max_pool,
     second_order_convolutions,
     space_to_depth,
 )
@@ -155,13 +158,91 @@ def test_strided_conv4_is_pytorch_k4_s2_p1_for_even_sizes():
     np.testing.assert_allclose(m.apply(v, x), ref, atol=ATOL, rtol=1e-5)
 
 
+# (Cin, Cout): 4 from 3 and 16 from 64 run the overlap-add product, 20 from 3 the sub-pixel
+# convolutions (layers._overlap_add_is_faster decides).
+CT4_CHANNELS = [(3, 4), (3, 20), (64, 16)]
+
+
+@pytest.mark.parametrize("cin,cout", CT4_CHANNELS)
 @pytest.mark.parametrize("d,spatial", [(2, (5, 6)), (3, (3, 4, 5))])
-def test_conv_transpose4_equals_linen_conv_transpose(d, spatial):
+def test_conv_transpose4_equals_linen_conv_transpose(d, spatial, cin, cout):
+    x = _rand((2, *spatial, cin))
+    plain = nn.ConvTranspose(cout, (4,) * d, strides=(2,) * d, padding="SAME")
+    v, y = _assert_same_fn(ConvTranspose4(cout, d), plain, x, grads=True)
+    assert y.shape == (2, *(2 * s for s in spatial), cout)
+    assert v["params"]["kernel"].shape == (4,) * d + (cin, cout)
+
+
+@pytest.mark.parametrize("d,spatial", [(1, (5,)), (2, (3, 4)), (3, (2, 3, 3))])
+def test_conv_transpose4_overlap_add_equals_lax(d, spatial):
     x = _rand((2, *spatial, 3))
-    plain = nn.ConvTranspose(4, (4,) * d, strides=(2,) * d, padding="SAME")
-    v, y = _assert_same_fn(ConvTranspose4(4, d), plain, x, grads=True)
-    assert y.shape == (2, *(2 * s for s in spatial), 4)
-    assert v["params"]["kernel"].shape == (4,) * d + (3, 4)
+    k = _rand((4,) * d + (3, 2), 1)
+    w = _rand((2, *(2 * s for s in spatial), 2), 2)
+
+    def ref(x, k):
+        return lax.conv_transpose(x, k, (2,) * d, "SAME", dimension_numbers=_dn(d))
+
+    np.testing.assert_allclose(conv_transpose4_overlap_add(x, k), ref(x, k), atol=ATOL, rtol=1e-5)
+    got = jax.grad(lambda x, k: jnp.sum(conv_transpose4_overlap_add(x, k) * w), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ks,pads",
+    [
+        ((3, 3), [(1, 1), (1, 1)]),
+        ((7, 7), [(3, 3), (3, 3)]),
+        ((4, 4), [(0, 0), (0, 0)]),
+        ((4, 3), [(1, 2), (2, 0)]),
+        ((3, 3, 3), [(1, 1), (0, 0), (2, 1)]),
+    ],
+)
+def test_conv_overlap_add_equals_lax(ks, pads):
+    d = len(ks)
+    x = _rand((2, *(9,) * d, 5))
+    k = _rand((*ks, 5, 3), 1)
+
+    def ref(x, k):
+        return lax.conv_general_dilated(x, k, (1,) * d, pads, dimension_numbers=_dn(d))
+
+    w = _rand(ref(x, k).shape, 2)
+    np.testing.assert_allclose(conv_overlap_add(x, k, pads), ref(x, k), atol=1e-4, rtol=1e-5)
+    # conv_nd takes this route for these few output channels
+    np.testing.assert_allclose(conv_nd(x, k, 1, pads), ref(x, k), atol=1e-4, rtol=1e-5)
+    got = jax.grad(lambda x, k: jnp.sum(conv_overlap_add(x, k, pads) * w), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3), (1, 5, 4, 7, 2)])
+def test_max_pool_values_and_gradients_equal_linen(shape):
+    # Ties included (values rounded to halves): the gradient of each window must go to its
+    # first maximum, exactly as XLA's select_and_scatter routes it.
+    d = len(shape) - 2
+    x = jnp.round(_rand(shape) * 2) / 2
+
+    def ref(v):
+        return nn.max_pool(v, (2,) * d, strides=(2,) * d, padding="VALID")
+
+    np.testing.assert_array_equal(max_pool(x, 2), ref(x))
+    w = _rand(ref(x).shape, 1)
+    np.testing.assert_array_equal(
+        jax.grad(lambda v: jnp.sum(max_pool(v, 2) * w))(x),
+        jax.grad(lambda v: jnp.sum(ref(v) * w))(x),
+    )
+    t = _rand(shape, 2)
+    np.testing.assert_array_equal(jax.jvp(lambda v: max_pool(v, 2), (x,), (t,))[1],
+                                  jax.jvp(ref, (x,), (t,))[1])  # fmt: skip
+
+
+def test_max_pool_hand_computed_tie():
+    # one 2x2 window [[1, 3], [3, 2]]: max 3, its gradient goes to the first 3 (row-major)
+    x = jnp.asarray([[1.0, 3.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda v: jnp.sum(max_pool(v, 2)))(x)
+    np.testing.assert_array_equal(g.reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])
 
 
 def _custom_vjp_calls(fn, *args) -> int:
@@ -182,27 +263,35 @@ def _penalty_grads(m: nn.Module, v, x):
 
 
 @pytest.mark.parametrize(
-    "layer,plain",
+    "layer,plain,n_custom",
     [
-        (StridedConv4(5, 2), nn.Conv(5, (4, 4), strides=(2, 2), padding="SAME")),
-        (ConvTranspose4(4, 2), nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding="SAME")),
-        (StridedConv4(3, 3), nn.Conv(3, (4, 4, 4), strides=(2, 2, 2), padding="SAME")),
-        (ConvTranspose4(2, 3), nn.ConvTranspose(2, (4, 4, 4), strides=(2, 2, 2), padding="SAME")),
+        (StridedConv4(5, 2), nn.Conv(5, (4, 4), strides=(2, 2), padding="SAME"), 2),
+        (ConvTranspose4(16, 2), nn.ConvTranspose(16, (4, 4), strides=(2, 2), padding="SAME"), 8),
+        (StridedConv4(5, 3), nn.Conv(5, (4, 4, 4), strides=(2, 2, 2), padding="SAME"), 2),
+        (
+            ConvTranspose4(16, 3),
+            nn.ConvTranspose(16, (4,) * 3, strides=(2,) * 3, padding="SAME"),
+            16,
+        ),
+        # few output channels: one matrix product + overlap-add, no custom VJP needed
+        (ConvTranspose4(4, 2), nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding="SAME"), 0),
+        (StridedConv4(3, 2), nn.Conv(3, (4, 4), strides=(2, 2), padding="SAME"), 2),
     ],
 )
-def test_fast_layers_second_derivatives_equal_linen(layer, plain):
+def test_fast_layers_second_derivatives_equal_linen(layer, plain, n_custom):
     # Inside second_order_convolutions the fast layers' kernel-2 convolutions have their own
     # VJP (written with ordinary convolutions, so a gradient penalty's second derivatives stay
     # fast); differentiated twice they must agree with Linen's strided / transposed conv.
     d = layer.spatial_dims
     x = _rand((2, *(6,) * d, 3))
     v = _init(layer, x)
-    got, n_custom = _penalty_grads(layer, v, x)
+    got, traced = _penalty_grads(layer, v, x)
     ref, _ = _penalty_grads(plain, v, x)
-    # the fast layer really runs the custom-VJP convolutions (StridedConv4: one; ConvTranspose4:
-    # one per phase), each traced twice (the forward and its input gradient, which is the same
-    # convolution), and only inside the context: a plain forward traces none
-    assert n_custom == 2 * (1 if isinstance(layer, StridedConv4) else 2**d)
+    # the fast layer really runs the custom-VJP convolutions (StridedConv4: one; ConvTranspose4
+    # with sub-pixel phases: one per phase), each traced twice (the forward and its input
+    # gradient, which is the same convolution), and only inside the context: a plain forward
+    # traces none
+    assert traced == n_custom
     assert _custom_vjp_calls(layer.apply, v, x) == 0
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
