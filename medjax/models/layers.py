@@ -316,6 +316,23 @@ def _overlap_add_conv_is_faster(kernel_shape: Sequence[int]) -> bool:
     return kernel_shape[-1] <= 4 and 1 < int(np.prod(kernel_shape[:-2])) <= 49
 
 
+def _shifted_tap_products(
+    x: Array, kernel: Array, shifts: Sequence[Sequence[tuple[int, int]]]
+) -> list[Array]:
+    """The overlap-add formulations' common part: ``x`` times every tap of ``kernel`` (``[T,
+    Cin, Cout]``) in ONE matrix product of ``T * Cout`` columns, each tap's ``[B, *spatial,
+    Cout]`` slice then shifted by its ``(low, high)`` zero padding per spatial axis (negative:
+    cropping). The taps are separated by a split, so the backward is one concatenation."""
+    taps, cin, cout = kernel.shape
+    k = jnp.moveaxis(kernel, 1, 0).reshape(cin, taps * cout)  # columns ordered (tap, c)
+    z = jnp.dot(x, k).reshape(x.shape[:-1] + (taps, cout))
+    zero = jnp.zeros((), z.dtype)
+    return [
+        lax.pad(zt[..., 0, :], zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in sh), (0, 0, 0)])
+        for zt, sh in zip(jnp.split(z, taps, axis=-2), shifts, strict=True)
+    ]
+
+
 def conv_overlap_add(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
     """Stride-1 N-D cross-correlation as one matrix product + a sum of shifted taps.
 
@@ -337,19 +354,12 @@ def conv_overlap_add(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -
     """
     d = x.ndim - 2
     ks = tuple(kernel.shape[:d])
-    cin, cout = kernel.shape[-2:]
-    taps = int(np.prod(ks))
-    k = jnp.moveaxis(kernel.reshape(taps, cin, cout), 1, 0).reshape(cin, taps * cout)
-    z = jnp.dot(x, k).reshape(x.shape[:-1] + (taps, cout))
-    zero = jnp.zeros((), z.dtype)
-    y = None
-    for t, zt in zip(np.ndindex(*ks), jnp.split(z, taps, axis=-2), strict=True):
-        shift = [
-            (lo - ti, hi - (kk - 1 - ti), 0) for ti, kk, (lo, hi) in zip(t, ks, pads, strict=True)
-        ]
-        zt = lax.pad(zt[..., 0, :], zero, [(0, 0, 0), *shift, (0, 0, 0)])
-        y = zt if y is None else y + zt
-    return y
+    shifts = [
+        [(lo - ti, hi - (kk - 1 - ti)) for ti, kk, (lo, hi) in zip(t, ks, pads, strict=True)]
+        for t in np.ndindex(*ks)
+    ]
+    products = _shifted_tap_products(x, kernel.reshape(-1, *kernel.shape[-2:]), shifts)
+    return functools.reduce(jnp.add, products)
 
 
 def conv_nd(
@@ -613,15 +623,13 @@ def conv_transpose4_overlap_add(x: Array, kernel: Array) -> Array:
     d = x.ndim - 2
     b, *sp, cin = x.shape
     cout = kernel.shape[-1]
-    k = jnp.moveaxis(kernel, d, 0).reshape(cin, 4**d * cout)  # columns ordered (taps, c)
-    z = jnp.dot(x, k).reshape([b, *sp, 4**d, cout])
-    zero = jnp.zeros((), z.dtype)
+    taps = list(np.ndindex(*(4,) * d))
+    # Tap a = r + 2t of input position p lands on phase r's output m = p + 1 - r - t.
+    shifts = [[(1 - a % 2 - a // 2, a % 2 + a // 2 - 1) for a in tap] for tap in taps]
     phases: dict[tuple[int, ...], Array] = {}
-    for tap, za in zip(np.ndindex(*(4,) * d), jnp.split(z, 4**d, axis=-2), strict=True):
+    products = _shifted_tap_products(x, kernel.reshape(-1, cin, cout), shifts)
+    for tap, za in zip(taps, products, strict=True):
         r = tuple(a % 2 for a in tap)
-        # Tap a = r + 2t of input position p lands on phase r's output m = p + 1 - r - t.
-        shift = [1 - (a % 2) - (a // 2) for a in tap]
-        za = lax.pad(za[..., 0, :], zero, [(0, 0, 0)] + [(o, -o, 0) for o in shift] + [(0, 0, 0)])
         phases[r] = za if r not in phases else phases[r] + za
     y = jnp.stack([phases[r] for r in np.ndindex(*(2,) * d)], axis=-2)
     return depth_to_space(y.reshape([b, *sp, 2**d * cout]), 2)

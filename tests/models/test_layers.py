@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from medjax.models import layers
 from medjax.models.layers import (
     AttentionGate,
     Conv,
@@ -166,6 +167,8 @@ CT4_CHANNELS = [(3, 4), (3, 20), (64, 16)]
 @pytest.mark.parametrize("cin,cout", CT4_CHANNELS)
 @pytest.mark.parametrize("d,spatial", [(2, (5, 6)), (3, (3, 4, 5))])
 def test_conv_transpose4_equals_linen_conv_transpose(d, spatial, cin, cout):
+    # both routes are covered: the overlap-add product for all but the 20-channel case
+    assert layers._overlap_add_is_faster(cin, cout) == (cout != 20)
     x = _rand((2, *spatial, cin))
     plain = nn.ConvTranspose(cout, (4,) * d, strides=(2,) * d, padding="SAME")
     v, y = _assert_same_fn(ConvTranspose4(cout, d), plain, x, grads=True)
