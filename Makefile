@@ -24,9 +24,10 @@ demo: $(VENV)/.train-installed
 	$(BIN)/python scripts/evaluate.py --workdir $(DEMO_DIR) --pictures 20 --overwrite
 	@echo "demo outputs: $(DEMO_DIR)/{checkpoints,best,metrics.jsonl,images,eval}"
 
-## test: the whole suite (2 workers)
+## test: the whole suite (2 workers; an idle worker takes tests queued for the other, so the
+## few minute-long tests do not leave one waiting)
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15 tests
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

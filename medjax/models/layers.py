@@ -23,9 +23,9 @@ output up to float rounding:
   kernel-2 convolutions, one per output phase, interleaved by depth-to-space; or, for few output
   channels or a wide input, one matrix product to all ``4^d`` taps followed by an overlap-add of
   shifted taps (:func:`conv_transpose4_overlap_add`).
-* Stride-1 convolutions to at most 4 output channels (output heads: a CycleGAN generator's
-  7x7 to RGB, a PatchGAN's 1-channel map) are one matrix product to all taps followed by a sum
-  of shifted taps (:func:`conv_overlap_add`).
+* Stride-1 convolutions of at most 16 taps to at most 4 output channels (output heads such as a
+  PatchGAN's 1-channel map) are one matrix product to all taps followed by a sum of shifted
+  taps (:func:`conv_overlap_add`).
 * 2x max-pooling (:func:`max_pool`) folds each window into axes of its own; its gradient picks
   the first maximum of each window by selects, not by ``select_and_scatter``'s scatter.
 
@@ -311,9 +311,11 @@ _conv2d_small.defvjp(_conv2d_small_fwd, _conv2d_small_bwd)
 def _overlap_add_conv_is_faster(kernel_shape: Sequence[int]) -> bool:
     """Where :func:`conv_overlap_add` beats XLA:CPU's convolution (forward + backward; measured
     in ``BENCHMARKS.md``): very few output channels, where XLA's filter gradient is slowest,
-    and at most 7x7 taps (a 4x4x4 kernel's 64 shifted slices cost compile time and gained
-    nothing in Vox2Vox)."""
-    return kernel_shape[-1] <= 4 and 1 < int(np.prod(kernel_shape[:-2])) <= 49
+    and at most 16 taps (PatchGAN's 4x4 output convolution). More taps cost trace and compile
+    time for no step-level gain: a 4x4x4 kernel's 64 shifted slices in Vox2Vox, and CycleGAN's
+    7x7 output convolution (step unchanged at batch 1, 10 % slower at batch 4; its 49 taps were
+    a quarter of the smoke step's trace time)."""
+    return kernel_shape[-1] <= 4 and 1 < int(np.prod(kernel_shape[:-2])) <= 16
 
 
 def _shifted_tap_products(

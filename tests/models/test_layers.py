@@ -212,7 +212,8 @@ def test_conv_overlap_add_equals_lax(ks, pads):
 
     w = _rand(ref(x, k).shape, 2)
     np.testing.assert_allclose(conv_overlap_add(x, k, pads), ref(x, k), atol=1e-4, rtol=1e-5)
-    # conv_nd takes this route for these few output channels
+    # conv_nd takes this route for these 3 output channels up to 16 taps, XLA's beyond
+    assert layers._overlap_add_conv_is_faster(k.shape) == (np.prod(ks) <= 16)
     np.testing.assert_allclose(conv_nd(x, k, 1, pads), ref(x, k), atol=1e-4, rtol=1e-5)
     got = jax.grad(lambda x, k: jnp.sum(conv_overlap_add(x, k, pads) * w), (0, 1))(x, k)
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
