@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 
-# Measured on a 2-core x86 CPU (benchmarks/bench_layers.py): XLA's ynn fusion of individual
-# convolutions slows the U-Net step; excluding it is exact and faster. Ignored off the CPU.
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+# Measured on 2-core x86 CPUs; both are exact (the same operations) and ignored off the CPU.
+# * XLA's ynn fusion of individual convolutions slows the U-Net step (benchmarks/bench_layers.py).
+# * Region-based copy insertion: the default analysis copied the parameters and Adam moments at
+#   the start of every GAN step (97 state copies, 457 MB, in pix2pix 256^2; 52 in DCGAN) because
+#   it could not order the moment update before its recomputation inside the parameter update;
+#   with it none are left. pix2pix 2.28 / 2.08 -> 2.09 / 1.84 s per step, DCGAN 2.55 -> 2.45 s,
+#   Vox2Vox 299 -> 290 ms, classifier 213 / 201 -> 191 / 177 ms, U-Net 2D unchanged (2-core
+#   AMD EPYC, separate processes alternated, medians; BENCHMARKS.md).
+CPU_FLAGS = (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    "--xla_cpu_copy_insertion_use_region_analysis=true",
+)
 
 
 def configure_xla(extra: tuple[str, ...] = CPU_FLAGS) -> None:
