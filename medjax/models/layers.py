@@ -312,7 +312,8 @@ def _overlap_add_conv_is_faster(kernel_shape: Sequence[int]) -> bool:
     """Where :func:`conv_overlap_add` beats XLA:CPU's convolution (forward + backward; measured
     in ``BENCHMARKS.md``): very few output channels, where XLA's filter gradient is slowest,
     and at most 16 taps (PatchGAN's 4x4 output convolution). More taps cost trace and compile
-    time for no step-level gain: a 4x4x4 kernel's 64 shifted slices in Vox2Vox, and CycleGAN's
+    time for no step-level gain: a 4x4x4 kernel's 64 shifted slices in Vox2Vox (its depth-stacked
+    2D form, 4x4 taps, still takes this route), and CycleGAN's
     7x7 output convolution (step unchanged at batch 1, 10 % slower at batch 4; its 49 taps were
     a quarter of the smoke step's trace time)."""
     return kernel_shape[-1] <= 4 and 1 < int(np.prod(kernel_shape[:-2])) <= 16

@@ -212,8 +212,11 @@ def test_conv_overlap_add_equals_lax(ks, pads):
 
     w = _rand(ref(x, k).shape, 2)
     np.testing.assert_allclose(conv_overlap_add(x, k, pads), ref(x, k), atol=1e-4, rtol=1e-5)
-    # conv_nd takes this route for these 3 output channels up to 16 taps, XLA's beyond
-    assert layers._overlap_add_conv_is_faster(k.shape) == (np.prod(ks) <= 16)
+    # conv_nd takes this route (no convolution op in its graph) for these 3 output channels up
+    # to 16 taps, XLA's convolution beyond; a 3D kernel is first depth-stacked into a 2D one,
+    # whose in-plane taps decide
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, 1, pads))(x, k))
+    assert ("conv_general_dilated" not in graph) == (np.prod(ks[-2:]) <= 16), graph
     np.testing.assert_allclose(conv_nd(x, k, 1, pads), ref(x, k), atol=1e-4, rtol=1e-5)
     got = jax.grad(lambda x, k: jnp.sum(conv_overlap_add(x, k, pads) * w), (0, 1))(x, k)
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
