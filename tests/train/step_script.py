@@ -5,18 +5,18 @@ batch, plus a few variants: build the smoke config, make one synthetic global ba
 (`task.synthetic_batch`), and take two compiled train steps from the same initial state on
 1 device (the reference) and on each other setting:
 
-* `fsdp`: 8 devices, the batch split over all 8 and parameters and optimizer state over a
-  4 x 2 mesh (`config.fsdp=2`): data parallelism with sharded parameters;
+* `fsdp_replicas`: 8 devices, parameters and optimizer state sharded over a 4 x 2 mesh
+  (`config.fsdp=2`) and 2 replicas vmapped in one step (`config.replicas=2`), each fed the
+  batch split over all 8 devices; replica 0 (the run's own seed) is compared. Data
+  parallelism, sharded parameters and vmapped replicas at once: one 8-device compile per task
+  instead of one for each (they were a third of this script's time, all of it compilation);
 * `accum`: 1 device, 4 micro-batches accumulated (tasks whose `train_step` accumulates; without
   dropout and with instance instead of batch norm, so that the full batch is the same function);
-* `bf16`: 1 device, every network's `dtype` bfloat16 (parameters stay float32);
-* `replicas`: 8 devices, 2 replicas vmapped in one step (`config.replicas=2`), each fed the
-  batch; replica 0 (the run's own seed) is compared.
+* `bf16`: 1 device, every network's `dtype` bfloat16 (parameters stay float32).
 
-Plain data parallelism (8 devices, replicated parameters) is covered by `fsdp` (the same batch
-split) and `replicas` (replicated parameters), and for one task on its own by
-`test_loop.test_one_and_eight_devices_agree`; a setting of its own per task cost a sixth of this
-script's time, all of it compilation.
+For one task, plain data parallelism with replicated parameters is checked on its own by
+`test_loop.test_one_and_eight_devices_agree`, and each replica against its run alone by
+`test_replicas`.
 
 Prints one JSON line: per entry and setting, the step metrics, the largest parameter difference
 from the reference after the first step, the parameter dtypes, and the largest learning rate.
@@ -91,14 +91,12 @@ def _bf16(node) -> None:
 def settings(cfg) -> dict:
     """setting name -> config (the reference "1" first)."""
     out = {}
-    for name in ("1", "fsdp", "accum", "bf16", "replicas"):
+    for name in ("1", "fsdp_replicas", "accum", "bf16"):
         c = cfg.copy_and_resolve_references()
-        c.num_devices = 8 if name in ("fsdp", "replicas") else 1
-        if name == "replicas":
-            c.replicas = 2
-            c.replica_mode = "vmap"
-        if name == "fsdp":
-            c.fsdp = 2
+        c.num_devices = 1
+        if name == "fsdp_replicas":
+            c.num_devices, c.fsdp = 8, 2
+            c.replicas, c.replica_mode = 2, "vmap"
         if name == "accum":
             if not loop.get_task(c).accumulates_gradients:
                 continue

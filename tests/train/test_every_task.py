@@ -30,8 +30,8 @@ CONFIGS = sorted(
 
 @pytest.mark.parametrize("group", range(GROUPS))
 def test_data_parallel_fsdp_accumulation_and_bf16_steps_agree(group):
-    """Two compiled steps of every task on 1 device against 8 devices with FSDP over a 4 x 2
-    mesh, 4 accumulated micro-batches, bfloat16 compute, and replica 0 of 2 vmapped replicas
+    """Two compiled steps of every task on 1 device against replica 0 of 2 vmapped replicas on
+    8 devices with FSDP over a 4 x 2 mesh, 4 accumulated micro-batches, and bfloat16 compute
     (`step_script.py`)."""
     env = cpu_env(devices=8)  # XLA's optimisations are off in tests (tests/conftest.py)
     proc = subprocess.run(
@@ -48,7 +48,7 @@ def test_data_parallel_fsdp_accumulation_and_bf16_steps_agree(group):
     assert sorted(report) == names[group::GROUPS]
     for name, r in report.items():
         ref = r["reference"]
-        assert {"fsdp", "bf16", "replicas"} <= set(r["settings"]), name
+        assert {"fsdp_replicas", "bf16"} <= set(r["settings"]), name
         for setting, got in r["settings"].items():
             what = f"{name} ({setting})"
             assert got["steps"] == [2, 2], what

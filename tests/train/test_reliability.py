@@ -393,27 +393,29 @@ def _logged(step: int):
 
 
 def test_kill_9_at_several_moments_then_relaunch_equals_an_uninterrupted_run(tmp_path):
+    """One run killed three times in a row, each time at a later moment than anything the
+    previous launch reached (so no moment can be seen in leftovers of the one before), then
+    relaunched to the end: its final state equals an uninterrupted run's bitwise."""
     env = cpu_env(PYTHONUNBUFFERED="1")
-    straight = tmp_path / "straight"
+    straight, work = tmp_path / "straight", tmp_path / "killed"
     done = subprocess.run(_train_cmd(straight, *_KILL_FLAGS), capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ref = loop.restore(loop.load_run_config(straight), straight, best=False)[1]
-    moments = {"mid-save": _saving("checkpoints", 4), "mid-best": _saving("best", 8),
-               "between": _logged(5)}  # fmt: skip
-    for name, ready in moments.items():
-        work = tmp_path / name
-        seen = _kill_when(work, ready, env)
-        again = subprocess.run(_train_cmd(work, *_KILL_FLAGS), capture_output=True, text=True,
-                               env=env, timeout=600)  # fmt: skip
-        assert again.returncode == 0, (name, seen, again.stderr[-3000:])
-        got = loop.restore(loop.load_run_config(work), work, best=False)[1]
-        assert int(got.step) == 10, (name, seen)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name}: {seen}")
-        rows = [(r["step"], r["split"]) for r in map(json.loads, open(work / "metrics.jsonl"))]
-        assert len(rows) == len(set(rows)), (name, seen)
-        assert (work / "best").is_dir() and any(p.name.isdigit() for p in (work / "best").iterdir())
+    # checkpoints every 2 steps, evaluation (and best/) every 4, of 10 steps
+    moments = {"mid-save": _saving("checkpoints", 4), "between": _logged(7),
+               "mid-best": _saving("best", 8)}  # fmt: skip
+    seen = [_kill_when(work, ready, env) for ready in moments.values()]
+    again = subprocess.run(_train_cmd(work, *_KILL_FLAGS), capture_output=True, text=True,
+                           env=env, timeout=600)  # fmt: skip
+    assert again.returncode == 0, (seen, again.stderr[-3000:])
+    got = loop.restore(loop.load_run_config(work), work, best=False)[1]
+    assert int(got.step) == 10, seen
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(seen))
+    rows = [(r["step"], r["split"]) for r in map(json.loads, open(work / "metrics.jsonl"))]
+    assert len(rows) == len(set(rows)), seen
+    assert (work / "best").is_dir() and any(p.name.isdigit() for p in (work / "best").iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
