@@ -17,8 +17,13 @@ output up to float rounding:
 * 1x1 convolutions are matrix products (:func:`conv_nd`).
 * The kernel-2 stride-2 transposed convolution (:class:`UpSample`) is a 1x1 convolution to
   ``2^d * Cout`` channels followed by depth-to-space (pixel shuffle).
-* The kernel-4 stride-2 convolution (:class:`StridedConv4`) is space-to-depth followed by a
-  kernel-2 stride-1 convolution.
+* Strided convolutions whose kernel extents are multiples of the stride (the kernel-4
+  stride-2 down-sampler of :class:`StridedConv4` and of PyTorch's ``Conv(k=4, s=2, p=1)``) are
+  space-to-depth followed by a stride-1 convolution (:func:`conv_space_to_depth`): a kernel-2
+  one for kernel 4, stride 2.
+* Stride-1 convolutions with at most 256 output positions (batch x spatial: the deep layers of
+  a batch-1 pix2pix generator) are one matrix product of the stacked shifted input views
+  (:func:`conv_im2col`).
 * The kernel-4 stride-2 transposed convolution (:class:`ConvTranspose4`) is ``2^d`` sub-pixel
   kernel-2 convolutions, one per output phase, interleaved by depth-to-space; or, for few output
   channels or a wide input, one matrix product to all ``4^d`` taps followed by an overlap-add of
@@ -365,6 +370,57 @@ def conv_overlap_add(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -
     return functools.reduce(jnp.add, products)
 
 
+# Below this many output positions (batch x spatial) a convolution is one matrix product of
+# its stacked shifted views: at batch 1 the pix2pix generator's deep 512-channel convolutions
+# (16^2 .. 2^2 inputs) take 2-15 ms forward + backward this way against 13-33 ms through
+# XLA:CPU's convolution, whose input gradient is slowest there (BENCHMARKS.md).
+_IM2COL_MAX_POSITIONS = 256
+
+
+def conv_im2col(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
+    """Stride-1 N-D cross-correlation as ONE matrix product (im2col): the ``prod(k)`` shifted
+    views of the padded input stacked along channels (ordered ``(tap, c)``, as ``kernel``
+    reshapes to ``[prod(k) * Cin, Cout]``). Exact; its memory is ``prod(k)`` times the output
+    positions times ``Cin``, so :func:`conv_nd` uses it only for small outputs."""
+    d = x.ndim - 2
+    ks = kernel.shape[:d]
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [n - k + 1 for n, k in zip(xp.shape[1:-1], ks, strict=True)]
+    views = [
+        xp[(slice(None), *(slice(t, t + o) for t, o in zip(tap, out, strict=True)))]
+        for tap in np.ndindex(*ks)
+    ]
+    return jnp.dot(jnp.concatenate(views, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
+
+
+def conv_space_to_depth(
+    x: Array, kernel: Array, stride: int, pads: Sequence[tuple[int, int]]
+) -> Array:
+    """Stride-``s`` N-D cross-correlation whose kernel extents are multiples of ``s``, as a
+    stride-1 one: pad (or crop the never-read high end) to ``s * (out + k / s - 1)``, fold
+    ``s^d`` blocks into channels (:func:`space_to_depth`) and convolve with the kernel
+    rearranged to ``[*(k / s), s^d * Cin, Cout]`` -- the same products without the stride.
+    XLA:CPU's gradients of strided convolutions are 2-4x slower than of this form (BENCHMARKS.md).
+    The stride-1 convolution goes through :func:`conv_nd` and its routes."""
+    d = x.ndim - 2
+    ks = kernel.shape[:d]
+    cin, cout = kernel.shape[-2:]
+    sizes = x.shape[1:-1]
+    out = [(n + lo + hi - k) // stride + 1 for n, k, (lo, hi) in zip(sizes, ks, pads, strict=True)]
+    lengths = [stride * (o + k // stride - 1) for o, k in zip(out, ks, strict=True)]
+    highs = [length - n - lo for length, n, (lo, _) in zip(lengths, sizes, pads, strict=True)]
+    xp = jnp.pad(
+        x, [(0, 0), *((lo, max(h, 0)) for (lo, _), h in zip(pads, highs, strict=True)), (0, 0)]
+    )
+    xp = xp[(slice(None), *(slice(0, length) for length in lengths))]
+    xs = space_to_depth(xp, stride)
+    # kernel axis k -> (a, p): tap = s * a + p; space_to_depth orders channels (p_1..p_d, c)
+    k = kernel.reshape([v for kk in ks for v in (kk // stride, stride)] + [cin, cout])
+    perm = [2 * i for i in range(d)] + [2 * i + 1 for i in range(d)] + [2 * d, 2 * d + 1]
+    k = k.transpose(perm).reshape(tuple(kk // stride for kk in ks) + (stride**d * cin, cout))
+    return conv_nd(xs, k, 1, "VALID", fast=True)
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -382,6 +438,14 @@ def conv_nd(
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with
       the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``. On XLA:CPU this is several times
       faster than the native 3D convolution, forward and backward.
+    * stride ``s > 1`` (the same on every axis) with kernel extents that are multiples of
+      ``s`` (PyTorch's k4 s2 p1 down-sampler): :func:`conv_space_to_depth`, a stride-1
+      convolution of the space-to-depth input, which then takes the routes below.
+    * stride 1 with very few output channels: :func:`conv_overlap_add`
+      (``_overlap_add_conv_is_faster``); inside :func:`second_order_convolutions`, 2D kernels
+      of extent <= 2 carry their own VJP.
+    * stride 1 with at most ``_IM2COL_MAX_POSITIONS`` output positions (batch x spatial):
+      :func:`conv_im2col`, one matrix product.
 
     Args:
       x: ``[B, *spatial, Cin]``.
@@ -430,6 +494,20 @@ def conv_nd(
         k2 = jnp.moveaxis(kernel, 0, 2).reshape(ks[1], ks[2], kd * cin, kernel.shape[-1])
         y = conv_nd(xs, k2, strides[1:], pads[1:], fast=True)
         return y.reshape((b, do) + y.shape[1:])
+
+    s = strides[0]
+    if (
+        s > 1
+        and all(v == s for v in strides)
+        and all(k % s == 0 for k in ks)
+        and all(p >= 0 for pp in pads for p in pp)
+    ):
+        return conv_space_to_depth(x, kernel, s, pads)
+
+    if all(v == 1 for v in strides) and all(p >= 0 for pp in pads for p in pp):
+        out = [n + lo + hi - k + 1 for n, k, (lo, hi) in zip(x.shape[1:-1], ks, pads, strict=True)]
+        if x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
+            return conv_im2col(x, kernel, pads)
 
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
 
@@ -546,10 +624,11 @@ class StridedConv4(nn.Module):
     """Kernel-4 stride-2 convolution with 'SAME' padding (the DCGAN/pix2pix down-sampler), N-D.
 
     Parameter-compatible with ``nn.Conv(features, (4,)*d, strides=(2,)*d, padding='SAME')``
-    (for even sizes this is PyTorch's ``Conv(k=4, s=2, p=1)``). With ``fast=True``: pad as
-    'SAME' does (the padded length is always ``2 * (out + 1)``), fold 2^d blocks into channels
-    (space-to-depth) and run a kernel-2 stride-1 'VALID' convolution with the kernel
-    rearranged to ``[2]*d + [2^d * Cin, Cout]`` -- the same products without the stride.
+    (for even sizes this is PyTorch's ``Conv(k=4, s=2, p=1)``). With ``fast=True`` it is
+    :func:`conv_nd`'s strided route: pad as 'SAME' does (the padded length is always
+    ``2 * (out + 1)``), fold 2^d blocks into channels (space-to-depth) and run a kernel-2
+    stride-1 'VALID' convolution with the kernel rearranged to ``[2]*d + [2^d * Cin, Cout]``
+    -- the same products without the stride (in 3D after the depth axis is stacked).
 
     Attributes:
       features: number of output channels.
@@ -580,17 +659,7 @@ class StridedConv4(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (4,) * d + (cin, self.features))
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        if self.fast:
-            pads = _resolve_padding(x.shape[1:-1], (4,) * d, (2,) * d, "SAME")
-            xp = jnp.pad(x, [(0, 0)] + pads + [(0, 0)])
-            xs = space_to_depth(xp, 2)
-            # kernel axis 4 -> (a, p): tap = 2a + p; s2d channels are ordered (p_1..p_d, c).
-            k = kernel.reshape([v for _ in range(d) for v in (2, 2)] + [cin, self.features])
-            perm = [2 * i for i in range(d)] + [2 * i + 1 for i in range(d)] + [2 * d, 2 * d + 1]
-            k = k.transpose(perm).reshape((2,) * d + (2**d * cin, self.features))
-            y = conv_nd(xs, k, 1, "VALID", fast=True)
-        else:
-            y = conv_nd(x, kernel, 2, "SAME", fast=False)
+        y = conv_nd(x, kernel, 2, "SAME", fast=self.fast)  # fast: conv_space_to_depth
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
             y = y + bias.astype(self.dtype)

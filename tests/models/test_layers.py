@@ -22,8 +22,10 @@ from medjax.models.layers import (
     ResidualBlock,
     StridedConv4,
     UpSample,
+    conv_im2col,
     conv_nd,
     conv_overlap_add,
+    conv_space_to_depth,
     conv_transpose4_overlap_add,
     depth_to_space,
     get_activation,
@@ -192,6 +194,71 @@ def test_conv_transpose4_overlap_add_equals_lax(d, spatial):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
+def _assert_conv_and_grads(fn, x, k, strides, pads):
+    """`fn(x, k)` equals lax's convolution, and so do its gradients w.r.t. input and kernel."""
+
+    def ref(x, k):
+        return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_dn(x.ndim - 2))
+
+    w = _rand(ref(x, k).shape, 2)
+    np.testing.assert_allclose(fn(x, k), ref(x, k), atol=1e-4, rtol=1e-5)
+    got = jax.grad(lambda x, k: jnp.sum(fn(x, k) * w), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spatial,ks,stride,pads",
+    [
+        ((8, 8), (4, 4), 2, [(1, 1), (1, 1)]),  # PyTorch's k4 s2 p1 (pix2pix, PatchGAN)
+        ((7, 9), (4, 2), 2, [(1, 2), (0, 1)]),  # odd sizes: the high end is cropped
+        ((9, 9), (2, 2), 2, [(0, 0), (0, 0)]),
+        ((10, 11), (6, 3), 3, [(2, 2), (1, 0)]),
+        ((6, 5, 7), (4, 2, 4), 2, [(1, 1), (0, 1), (1, 2)]),  # 3D through conv_nd's depth stack
+        ((11,), (4,), 2, [(1, 2)]),
+    ],
+)
+def test_strided_convolution_by_space_to_depth_equals_lax(spatial, ks, stride, pads):
+    x = _rand((2, *spatial, 3))
+    k = _rand((*ks, 3, 5), 1)
+    strides = (stride,) * len(ks)
+    _assert_conv_and_grads(
+        lambda x, k: conv_space_to_depth(x, k, stride, pads), x, k, strides, pads
+    )
+    _assert_conv_and_grads(lambda x, k: conv_nd(x, k, stride, pads), x, k, strides, pads)
+    # conv_nd routes it there: no strided convolution is left in its graph
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, stride, pads))(x, k))
+    assert f"window_strides=({stride}," not in graph, graph
+
+
+def test_strided_convolution_whose_kernel_the_stride_does_not_divide_stays_lax():
+    x, k = _rand((2, 16, 16, 3)), _rand((3, 3, 3, 5), 1)
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, 2, [(1, 1), (1, 1)]))(x, k))
+    assert "window_strides=(2, 2)" in graph
+
+
+@pytest.mark.parametrize(
+    "shape,ks,pads",
+    [
+        ((1, 4, 4, 6), (2, 2), [(1, 0), (0, 1)]),
+        ((2, 3, 5, 6), (3, 3), [(1, 1), (1, 1)]),
+        ((1, 2, 3, 4, 6), (3, 2, 3), [(1, 1), (0, 1), (2, 0)]),
+    ],
+)
+def test_conv_im2col_equals_lax(shape, ks, pads):
+    x = _rand(shape)
+    k = _rand((*ks, shape[-1], 7), 1)
+    strides = (1,) * len(ks)
+    _assert_conv_and_grads(lambda x, k: conv_im2col(x, k, pads), x, k, strides, pads)
+    # conv_nd takes it up to 256 output positions (batch x spatial), XLA's convolution beyond
+    for batch, im2col in ((shape[0], True), (64, False)):
+        xb = _rand((batch, *shape[1:]))
+        graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, 1, pads))(xb, k))
+        assert ("conv_general_dilated" not in graph) == im2col, (batch, graph)
+        _assert_conv_and_grads(lambda x, k: conv_nd(x, k, 1, pads), xb, k, strides, pads)
+
+
 @pytest.mark.parametrize(
     "ks,pads",
     [
@@ -204,7 +271,7 @@ def test_conv_transpose4_overlap_add_equals_lax(d, spatial):
 )
 def test_conv_overlap_add_equals_lax(ks, pads):
     d = len(ks)
-    x = _rand((2, *(9,) * d, 5))
+    x = _rand((2, *(12,) * d, 5))  # outputs above conv_im2col's size
     k = _rand((*ks, 5, 3), 1)
 
     def ref(x, k):
