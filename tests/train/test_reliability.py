@@ -402,10 +402,10 @@ def test_kill_9_at_several_moments_then_relaunch_equals_an_uninterrupted_run(tmp
                           env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ref = loop.restore(loop.load_run_config(straight), straight, best=False)[1]
-    # checkpoints every 2 steps, evaluation (and best/) every 4, of 10 steps
-    moments = {"mid-save": _saving("checkpoints", 4), "between": _logged(7),
-               "mid-best": _saving("best", 8)}  # fmt: skip
-    seen = [_kill_when(work, ready, env) for ready in moments.values()]
+    # checkpoints every 2 steps, evaluation (and best/) every 4, of 10 steps: a kill during a
+    # checkpoint save, one between two saves, one during the save of best/
+    moments = (_saving("checkpoints", 4), _logged(7), _saving("best", 8))
+    seen = [_kill_when(work, ready, env) for ready in moments]
     again = subprocess.run(_train_cmd(work, *_KILL_FLAGS), capture_output=True, text=True,
                            env=env, timeout=600)  # fmt: skip
     assert again.returncode == 0, (seen, again.stderr[-3000:])
