@@ -21,13 +21,19 @@ output up to float rounding:
   stride-2 down-sampler of :class:`StridedConv4` and of PyTorch's ``Conv(k=4, s=2, p=1)``) are
   space-to-depth followed by a stride-1 convolution (:func:`conv_space_to_depth`): a kernel-2
   one for kernel 4, stride 2.
+* Other strided convolutions (CycleGAN's k3 s2 down-sampler) at batch sizes up to 2 are a sum
+  of stride-1 convolutions, one per phase of the stride (:func:`conv_stride_phases`).
 * Stride-1 convolutions with at most 256 output positions (batch x spatial: the deep layers of
   a batch-1 pix2pix generator) are one matrix product of the stacked shifted input views
   (:func:`conv_im2col`).
 * The kernel-4 stride-2 transposed convolution (:class:`ConvTranspose4`) is ``2^d`` sub-pixel
   kernel-2 convolutions, one per output phase, interleaved by depth-to-space; or, for few output
   channels or a wide input, one matrix product to all ``4^d`` taps followed by an overlap-add of
-  shifted taps (:func:`conv_transpose4_overlap_add`).
+  shifted taps (:func:`conv_transpose4_overlap_add`); or, at batch sizes up to 2, one kernel-2
+  convolution of the zero-padded input to all ``2^d`` phases, depth-to-space and a one-voxel
+  crop (:func:`conv_transpose4_shuffle`).
+* At batch sizes up to 2 the remaining convolutions pad their input before XLA's convolution
+  rather than inside it: their filter gradients are up to 4x faster that way.
 * Stride-1 convolutions of at most 16 taps to at most 4 output channels (output heads such as a
   PatchGAN's 1-channel map) are one matrix product to all taps followed by a sum of shifted
   taps (:func:`conv_overlap_add`).
@@ -73,7 +79,9 @@ __all__ = [
     "conv_nd",
     "conv_overlap_add",
     "conv_space_to_depth",
+    "conv_stride_phases",
     "conv_transpose4_overlap_add",
+    "conv_transpose4_shuffle",
     "depth_to_space",
     "get_activation",
     "match_spatial",
@@ -388,6 +396,13 @@ def _conv_out_sizes(
 # XLA:CPU's convolution, whose input gradient is slowest there (BENCHMARKS.md).
 _IM2COL_MAX_POSITIONS = 256
 
+# Up to this batch size XLA:CPU computes a convolution's filter gradient 1.2-4x faster when the
+# input is zero-padded beforehand than when the convolution pads it (batch 1, 128^2, 3x3, 64 ->
+# 64 channels: 45.6 -> 10.9 ms; PatchGAN's k4 s1 p1, 32^2, 256 -> 512: 31 -> 24 ms), while at
+# batch 4 and beyond the convolution's own padding is as fast or faster (BENCHMARKS.md). The
+# forward and the input gradient are the same either way.
+_SMALL_BATCH = 2
+
 
 def conv_im2col(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
     """Stride-1 N-D cross-correlation as ONE matrix product (im2col): the ``prod(k)`` shifted
@@ -433,6 +448,43 @@ def conv_space_to_depth(
     return conv_nd(xs, k, 1, "VALID", fast=True)
 
 
+def conv_stride_phases(
+    x: Array, kernel: Array, stride: int, pads: Sequence[tuple[int, int]]
+) -> Array:
+    """Stride-``s`` N-D cross-correlation as a sum of ``s^d`` stride-1 ones, one per phase.
+
+    Output ``o`` reads the padded input at ``s * o + t`` for every tap ``t``; writing ``t = s
+    * a + p`` (phase ``p < s``), the taps of one phase read ``x_p[o + a]`` with ``x_p =
+    x_padded[p::s]``, a stride-1 'VALID' convolution of ``x_p`` with ``kernel[p::s]``. The
+    exact products (a k3 s2 kernel splits into 2x2, 2x1, 1x2 and 1x1 kernels), where
+    :func:`conv_space_to_depth` would need the kernel zero-padded to a multiple of ``s``. The
+    stride-1 convolutions go through :func:`conv_nd` and its routes; their gradients are
+    stride-1 ones, which XLA:CPU computes 1.5-2x faster than a strided convolution's at small
+    batch sizes (``BENCHMARKS.md``)."""
+    d = x.ndim - 2
+    ks = kernel.shape[:d]
+    sizes = x.shape[1:-1]
+    out = _conv_out_sizes(sizes, ks, (stride,) * d, pads)
+    # padded (or cropped) to stride * (out + ceil(k / s) - 1): every phase then has out +
+    # ceil(k / s) - 1 positions
+    lengths = [stride * (o - 1 - (-k // stride)) for o, k in zip(out, ks, strict=True)]
+    highs = [length - n - lo for length, n, (lo, _) in zip(lengths, sizes, pads, strict=True)]
+    xp = jnp.pad(
+        x, [(0, 0), *((lo, max(h, 0)) for (lo, _), h in zip(pads, highs, strict=True)), (0, 0)]
+    )
+    xp = xp[(slice(None), *(slice(0, length) for length in lengths))]
+    y = None
+    for phase in np.ndindex(*(min(stride, k) for k in ks)):
+        kp = kernel[tuple(slice(p, None, stride) for p in phase)]
+        view = tuple(
+            slice(p, p + stride * (o + kk - 2) + 1, stride)
+            for p, o, kk in zip(phase, out, kp.shape[:d], strict=True)
+        )
+        term = conv_nd(xp[(slice(None), *view)], kp, 1, "VALID", fast=True)
+        y = term if y is None else y + term
+    return y
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -452,12 +504,16 @@ def conv_nd(
       faster than the native 3D convolution, forward and backward.
     * stride ``s > 1`` (the same on every axis) with kernel extents that are multiples of
       ``s`` (PyTorch's k4 s2 p1 down-sampler): :func:`conv_space_to_depth`, a stride-1
-      convolution of the space-to-depth input, which then takes the routes below.
+      convolution of the space-to-depth input, which then takes the routes below; other
+      strides ``s > 1`` at batch sizes up to ``_SMALL_BATCH``: :func:`conv_stride_phases`,
+      one stride-1 convolution per phase.
     * stride 1 with very few output channels: :func:`conv_overlap_add`
       (``_overlap_add_conv_is_faster``); inside :func:`second_order_convolutions`, 2D kernels
       of extent <= 2 carry their own VJP.
     * stride 1 with at most ``_IM2COL_MAX_POSITIONS`` output positions (batch x spatial):
       :func:`conv_im2col`, one matrix product.
+    * otherwise XLA's convolution, of the input zero-padded beforehand at batch sizes up to
+      ``_SMALL_BATCH`` (a faster filter gradient there).
 
     Args:
       x: ``[B, *spatial, Cin]``.
@@ -511,10 +567,15 @@ def conv_nd(
     if all(v == s for v in strides) and all(p >= 0 for pp in pads for p in pp):
         if s > 1 and all(k % s == 0 for k in ks):
             return conv_space_to_depth(x, kernel, s, pads)
+        if s > 1 and x.shape[0] <= _SMALL_BATCH:
+            return conv_stride_phases(x, kernel, s, pads)
         out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
         if s == 1 and x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
             return conv_im2col(x, kernel, pads)
 
+    flat = [p for pp in pads for p in pp]
+    if x.shape[0] <= _SMALL_BATCH and any(flat) and min(flat) >= 0:
+        x, pads = jnp.pad(x, [(0, 0), *pads, (0, 0)]), [(0, 0)] * d
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
 
 
@@ -672,11 +733,57 @@ class StridedConv4(nn.Module):
         return y
 
 
-def _overlap_add_is_faster(cin: int, cout: int) -> bool:
-    """Where :func:`conv_transpose4_overlap_add` beats the sub-pixel convolutions (measured on
-    XLA:CPU, forward + backward, ``BENCHMARKS.md``): few output channels, where XLA's
-    convolutions are slow, or a wide input, where the product dominates the overlap-add."""
-    return cout < 16 or cin >= 4 * cout
+def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
+    """The fastest of :class:`ConvTranspose4`'s exact formulations for an input ``shape``
+    (``[B, *spatial, Cin]``), measured on XLA:CPU, forward + backward (``BENCHMARKS.md``):
+
+    * ``'overlap_add'`` (:func:`conv_transpose4_overlap_add`) for few output channels, where
+      XLA's convolutions are slow;
+    * ``'shuffle'`` (:func:`conv_transpose4_shuffle`) at batch sizes up to ``_SMALL_BATCH``
+      with every spatial extent >= 16 (its one-voxel border then costs at most 13 % more
+      products): batch 1, 128^2, 128 -> 64 channels takes 86 ms against the sub-pixel
+      convolutions' 144 and PyTorch's (kernel 4) 146;
+    * ``'overlap_add'`` again for a wide input, where the product dominates the overlap-add;
+    * ``'subpixel'``: ``2^d`` kernel-2 convolutions, one per output phase, otherwise (larger
+      batches, where XLA's padded convolutions are at their fastest).
+    """
+    batch, *spatial, cin = shape
+    if cout < 16:
+        return "overlap_add"
+    if batch <= _SMALL_BATCH and min(spatial) >= 16:
+        return "shuffle"
+    return "overlap_add" if cin >= 4 * cout else "subpixel"
+
+
+def conv_transpose4_shuffle(x: Array, kernel: Array) -> Array:
+    """Kernel-4 stride-2 'SAME' transposed convolution as ONE stride-1 kernel-2 convolution.
+
+    Along each axis, output ``2m + r`` is ``x[m - 1 + r] @ kernel[r] + x[m + r] @ kernel[r +
+    2]``. Pad the input by one zero per side and convolve it (kernel 2, 'VALID') to ``2^d *
+    Cout`` channels, phase ``p`` of position ``j`` taking ``kernel[2a + 1 - p]`` at tap ``a``:
+    depth-to-space (pixel shuffle) then places ``x[j - 1 + a] @ kernel[2a + 1 - p]`` at
+    ``2j + p``, which is output ``2j + p - 1`` once one output per side is cropped. The same
+    products as the sub-pixel convolutions plus those of a one-voxel border, in one convolution
+    whose gradients are one convolution each (the input gradient is the k4 s2 strided
+    convolution in its space-to-depth form). Same semantics as ``lax.conv_transpose(x, kernel,
+    (2,) * d, 'SAME')``.
+
+    Args:
+      x: ``[B, *spatial, Cin]``.
+      kernel: ``[4] * d + [Cin, Cout]``.
+
+    Returns:
+      ``[B, *(2 * spatial), Cout]``.
+    """
+    d = x.ndim - 2
+    cin, cout = kernel.shape[-2:]
+    # kernel axis 4 -> (a, q) with tap 2a + q; phase p = 1 - q
+    k = jnp.flip(kernel.reshape((2, 2) * d + (cin, cout)), tuple(range(1, 2 * d, 2)))
+    k = k.transpose([*range(0, 2 * d, 2), 2 * d, *range(1, 2 * d, 2), 2 * d + 1])
+    k = k.reshape((2,) * d + (cin, 2**d * cout))  # channels ordered (p_1..p_d, c)
+    xp = jnp.pad(x, [(0, 0), *((1, 1),) * d, (0, 0)])
+    y = depth_to_space(conv_nd(xp, k, 1, "VALID", fast=True), 2)
+    return y[(slice(None), *(slice(1, -1),) * d)]
 
 
 def conv_transpose4_overlap_add(x: Array, kernel: Array) -> Array:
@@ -723,14 +830,17 @@ class ConvTranspose4(nn.Module):
     ``x[m - 1 + r]`` and ``x[m + r]`` with taps ``kernel[r]`` and ``kernel[r + 2]``, so each of
     the ``2^d`` phases is a kernel-2 stride-1 convolution with ``kernel[r_1::2, ..., r_d::2]``
     and padding ``(1 - r, r)``; the phases are interleaved by depth-to-space. No
-    multiplications by the zeros of a dilated input.
+    multiplications by the zeros of a dilated input. For few output channels or a wide input
+    it is instead one matrix product + overlap-add (:func:`conv_transpose4_overlap_add`), and
+    at batch sizes up to 2 with every spatial extent >= 16 one kernel-2 convolution to all
+    phases at once (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
 
     Attributes:
       features: number of output channels.
       spatial_dims: number of spatial axes ``d``.
       use_bias: add a learned bias.
       dtype: compute dtype.
-      fast: sub-pixel formulation (``False``: ``lax.conv_transpose``).
+      fast: the exact formulations above (``False``: ``lax.conv_transpose``).
       kernel_init: kernel initializer.
       bias_init: bias initializer.
 
@@ -754,9 +864,12 @@ class ConvTranspose4(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (4,) * d + (cin, self.features))
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        if self.fast and _overlap_add_is_faster(cin, self.features):
+        route = _conv_transpose4_route(x.shape, self.features) if self.fast else None
+        if route == "overlap_add":
             y = conv_transpose4_overlap_add(x, kernel)
-        elif self.fast:
+        elif route == "shuffle":
+            y = conv_transpose4_shuffle(x, kernel)
+        elif route == "subpixel":
             phases = []
             for r in np.ndindex(*(2,) * d):
                 k = kernel[tuple(slice(ri, None, 2) for ri in r)]
