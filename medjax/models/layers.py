@@ -420,6 +420,23 @@ def conv_im2col(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Arr
     return jnp.dot(jnp.concatenate(views, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
 
 
+def _pad_to_stride_blocks(
+    x: Array, ks: Sequence[int], stride: int, pads: Sequence[tuple[int, int]]
+) -> tuple[Array, list[int]]:
+    """``x`` padded by ``pads`` and then padded or cropped (the never-read high end) to ``stride *
+    (out + ceil(k / stride) - 1)`` per spatial axis -- whole blocks of ``stride``, each phase
+    ``p::stride`` of them holding ``out + ceil(k / stride) - 1`` positions -- and the stride-
+    ``stride`` convolution's output extents ``out``."""
+    sizes = x.shape[1:-1]
+    out = _conv_out_sizes(sizes, ks, (stride,) * len(ks), pads)
+    lengths = [stride * (o - 1 - (-k // stride)) for o, k in zip(out, ks, strict=True)]
+    highs = [length - n - lo for length, n, (lo, _) in zip(lengths, sizes, pads, strict=True)]
+    xp = jnp.pad(
+        x, [(0, 0), *((lo, max(h, 0)) for (lo, _), h in zip(pads, highs, strict=True)), (0, 0)]
+    )
+    return xp[(slice(None), *(slice(0, length) for length in lengths))], out
+
+
 def conv_space_to_depth(
     x: Array, kernel: Array, stride: int, pads: Sequence[tuple[int, int]]
 ) -> Array:
@@ -432,14 +449,7 @@ def conv_space_to_depth(
     d = x.ndim - 2
     ks = kernel.shape[:d]
     cin, cout = kernel.shape[-2:]
-    sizes = x.shape[1:-1]
-    out = _conv_out_sizes(sizes, ks, (stride,) * d, pads)
-    lengths = [stride * (o + k // stride - 1) for o, k in zip(out, ks, strict=True)]
-    highs = [length - n - lo for length, n, (lo, _) in zip(lengths, sizes, pads, strict=True)]
-    xp = jnp.pad(
-        x, [(0, 0), *((lo, max(h, 0)) for (lo, _), h in zip(pads, highs, strict=True)), (0, 0)]
-    )
-    xp = xp[(slice(None), *(slice(0, length) for length in lengths))]
+    xp, _ = _pad_to_stride_blocks(x, ks, stride, pads)
     xs = space_to_depth(xp, stride)
     # kernel axis k -> (a, p): tap = s * a + p; space_to_depth orders channels (p_1..p_d, c)
     k = kernel.reshape([v for kk in ks for v in (kk // stride, stride)] + [cin, cout])
@@ -463,16 +473,7 @@ def conv_stride_phases(
     batch sizes (``BENCHMARKS.md``)."""
     d = x.ndim - 2
     ks = kernel.shape[:d]
-    sizes = x.shape[1:-1]
-    out = _conv_out_sizes(sizes, ks, (stride,) * d, pads)
-    # padded (or cropped) to stride * (out + ceil(k / s) - 1): every phase then has out +
-    # ceil(k / s) - 1 positions
-    lengths = [stride * (o - 1 - (-k // stride)) for o, k in zip(out, ks, strict=True)]
-    highs = [length - n - lo for length, n, (lo, _) in zip(lengths, sizes, pads, strict=True)]
-    xp = jnp.pad(
-        x, [(0, 0), *((lo, max(h, 0)) for (lo, _), h in zip(pads, highs, strict=True)), (0, 0)]
-    )
-    xp = xp[(slice(None), *(slice(0, length) for length in lengths))]
+    xp, out = _pad_to_stride_blocks(x, ks, stride, pads)
     y = None
     for phase in np.ndindex(*(min(stride, k) for k in ks)):
         kp = kernel[tuple(slice(p, None, stride) for p in phase)]
@@ -741,8 +742,8 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
       XLA's convolutions are slow;
     * ``'shuffle'`` (:func:`conv_transpose4_shuffle`) at batch sizes up to ``_SMALL_BATCH``
       with every spatial extent >= 16 (its one-voxel border then costs at most 13 % more
-      products): batch 1, 128^2, 128 -> 64 channels takes 86 ms against the sub-pixel
-      convolutions' 144 and PyTorch's (kernel 4) 146;
+      products in 2D): batch 1, 128^2, 128 -> 64 channels takes 87 ms against the sub-pixel
+      convolutions' 140 and PyTorch's 146 (kernel 4; 91 with its kernel 3);
     * ``'overlap_add'`` again for a wide input, where the product dominates the overlap-add;
     * ``'subpixel'``: ``2^d`` kernel-2 convolutions, one per output phase, otherwise (larger
       batches, where XLA's padded convolutions are at their fastest).
