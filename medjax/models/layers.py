@@ -767,14 +767,7 @@ def conv_transpose4_shuffle(x: Array, kernel: Array) -> Array:
     products as the sub-pixel convolutions plus those of a one-voxel border, in one convolution
     whose gradients are one convolution each (the input gradient is the k4 s2 strided
     convolution in its space-to-depth form). Same semantics as ``lax.conv_transpose(x, kernel,
-    (2,) * d, 'SAME')``.
-
-    Args:
-      x: ``[B, *spatial, Cin]``.
-      kernel: ``[4] * d + [Cin, Cout]``.
-
-    Returns:
-      ``[B, *(2 * spatial), Cout]``.
+    (2,) * d, 'SAME')``; arguments and output as :func:`conv_transpose4_overlap_add`'s.
     """
     d = x.ndim - 2
     cin, cout = kernel.shape[-2:]
