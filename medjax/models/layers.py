@@ -570,9 +570,10 @@ def conv_nd(
             return conv_space_to_depth(x, kernel, s, pads)
         if s > 1 and x.shape[0] <= _SMALL_BATCH:
             return conv_stride_phases(x, kernel, s, pads)
-        out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
-        if s == 1 and x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
-            return conv_im2col(x, kernel, pads)
+        if s == 1:
+            out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
+            if x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
+                return conv_im2col(x, kernel, pads)
 
     flat = [p for pp in pads for p in pp]
     if x.shape[0] <= _SMALL_BATCH and any(flat) and min(flat) >= 0:

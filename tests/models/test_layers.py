@@ -50,8 +50,12 @@ def _dn(d):
     return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
 
 
-def _assert_same_fn(fast: nn.Module, plain: nn.Module, x: jax.Array, grads: bool = False):
-    """Same params -> same outputs (and gradients w.r.t. params and input)."""
+def _assert_same_fn(
+    fast: nn.Module, plain: nn.Module, x: jax.Array, grads: bool = False, grad_scale: bool = False
+):
+    """Same params -> same outputs (and gradients w.r.t. params and input). With `grad_scale`
+    the gradients' tolerance grows with their magnitude: float32 rounding of sums over tens of
+    thousands of outputs per kernel entry (a 3D input of 16^3 and more)."""
     v = _init(fast, x)
     y_fast, y_plain = fast.apply(v, x), plain.apply(v, x)
     assert y_fast.shape == y_plain.shape
@@ -65,8 +69,7 @@ def _assert_same_fn(fast: nn.Module, plain: nn.Module, x: jax.Array, grads: bool
         g_fast = jax.grad(loss(fast), argnums=(0, 1))(v, x)
         g_plain = jax.grad(loss(plain), argnums=(0, 1))(v, x)
         for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
-            # float32 rounding of sums over many outputs grows with the gradient's magnitude
-            atol = 1e-4 * max(1.0, float(np.max(np.abs(b))))
+            atol = 1e-4 * (max(1.0, float(np.max(np.abs(b)))) if grad_scale else 1.0)
             np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5)
     return v, y_fast
 
@@ -185,7 +188,9 @@ def test_conv_transpose4_equals_linen_conv_transpose(batch, spatial, cin, cout, 
     assert layers._conv_transpose4_route((batch, *spatial, cin), cout) == route
     x = _rand((batch, *spatial, cin))
     plain = nn.ConvTranspose(cout, (4,) * d, strides=(2,) * d, padding="SAME")
-    v, y = _assert_same_fn(ConvTranspose4(cout, d), plain, x, grads=True)
+    v, y = _assert_same_fn(
+        ConvTranspose4(cout, d), plain, x, grads=True, grad_scale=d == 3 and route == "shuffle"
+    )
     assert y.shape == (batch, *(2 * s for s in spatial), cout)
     assert v["params"]["kernel"].shape == (4,) * d + (cin, cout)
 
