@@ -44,11 +44,13 @@ from medjax.models.layers import (
     conv_stride_phases,
     conv_transpose4_overlap_add,
     conv_transpose4_shuffle,
+    conv_winograd,
     depth_to_space,
     get_activation,
     match_spatial,
     max_pool,
     space_to_depth,
+    winograd_convolutions,
 )
 from medjax.models.unet import ConvBlock, UNet, UNet2D, UNet2DSmall, UNet3D, UNet3DSmall
 
@@ -85,6 +87,7 @@ __all__ = [
     "conv_stride_phases",
     "conv_transpose4_overlap_add",
     "conv_transpose4_shuffle",
+    "conv_winograd",
     "dcgan_num_upsamples",
     "depth_to_space",
     "gan_norm",
@@ -96,4 +99,5 @@ __all__ = [
     "reflect_pad",
     "space_to_depth",
     "spectral_normed",
+    "winograd_convolutions",
 ]

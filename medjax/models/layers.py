@@ -486,6 +486,165 @@ def conv_stride_phases(
     return y
 
 
+# Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
+# Convolutional Neural Networks"): a 6x6 input tile gives a 4x4 output tile of a 3x3
+# convolution with 36 products per (input, output) channel pair instead of 144. ``B^T`` maps an
+# input tile, ``G`` a 3x3 kernel and ``A^T`` the 6x6 products back to the 4x4 output tile.
+_WINOGRAD_BT = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    np.float64,
+)
+_WINOGRAD_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    np.float64,
+)
+_WINOGRAD_AT = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    np.float64,
+)
+_WINOGRAD_M, _WINOGRAD_ALPHA = _WINOGRAD_AT.shape  # output tile 4, input tile 6
+
+# Where :func:`conv_winograd` beats XLA:CPU's convolution (2-core EPYC, BENCHMARKS.md): at least
+# this many input and output channels, this many 4x4 output tiles (batch x tiles) and output
+# extents of at least 32 (smaller ones waste part of their last tile and lost in whole steps: the
+# classifier's 128-channel 7^2 stage, the 2D U-Net's 16^2 level). Forward + backward, CycleGAN's
+# 256-channel residual convolutions at 64^2: batch 1 85 -> 55-59 ms, batch 4 362 -> 199-226 ms;
+# 64-channel convolutions lose (batch 8, 64^2, 128 -> 64: 124 -> 131 ms).
+_WINOGRAD_MIN_CHANNELS = 128
+_WINOGRAD_MIN_TILES = 128
+_WINOGRAD_MIN_SIZE = 32
+
+_WINOGRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("medjax_winograd", default=True)
+
+
+@contextlib.contextmanager
+def winograd_convolutions(enabled: bool) -> Iterator[None]:
+    """Turns the Winograd route of :func:`conv_nd` on or off (on by default) for the
+    convolutions traced inside this context (a function that ``jax.jit`` has already traced
+    keeps the route it was traced with). Winograd's algorithm is exact in exact arithmetic;
+    in float32 its outputs differ from the exact (float64) ones by 1-2 x 10^-5 of their largest
+    magnitude at 128-256 channels (``tests/models/test_layers.py`` measures it), a direct
+    convolution's by about 10^-6. Turn it off for bit-level comparisons with other frameworks."""
+    token = _WINOGRAD.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _WINOGRAD.reset(token)
+
+
+def _tile_axis(x: Array, axis: int, tiles: int) -> Array:
+    """``[.., m * (tiles + 1), ..]`` -> ``[.., tiles, alpha, ..]``: the overlapping ``alpha``-long
+    windows at stride ``m`` along ``axis``, as window ``i`` = block ``i`` (``m`` positions) and the
+    first ``alpha - m`` positions of block ``i + 1`` -- unit-stride slices and one concatenation."""
+    m, a, shape = _WINOGRAD_M, _WINOGRAD_ALPHA, x.shape
+    blocks = x.reshape(shape[:axis] + (tiles + 1, m) + shape[axis + 1 :])
+    head = lax.slice_in_dim(blocks, 0, tiles, axis=axis)
+    tail = lax.slice_in_dim(blocks, 1, tiles + 1, axis=axis)
+    tail = lax.slice_in_dim(tail, 0, a - m, axis=axis + 1)
+    return jnp.concatenate([head, tail], axis=axis + 1)
+
+
+def _untile_axis(d: Array, axis: int, tiles: int) -> Array:
+    """The transpose of :func:`_tile_axis`: every window added back in place."""
+    m, a = _WINOGRAD_M, _WINOGRAD_ALPHA
+    head_pads, tail_pads = [(0, 0)] * d.ndim, [(0, 0)] * d.ndim
+    head_pads[axis], tail_pads[axis], tail_pads[axis + 1] = (0, 1), (1, 0), (0, 2 * m - a)
+    total = jnp.pad(lax.slice_in_dim(d, 0, m, axis=axis + 1), head_pads) + jnp.pad(
+        lax.slice_in_dim(d, m, a, axis=axis + 1), tail_pads
+    )
+    shape = total.shape
+    return total.reshape(shape[:axis] + (m * (tiles + 1),) + shape[axis + 2 :])
+
+
+# The tiling is linear; it and its transpose each carry the other as their VJP: JAX's own
+# transpose of the overlapping windows runs several times slower on XLA:CPU.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _winograd_tiles(x: Array, th: int, tw: int) -> Array:
+    """``[B, m(th+1), m(tw+1), C]`` -> ``[B, th, alpha, tw, alpha, C]``, the input tiles."""
+    return _tile_axis(_tile_axis(x, 1, th), 3, tw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _winograd_untile(d: Array, th: int, tw: int) -> Array:
+    """The transpose of :func:`_winograd_tiles`."""
+    return _untile_axis(_untile_axis(d, 3, tw), 1, th)
+
+
+_winograd_tiles.defvjp(
+    lambda x, th, tw: (_winograd_tiles(x, th, tw), None),
+    lambda th, tw, _, g: (_winograd_untile(g, th, tw),),
+)
+_winograd_untile.defvjp(
+    lambda d, th, tw: (_winograd_untile(d, th, tw), None),
+    lambda th, tw, _, g: (_winograd_tiles(g, th, tw),),
+)
+
+
+def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
+    """Stride-1 2D 3x3 cross-correlation by Winograd's F(4x4, 3x3): the padded input cut into
+    overlapping 6x6 tiles (stride 4), each transformed by ``B^T d B``; the kernel by ``G g
+    G^T``; then 36 matrix products ``[tiles, Cin] x [Cin, Cout]``, one per transformed position,
+    and ``A^T M A`` back to 4x4 output tiles -- 36 instead of 144 products per tile and channel
+    pair. Each transform is one small matrix product (the Kronecker product of its two 1D
+    matrices), which keeps the graph, and XLA's compile time, small. Gradients are the same
+    steps transposed. Exact in exact arithmetic; float32 rounding is about 10x a direct
+    convolution's (:func:`winograd_convolutions`). :func:`conv_nd` routes here where it is
+    faster (``_winograd_is_faster``).
+    """
+    b, h, w, cin = x.shape
+    m, a = _WINOGRAD_M, _WINOGRAD_ALPHA
+    ho, wo = _conv_out_sizes((h, w), (3, 3), (1, 1), pads)
+    th, tw = -(-ho // m), -(-wo // m)
+    # pad to whole tiles: m * (t + 1) >= m * t + 2 input positions; never below ``pads``' high side
+    xp = jnp.pad(
+        x,
+        [
+            (0, 0),
+            (pads[0][0], m * (th + 1) - h - pads[0][0]),
+            (pads[1][0], m * (tw + 1) - w - pads[1][0]),
+            (0, 0),
+        ],
+    )
+    bt, g, at = (np.kron(v, v).astype(x.dtype) for v in (_WINOGRAD_BT, _WINOGRAD_G, _WINOGRAD_AT))
+    d = _winograd_tiles(xp, th, tw).transpose(2, 4, 0, 1, 3, 5)  # [alpha, alpha, B, th, tw, C]
+    v = jnp.tensordot(bt, d.reshape(a * a, b * th * tw, cin), 1)
+    u = jnp.dot(g, kernel.reshape(9, -1).astype(x.dtype)).reshape(a * a, cin, -1)
+    mm = jnp.matmul(v, u)  # [alpha^2, tiles, Cout]
+    y = jnp.tensordot(at, mm, 1).reshape(m, m, b, th, tw, -1)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, m * th, m * tw, -1)
+    return y[:, :ho, :wo]
+
+
+def _winograd_is_faster(x: Array, kernel: Array, out: Sequence[int]) -> bool:
+    """The route to :func:`conv_winograd` (see ``_WINOGRAD_MIN_CHANNELS``): float32 3x3
+    kernels with many channels, many output tiles and outputs of at least 32 per axis, unless
+    :func:`winograd_convolutions` is off."""
+    tiles = x.shape[0] * int(np.prod([-(-o // _WINOGRAD_M) for o in out]))
+    return (
+        _WINOGRAD.get()
+        and kernel.shape[:-2] == (3, 3)
+        and x.dtype == jnp.float32
+        and kernel.dtype == jnp.float32
+        and min(kernel.shape[-2:]) >= _WINOGRAD_MIN_CHANNELS
+        and tiles >= _WINOGRAD_MIN_TILES
+        and min(out) >= _WINOGRAD_MIN_SIZE
+    )
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -574,6 +733,8 @@ def conv_nd(
             out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
             if x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
                 return conv_im2col(x, kernel, pads)
+            if _winograd_is_faster(x, kernel, out):
+                return conv_winograd(x, kernel, pads)
 
     flat = [p for pp in pads for p in pp]
     if x.shape[0] <= _SMALL_BATCH and any(flat) and min(flat) >= 0:

@@ -29,12 +29,14 @@ from medjax.models.layers import (
     conv_stride_phases,
     conv_transpose4_overlap_add,
     conv_transpose4_shuffle,
+    conv_winograd,
     depth_to_space,
     get_activation,
     match_spatial,
     max_pool,
     second_order_convolutions,
     space_to_depth,
+    winograd_convolutions,
 )
 from tests.helpers import randn, random_variables
 
@@ -369,6 +371,99 @@ def test_max_pool_hand_computed_tie():
     x = jnp.asarray([[1.0, 3.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
     g = jax.grad(lambda v: jnp.sum(max_pool(v, 2)))(x)
     np.testing.assert_array_equal(g.reshape(2, 2), [[0.0, 1.0], [0.0, 0.0]])
+
+
+def _correlate_f64(x, k, pads):
+    """2D cross-correlation in float64 (numpy), summed tap by tap: the rounding-free reference."""
+    xp = np.pad(np.asarray(x, np.float64), [(0, 0), *pads, (0, 0)])
+    kh, kw = k.shape[:2]
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    k = np.asarray(k, np.float64)
+    return sum(
+        np.einsum("bhwc,cd->bhwd", xp[:, i : i + ho, j : j + wo], k[i, j])
+        for i, j in np.ndindex(kh, kw)
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,pads",
+    [
+        ((2, 16, 16, 8), [(1, 1), (1, 1)]),
+        ((1, 17, 23, 6), [(1, 1), (1, 1)]),  # output extents not multiples of the 4x4 tile
+        ((2, 9, 8, 5), [(0, 2), (2, 0)]),  # asymmetric padding
+        ((1, 6, 7, 4), [(0, 0), (0, 0)]),  # 'VALID': one partial tile per axis
+        ((1, 3, 3, 3), [(2, 2), (2, 2)]),
+    ],
+)
+def test_conv_winograd_equals_direct_convolution(shape, pads):
+    x, k = _rand(shape), _rand((3, 3, shape[-1], 7), 1)
+    y = conv_winograd(x, k, pads)
+    want = _correlate_f64(x, k, pads)
+    assert y.shape == want.shape
+    # Winograd's F(4x4, 3x3) is exact up to float32 rounding, which its transforms (entries up to
+    # 8 and 1/24) make about 10x a direct convolution's: both stay below 1e-5 of the output scale
+    scale = np.max(np.abs(want))
+    assert np.max(np.abs(y - want)) <= 1e-5 * scale
+
+    def direct(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_dn(2))
+
+    assert np.max(np.abs(direct(x, k) - want)) <= 1e-5 * scale
+    # gradients (the transposed transforms): against lax's, within the same relative rounding
+    w = _rand(want.shape, 2)
+    got = jax.grad(lambda x, k: jnp.sum(conv_winograd(x, k, pads) * w), (0, 1))(x, k)
+    ref = jax.grad(lambda x, k: jnp.sum(direct(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, ref, strict=True):
+        assert np.max(np.abs(a - b)) <= 3e-5 * np.max(np.abs(b))
+
+
+def test_conv_winograd_second_derivatives_equal_lax():
+    # the transforms carry their transposes as VJPs, and those carry the transforms: a gradient
+    # penalty (the input gradient differentiated again) agrees with lax's convolution
+    x, k = _rand((1, 9, 10, 4)), _rand((3, 3, 4, 5), 1)
+    pads = [(1, 1), (0, 2)]
+
+    def penalty(conv):
+        def p(x, k):
+            g = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, k))))(x)
+            return jnp.sum(g**2)
+
+        return jax.grad(p, (0, 1))(x, k)
+
+    got = penalty(lambda x, k: conv_winograd(x, k, pads))
+    ref = penalty(
+        lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=_dn(2))
+    )
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape,cout,dtype,routed",
+    [
+        ((1, 64, 64, 128), 128, jnp.float32, True),  # 256 tiles of 4x4, 128 channels in and out
+        ((2, 32, 34, 128), 130, jnp.float32, True),  # 144 tiles, one partial per row
+        ((1, 32, 60, 128), 128, jnp.float32, False),  # 120 tiles
+        ((8, 16, 16, 128), 128, jnp.float32, False),  # 128 tiles, but 16^2 outputs
+        ((1, 64, 64, 64), 128, jnp.float32, False),  # 64 input channels
+        ((1, 64, 64, 128), 64, jnp.float32, False),
+        ((1, 64, 64, 128), 128, jnp.bfloat16, False),  # float32 only
+    ],
+)
+def test_conv_nd_routes_wide_3x3_convolutions_to_winograd(shape, cout, dtype, routed):
+    x, k = _rand(shape).astype(dtype), (_rand((3, 3, shape[-1], cout), 1) / 30).astype(dtype)
+
+    def f(x, k):
+        return conv_nd(x, k, 1, "SAME")
+
+    graph = str(jax.make_jaxpr(f)(x, k))
+    assert ("conv_general_dilated" not in graph) == routed, graph
+    with winograd_convolutions(False):  # the switch: XLA's convolution again (a new trace)
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: f(x, k))(x, k))
+    if routed:
+        # 9 x 128 products per output: Winograd's rounding grows with the sum's length
+        want = _correlate_f64(x, k, [(1, 1), (1, 1)])
+        assert np.max(np.abs(f(x, k) - want)) <= 3e-5 * np.max(np.abs(want))
 
 
 def _custom_vjp_calls(fn, *args) -> int:
