@@ -295,6 +295,34 @@ def test_reflect_pad_matches_numpy(d):
         reflect_pad(x, 4)
 
 
+@pytest.mark.parametrize("d,pad", [(2, 3), (2, 1), (3, 2)])
+def test_reflect_pad_gradient_is_its_transpose(d, pad):
+    # the written-out VJP against the transpose built from numpy's index map: every padded
+    # position's gradient goes to the input sample np.pad copied there
+    shape = (2, *(4, 5, 6)[:d], 3)
+    x = _rand(shape)
+    dy = np.asarray(_rand(reflect_pad(x, pad).shape, 1), np.float64)
+    spatial = int(np.prod(shape[1:-1]))
+    index = np.pad(
+        np.arange(spatial).reshape(shape[1:-1]), [(pad, pad)] * d, mode="reflect"
+    ).ravel()
+    want = np.zeros((shape[0], spatial, shape[-1]))
+    np.add.at(want, (slice(None), index), dy.reshape(shape[0], -1, shape[-1]))
+    got = jax.vjp(lambda x: reflect_pad(x, pad), x)[1](jnp.asarray(dy, jnp.float32))[0]
+    np.testing.assert_allclose(got, want.reshape(shape), atol=1e-5)
+
+    # differentiated again (a gradient penalty through it), against jnp.pad's own rules
+    def penalty(pad_fn):
+        def p(x):
+            g = jax.grad(lambda x: jnp.sum(jnp.sin(pad_fn(x)) * dy))(x)
+            return jnp.sum(g**2)
+
+        return jax.grad(p)(x)
+
+    plain = penalty(lambda x: jnp.pad(x, [(0, 0)] + [(pad, pad)] * d + [(0, 0)], mode="reflect"))
+    np.testing.assert_allclose(penalty(lambda x: reflect_pad(x, pad)), plain, atol=1e-4)
+
+
 @pytest.mark.parametrize("d", [2, 3])
 def test_resnet_block_equals_hand_formula(d):
     spatial = (5, 6) if d == 2 else (3, 4, 5)
