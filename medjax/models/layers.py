@@ -610,6 +610,13 @@ def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> A
     convolution's (:func:`winograd_convolutions`). :func:`conv_nd` routes here where it is
     faster (``_winograd_is_faster``).
     """
+    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.ndim != 4:
+        raise ValueError(
+            f"conv_winograd needs a 2D input [B, H, W, C] and a 3x3 kernel [3, 3, Cin, Cout], "
+            f"got {x.shape} and {kernel.shape}"
+        )
+    if any(p < 0 for pp in pads for p in pp):
+        raise ValueError(f"conv_winograd needs paddings >= 0, got {pads}")
     b, h, w, cin = x.shape
     m, a = _WINOGRAD_M, _WINOGRAD_ALPHA
     ho, wo = _conv_out_sizes((h, w), (3, 3), (1, 1), pads)

@@ -417,6 +417,14 @@ def test_conv_winograd_equals_direct_convolution(shape, pads):
         assert np.max(np.abs(a - b)) <= 3e-5 * np.max(np.abs(b))
 
 
+def test_conv_winograd_rejects_other_kernels_and_negative_padding():
+    x = _rand((1, 8, 8, 4))
+    with pytest.raises(ValueError, match=r"3x3 kernel.*\(5, 5, 4, 2\)"):
+        conv_winograd(x, _rand((5, 5, 4, 2)), [(2, 2), (2, 2)])
+    with pytest.raises(ValueError, match=r"paddings >= 0"):
+        conv_winograd(x, _rand((3, 3, 4, 2)), [(-1, 1), (1, 1)])
+
+
 def test_conv_winograd_second_derivatives_equal_lax():
     # the transforms carry their transposes as VJPs, and those carry the transforms: a gradient
     # penalty (the input gradient differentiated again) agrees with lax's convolution
