@@ -18,7 +18,6 @@ Shared GAN building blocks used by :mod:`medjax.models.dcgan` and
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from medjax.models.layers import (
     StridedConv4,
     conv_nd,
     default_kernel_init,
+    linear_with_transpose,
 )
 
 Array = jax.Array
@@ -123,15 +123,15 @@ def reflect_pad(x: Array, pad: int) -> Array:
     return _reflect_pad(x, pad)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _reflect_pad(x: Array, pad: int) -> Array:
+def _reflect_pad_plain(x: Array, pad: int) -> Array:
     return jnp.pad(x, [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)], mode="reflect")
 
 
 def _reflect_fold(dy: Array, pad: int) -> Array:
     """The transpose of :func:`_reflect_pad`: per axis, the centre of ``dy`` with each padded
     margin, flipped, added in place onto the samples it copies (``1 .. pad`` and ``n - 1 - pad
-    .. n - 2``). Written out because XLA:CPU runs JAX's own transpose about 8x slower (24 -> 3 ms
+    .. n - 2``); its own transpose is :func:`_reflect_pad_plain` (:func:`linear_with_transpose`).
+    Written out because XLA:CPU runs JAX's own transpose about 8x slower (24 -> 3 ms
     at batch 1, 256^2 x 64 channels, pad 3: CycleGAN's output convolution; BENCHMARKS.md)."""
     for axis in range(1, dy.ndim - 1):
         n = dy.shape[axis] - 2 * pad
@@ -144,9 +144,7 @@ def _reflect_fold(dy: Array, pad: int) -> Array:
     return dy
 
 
-_reflect_pad.defvjp(
-    lambda x, pad: (_reflect_pad(x, pad), None), lambda pad, _, dy: (_reflect_fold(dy, pad),)
-)
+_reflect_pad, _ = linear_with_transpose(_reflect_pad_plain, _reflect_fold, num_static=1)
 
 
 class PaddedConv(nn.Module):

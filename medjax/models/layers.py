@@ -575,27 +575,28 @@ def _untile_axis(d: Array, axis: int, tiles: int) -> Array:
     return total.reshape(shape[:axis] + (m * (tiles + 1),) + shape[axis + 2 :])
 
 
-# The tiling is linear; it and its transpose each carry the other as their VJP: JAX's own
-# transpose of the overlapping windows runs several times slower on XLA:CPU.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _winograd_tiles(x: Array, th: int, tw: int) -> Array:
-    """``[B, m(th+1), m(tw+1), C]`` -> ``[B, th, alpha, tw, alpha, C]``, the input tiles."""
-    return _tile_axis(_tile_axis(x, 1, th), 3, tw)
+def linear_with_transpose(
+    apply: Callable[..., Array], transpose: Callable[..., Array], num_static: int
+) -> tuple[Callable[..., Array], Callable[..., Array]]:
+    """A linear map ``apply(x, *static)`` and its written-out ``transpose(y, *static)`` as two
+    custom-VJP functions, each the other's VJP, so that derivatives of every order stay the two
+    written-out functions (JAX's own transposes of slicing and padding maps can run several
+    times slower on XLA:CPU). The ``num_static`` trailing arguments are hashable constants."""
+    static = tuple(range(1, 1 + num_static))
+    f = jax.custom_vjp(apply, nondiff_argnums=static)
+    t = jax.custom_vjp(transpose, nondiff_argnums=static)
+    # with nondiff_argnums the backward rule receives (*static, residuals, cotangent)
+    f.defvjp(lambda x, *s: (f(x, *s), None), lambda *a: (t(a[-1], *a[:num_static]),))
+    t.defvjp(lambda y, *s: (t(y, *s), None), lambda *a: (f(a[-1], *a[:num_static]),))
+    return f, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _winograd_untile(d: Array, th: int, tw: int) -> Array:
-    """The transpose of :func:`_winograd_tiles`."""
-    return _untile_axis(_untile_axis(d, 3, tw), 1, th)
-
-
-_winograd_tiles.defvjp(
-    lambda x, th, tw: (_winograd_tiles(x, th, tw), None),
-    lambda th, tw, _, g: (_winograd_untile(g, th, tw),),
-)
-_winograd_untile.defvjp(
-    lambda d, th, tw: (_winograd_untile(d, th, tw), None),
-    lambda th, tw, _, g: (_winograd_tiles(g, th, tw),),
+# The tiles of ``[B, m(th+1), m(tw+1), C]``, ``[B, th, alpha, tw, alpha, C]``, and their transpose
+# (JAX's own transpose of the overlapping windows runs several times slower on XLA:CPU).
+_winograd_tiles, _winograd_untile = linear_with_transpose(
+    lambda x, th, tw: _tile_axis(_tile_axis(x, 1, th), 3, tw),
+    lambda d, th, tw: _untile_axis(_untile_axis(d, 3, tw), 1, th),
+    num_static=2,
 )
 
 
