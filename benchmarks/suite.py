@@ -123,6 +123,9 @@ def _classifier(cfg, facts):
 
 
 NO_AUG = {"augment.enabled": False}
+# The DCGAN generator's output layer as in the paper and the PyTorch reference: the last
+# up-sampling to the image channels (not one more up-sampling stage and a 3x3 convolution).
+PAPER_HEAD = {"model.generator.head": "transpose"}
 UNET2D = {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "data.channels": 1,
           "data.num_classes": 3, "crop_size": (), "batch_size": 8}  # fmt: skip
 CASES = (
@@ -135,9 +138,9 @@ CASES = (
           "batch_size": 2}, _unet),
     Case("dcgan_64", "DCGAN 64^2, batch 64 (D + G)", "dcgan_medmnist",
          {"data.channels": 3, "model.generator.base_features": 512, "batch_size": 64,
-          "model.generator.latent_dim": 100}, _dcgan, "64"),
-    Case("wgan_gp_64", "WGAN-GP 64^2, 5 x 64 critic + G", "wgan_gp_medmnist", {}, _wgan_gp,
-         "64", 3),
+          "model.generator.latent_dim": 100, **PAPER_HEAD}, _dcgan, "64"),
+    Case("wgan_gp_64", "WGAN-GP 64^2, 5 x 64 critic + G", "wgan_gp_medmnist", PAPER_HEAD,
+         _wgan_gp, "64", 3),
     Case("pix2pix_256", "pix2pix 256^2, batch 1", "pix2pix_folder",
          {"data.image_size": (256, 256), "model.generator.num_downs": 8, "batch_size": 1,
           "data.channels": 3, "data.source_channels": 3, "data.target_channels": 3},

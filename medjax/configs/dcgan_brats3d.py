@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
     c.model.generator.latent_dim = 100
     c.model.generator.base_features = 128
     c.model.generator.norm = "batch"
+    c.model.generator.head = "conv"  # "transpose": the paper's output layer (DCGANGenerator)
     c.model.discriminator.features = (32, 64, 128)
     c.model.discriminator.norm = "batch"
     c.model.discriminator.spectral_norm = False

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
     c.model.generator.latent_dim = 100
     c.model.generator.base_features = 256
     c.model.generator.norm = "batch"
+    c.model.generator.head = "conv"  # "transpose": the paper's output layer (DCGANGenerator)
     c.model.discriminator.features = (64, 128, 256, 512)
     c.model.discriminator.norm = "none" if wgan else "batch"
     c.model.discriminator.spectral_norm = False

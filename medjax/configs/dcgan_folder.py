@@ -28,6 +28,7 @@ def get_config(arg: str | None = None):
     c.model.generator.latent_dim = 100
     c.model.generator.base_features = 128 if three_d else 256
     c.model.generator.norm = "batch"
+    c.model.generator.head = "conv"  # "transpose": the paper's output layer (DCGANGenerator)
     wide = three_d or "64" in args
     c.model.discriminator.features = (64, 128, 256, 512) if wide else (64, 128, 256)
     c.model.discriminator.norm = "batch"

@@ -29,6 +29,7 @@ def get_config(arg: str | None = None, task: str = "dcgan"):
     c.model.generator.latent_dim = 100
     c.model.generator.base_features = 256
     c.model.generator.norm = "batch"
+    c.model.generator.head = "conv"  # "transpose": the paper's output layer (DCGANGenerator)
     c.model.discriminator.features = (64, 128, 256) if "64" not in args else (64, 128, 256, 512)
     c.model.discriminator.norm = "batch"
     c.model.discriminator.spectral_norm = "sn" in args

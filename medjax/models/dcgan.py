@@ -69,9 +69,12 @@ class DCGANGenerator(nn.Module):
 
     ``z -> Dense -> reshape to the base grid [*output_shape / 2**num_upsamples,
     base_features] -> norm + ReLU -> num_upsamples x (ConvTranspose4 (kernel 4, stride 2,
-    exact 2x) + norm + ReLU) -> 3^d conv to channels -> tanh``. Up-sampling step ``i`` (from
-    1) has ``max(base_features // 2**i, min_features)`` channels. Layers followed by a norm
-    with a learned shift have no bias (:func:`~medjax.models.generators.conv_bias`).
+    exact 2x) + norm + ReLU) -> 3^d conv to channels -> tanh`` (``head='conv'``), or, as in
+    the paper and the canonical PyTorch DCGAN, with the last up-sampling as the output layer:
+    ``... -> (num_upsamples - 1) x (ConvTranspose4 + norm + ReLU) -> ConvTranspose4 to
+    channels -> tanh`` (``head='transpose'``). Up-sampling step ``i`` (from 1) has
+    ``max(base_features // 2**i, min_features)`` channels. Layers followed by a norm with a
+    learned shift have no bias (:func:`~medjax.models.generators.conv_bias`).
 
     Attributes:
       output_shape: spatial output shape, ``spatial_dims`` ints (e.g. ``(28, 28)``,
@@ -84,6 +87,10 @@ class DCGANGenerator(nn.Module):
         the base size an integer >= 4: 28 -> 7 (2), 64 -> 4 (4)).
       norm: see :func:`~medjax.models.generators.gan_norm` (DCGAN: ``'batch'``; call
         ``apply(..., train=True, mutable=['batch_stats'])`` when training).
+      head: ``'conv'``: a stride-1 3^d convolution to ``channels`` after the last up-sampling
+        stage; ``'transpose'``: the last up-sampling stage is the output layer, a kernel-4
+        transposed convolution to ``channels`` with a bias and no norm (Radford et al. 2016;
+        pytorch/examples ``dcgan``), one layer and one full-resolution feature map fewer.
       spatial_dims: 2 or 3.
       num_classes: > 0 makes the generator class-conditional: ``y`` picks a learned
         ``latent_dim``-vector that is concatenated to ``z``.
@@ -91,8 +98,9 @@ class DCGANGenerator(nn.Module):
 
     ``__call__(z [B, latent_dim], y [B] int (conditional only), *, train=False) ->
     [B, *output_shape, channels]`` float32 in ``(-1, 1)``. ``ValueError`` when ``output_shape``
-    is not divisible by ``2**num_upsamples`` or has the wrong length, or when ``y`` is missing
-    (conditional) or given (unconditional).
+    is not divisible by ``2**num_upsamples`` or has the wrong length, when ``head`` is unknown
+    (or ``'transpose'`` with no up-sampling), or when ``y`` is missing (conditional) or given
+    (unconditional).
     """
 
     output_shape: Sequence[int]
@@ -102,6 +110,7 @@ class DCGANGenerator(nn.Module):
     min_features: int = 32
     num_upsamples: int | None = None
     norm: str = "batch"
+    head: str = "conv"
     spatial_dims: int = 2
     num_classes: int = 0
     dtype: Dtype = jnp.float32
@@ -115,6 +124,10 @@ class DCGANGenerator(nn.Module):
         n = dcgan_num_upsamples(shape) if self.num_upsamples is None else self.num_upsamples
         if n < 0 or any(s % 2**n for s in shape):
             raise ValueError(f"output_shape {shape} is not divisible by 2**num_upsamples = {2**n}")
+        if self.head not in ("conv", "transpose"):
+            raise ValueError(f"unknown generator head {self.head!r}; use 'conv' or 'transpose'")
+        if self.head == "transpose" and n < 1:
+            raise ValueError("head='transpose' needs num_upsamples >= 1 (it is the last one)")
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"expected z of shape [B, {self.latent_dim}], got {z.shape}")
         base = tuple(s // 2**n for s in shape)
@@ -133,11 +146,15 @@ class DCGANGenerator(nn.Module):
         )(h)
         h = h.reshape((z.shape[0],) + base + (self.base_features,))
         h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name="fc_norm"))
-        for i in range(1, n + 1):
+        stages = n if self.head == "conv" else n - 1
+        for i in range(1, stages + 1):
             f = max(self.base_features // 2**i, self.min_features)
             h = ConvTranspose4(f, d, use_bias=bias, dtype=self.dtype, name=f"up{i}")(h)
             h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}"))
-        h = Conv(self.channels, 3, 1, d, use_bias=True, dtype=self.dtype, name="conv_out")(h)
+        if self.head == "conv":
+            h = Conv(self.channels, 3, 1, d, use_bias=True, dtype=self.dtype, name="conv_out")(h)
+        else:
+            h = ConvTranspose4(self.channels, d, use_bias=True, dtype=self.dtype, name="up_out")(h)
         return jnp.tanh(h.astype(jnp.float32))
 
 

@@ -272,6 +272,7 @@ RULES: dict[str, Check] = {
     "model.generator.num_blocks": NONNEG,
     "model.generator.num_downs": POS,
     "model.generator.norm": Str(),
+    "model.generator.head": Str(("conv", "transpose")),
     # -- optimizers (optimizer, optimizer_g, optimizer_d) -----------------------------------
     "optimizer*.name": Str(),
     "optimizer*.schedule": Str(),

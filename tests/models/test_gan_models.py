@@ -96,6 +96,39 @@ def test_dcgan_generator_shapes_and_range(d, shape, ups):
     assert set(upd["batch_stats"]) == set(v["batch_stats"])
 
 
+@pytest.mark.parametrize("d,shape", [(2, (28, 28)), (3, (8, 8, 8))], ids=str)
+def test_dcgan_generator_transpose_head_is_the_last_up_sampling(d, shape):
+    """head='transpose' (Radford et al.): the last up-sampling stage is the output layer, a
+    kernel-4 stride-2 transposed convolution to `channels` with a bias and no norm, then tanh --
+    checked against lax.conv_transpose on the stage before it."""
+    g = DCGANGenerator(shape, channels=3, latent_dim=8, base_features=16, min_features=4,
+                       head="transpose", spatial_dims=d)  # fmt: skip
+    z = _rand((2, 8))
+    v = _init(g, z)
+    n = dcgan_num_upsamples(shape)
+    assert "conv_out" not in v["params"]
+    assert sorted(k for k in v["params"] if k.startswith("up") and "norm" not in k) == [
+        *(f"up{i}" for i in range(1, n)), "up_out"]  # fmt: skip
+    assert sorted(k for k in v["batch_stats"] if k.startswith("up_norm")) == [
+        f"up_norm{i}" for i in range(1, n)]  # fmt: skip
+    out = v["params"]["up_out"]
+    assert out["kernel"].shape == (4,) * d + (max(16 // 2 ** (n - 1), 4), 3)
+    y, state = g.apply(v, z, capture_intermediates=True, mutable=["intermediates"])
+    last = state["intermediates"][f"up_norm{n - 1}" if n > 1 else "fc_norm"]["__call__"][0]
+    h = jnp.maximum(last, 0)
+    ref = lax.conv_transpose(h, out["kernel"], (2,) * d, "SAME",
+                             dimension_numbers=(("NHWC", "HWIO", "NHWC") if d == 2 else
+                                                ("NDHWC", "DHWIO", "NDHWC")))  # fmt: skip
+    np.testing.assert_allclose(y, np.tanh(ref + out["bias"]), rtol=1e-4, atol=1e-5)
+    assert y.shape == (2, *shape, 3)
+    with pytest.raises(ValueError, match="'deconv'"):
+        DCGANGenerator(shape, latent_dim=8, head="deconv", spatial_dims=d).init(
+            jax.random.key(0), z)  # fmt: skip
+    with pytest.raises(ValueError, match="num_upsamples >= 1"):
+        DCGANGenerator(shape, latent_dim=8, head="transpose", num_upsamples=0,
+                       spatial_dims=d).init(jax.random.key(0), z)  # fmt: skip
+
+
 def test_dcgan_generator_bfloat16_output_is_float32():
     g = DCGANGenerator((8, 8), latent_dim=4, base_features=8, dtype=jnp.bfloat16)
     z = _rand((2, 4))
