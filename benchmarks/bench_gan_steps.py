@@ -24,7 +24,11 @@ import time
 
 from suite import compiled_step, cpu_name
 
-from medjax.train.platform import configure_xla
+from medjax.train.platform import (
+    configure_host_memory,
+    configure_xla,
+    exec_with_host_tunables,
+)
 
 VARIANTS = (("dcgan_medmnist", "64"), ("vox2vox_brats", "seg"))
 
@@ -50,6 +54,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="model.generator/discriminator dtype bf16")
     args = p.parse_args()
     configure_xla()
+    configure_host_memory()
     import flax
     import jax
 
@@ -105,4 +110,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     main()

@@ -20,7 +20,11 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import configure_xla
+from medjax.train.platform import (
+    configure_host_memory,
+    configure_xla,
+    exec_with_host_tunables,
+)
 
 
 def main() -> None:
@@ -33,6 +37,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=0)
     args = p.parse_args()
     configure_xla()
+    configure_host_memory()
     import jax
     import numpy as np
 
@@ -93,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     main()

@@ -26,7 +26,11 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import configure_xla
+from medjax.train.platform import (
+    configure_host_memory,
+    configure_xla,
+    exec_with_host_tunables,
+)
 
 MiB = 2.0**20
 
@@ -63,6 +67,7 @@ def main() -> None:
     args = _parse()
     if not args.no_xla_flags:
         configure_xla()
+        configure_host_memory()
     import flax
     import jax
     import jax.numpy as jnp
@@ -183,4 +188,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     main()

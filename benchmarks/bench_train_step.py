@@ -20,7 +20,11 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import configure_xla
+from medjax.train.platform import (
+    configure_host_memory,
+    configure_xla,
+    exec_with_host_tunables,
+)
 
 
 def load_config(path: str, arg: str | None):
@@ -107,6 +111,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.no_xla_flags:
         configure_xla()
+        configure_host_memory()
     import flax
     import jax
     import tensorflow as tf
@@ -143,4 +148,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     main()

@@ -34,7 +34,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medjax.train.platform import configure_xla
+from medjax.train.platform import (
+    configure_host_memory,
+    configure_xla,
+    exec_with_host_tunables,
+)
 
 MiB = 2.0**20
 
@@ -303,6 +307,7 @@ def main() -> None:
             print(f"{c.name:18s} {c.what}  ({c.config}{':' + c.arg if c.arg else ''})")
         return
     configure_xla()
+    heap = configure_host_memory()  # process-wide: PyTorch's steps get it too
     import flax
     import jax
 
@@ -328,6 +333,11 @@ def main() -> None:
         "monai": monai.__version__ if torch else None,
         "torch_threads": torch.get_num_threads() if torch else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "host_malloc": (
+            f"heap, mmap off; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"
+            if heap
+            else "system"
+        ),
     }
     peak = measured_peak(args.peak_size)
     machine["peak_gflops"] = peak / 1e9
@@ -587,6 +597,7 @@ def markdown(machine: dict, rows: list[dict]) -> str:
             if machine.get("torch")
             else ""
         )  # fmt: skip
+        + f". Host malloc: {machine['host_malloc']}"
         + f". Measured float32 GEMM peak {machine['peak_gflops']:.1f} GFLOP/s.\n\n"
     )
     if not rows:
@@ -614,4 +625,5 @@ def markdown(machine: dict, rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     main()

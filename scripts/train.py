@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 
 from medjax.train.cli import run_command
+from medjax.train.platform import exec_with_host_tunables
 
 if __name__ == "__main__":
+    exec_with_host_tunables()  # glibc malloc tunables: restarts this process once
     run_command("train", sys.argv[1:])

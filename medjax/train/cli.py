@@ -326,11 +326,12 @@ def run_command(command: str, argv: Sequence[str]) -> None:
     from absl import app
 
     from medjax.errors import MedjaxError
-    from medjax.train.platform import configure_xla
+    from medjax.train.platform import configure_host_memory, configure_xla
 
     if command not in _BUILDERS:
         raise SystemExit(f"unknown command {command!r}; expected one of {list(COMMANDS)}")
     configure_xla()
+    configure_host_memory()
     main = _BUILDERS[command]()
     entered = []
 
@@ -352,7 +353,12 @@ def run_command(command: str, argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`medjax <command> [flags]`."""
+    """`medjax <command> [flags]` (the console script: it first restarts itself once with
+    glibc's malloc tunables, `medjax.train.platform.exec_with_host_tunables`)."""
+    from medjax.train.platform import exec_with_host_tunables
+
+    if argv is None:
+        exec_with_host_tunables()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(__doc__)
