@@ -45,7 +45,7 @@ HOST_TUNABLES = (
 _TUNED = "MEDJAX_HOST_TUNED"  # set in the restarted process
 
 
-def _glibc_linux() -> bool:
+def _may_tune_malloc() -> bool:
     import platform
 
     return (
@@ -59,9 +59,10 @@ def configure_host_memory() -> bool:
     """Serves every host allocation from glibc's heap instead of fresh ``mmap`` regions.
 
     XLA:CPU allocates each execution's buffers (a training step's temporaries: 300-400 MiB for
-    the U-Net 2D or DCGAN steps) anew on every call. glibc serves any allocation above 32 MiB
-    with a fresh ``mmap`` and returns it with ``munmap`` when freed, so every step pays the
-    kernel's page faults on all of it again, at a few GB/s. With ``mmap`` off
+    the U-Net 2D or DCGAN steps) anew on every call. glibc serves an allocation above its mmap
+    threshold (128 KiB, rising to at most 32 MiB as such blocks are freed) with a fresh
+    ``mmap`` and returns it with ``munmap`` when freed, so every step pays the kernel's page
+    faults on all of it again, at a few GB/s. With ``mmap`` off
     (``M_MMAP_MAX = 0``) and a high trim threshold, freed memory is kept and reused, so a
     process holds its peak host memory until it exits. Measured in one process, alternating
     the two settings (``BENCHMARKS.md``): U-Net 2D 8 x 128^2 736 -> 657 ms per step, pix2pix
@@ -75,7 +76,7 @@ def configure_host_memory() -> bool:
     import ctypes
     import ctypes.util
 
-    if not _glibc_linux():
+    if not _may_tune_malloc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mallopt = getattr(libc, "mallopt", None)
@@ -100,7 +101,7 @@ def exec_with_host_tunables() -> None:
     """
     import sys
 
-    if os.environ.get(_TUNED) == "1" or not _glibc_linux():
+    if os.environ.get(_TUNED) == "1" or not _may_tune_malloc():
         return
     user = os.environ.get("GLIBC_TUNABLES", "")
     env = {**os.environ, _TUNED: "1", "GLIBC_TUNABLES": ":".join([*HOST_TUNABLES, user]).strip(":")}
