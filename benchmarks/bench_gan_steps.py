@@ -24,11 +24,7 @@ import time
 
 from suite import compiled_step, cpu_name
 
-from medjax.train.platform import (
-    configure_host_memory,
-    configure_xla,
-    exec_with_host_tunables,
-)
+from medjax.train.platform import configure_xla, exec_with_host_tunables
 
 VARIANTS = (("dcgan_medmnist", "64"), ("vox2vox_brats", "seg"))
 
@@ -54,7 +50,6 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="model.generator/discriminator dtype bf16")
     args = p.parse_args()
     configure_xla()
-    configure_host_memory()
     import flax
     import jax
 

@@ -20,11 +20,7 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import (
-    configure_host_memory,
-    configure_xla,
-    exec_with_host_tunables,
-)
+from medjax.train.platform import configure_xla, exec_with_host_tunables
 
 
 def main() -> None:
@@ -37,7 +33,6 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=0)
     args = p.parse_args()
     configure_xla()
-    configure_host_memory()
     import jax
     import numpy as np
 

@@ -26,11 +26,7 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import (
-    configure_host_memory,
-    configure_xla,
-    exec_with_host_tunables,
-)
+from medjax.train.platform import configure_xla, exec_with_host_tunables
 
 MiB = 2.0**20
 
@@ -67,7 +63,6 @@ def main() -> None:
     args = _parse()
     if not args.no_xla_flags:
         configure_xla()
-        configure_host_memory()
     import flax
     import jax
     import jax.numpy as jnp

@@ -20,11 +20,7 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import (
-    configure_host_memory,
-    configure_xla,
-    exec_with_host_tunables,
-)
+from medjax.train.platform import configure_xla, exec_with_host_tunables
 
 
 def load_config(path: str, arg: str | None):
@@ -111,7 +107,6 @@ def main() -> None:
     args = p.parse_args()
     if not args.no_xla_flags:
         configure_xla()
-        configure_host_memory()
     import flax
     import jax
     import tensorflow as tf

@@ -34,11 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medjax.train.platform import (
-    configure_host_memory,
-    configure_xla,
-    exec_with_host_tunables,
-)
+from medjax.train.platform import configure_xla, exec_with_host_tunables, host_tunables_applied
 
 MiB = 2.0**20
 
@@ -307,7 +303,6 @@ def main() -> None:
             print(f"{c.name:18s} {c.what}  ({c.config}{':' + c.arg if c.arg else ''})")
         return
     configure_xla()
-    heap = configure_host_memory()  # process-wide: PyTorch's steps get it too
     import flax
     import jax
 
@@ -333,9 +328,10 @@ def main() -> None:
         "monai": monai.__version__ if torch else None,
         "torch_threads": torch.get_num_threads() if torch else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        # process-wide (exec_with_host_tunables): PyTorch's steps get the same allocator
         "host_malloc": (
-            f"heap, mmap off; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"
-            if heap
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"
+            if host_tunables_applied()
             else "system"
         ),
     }

@@ -30,7 +30,13 @@ from medjax.models.layers import Conv, ConvTranspose4, StridedConv4
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["DCGANDiscriminator", "DCGANGenerator", "dcgan_num_upsamples", "spectral_normed"]
+__all__ = [
+    "GENERATOR_HEADS",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "dcgan_num_upsamples",
+    "spectral_normed",
+]
 
 
 def dcgan_num_upsamples(output_shape: Sequence[int]) -> int:
@@ -62,6 +68,10 @@ def spectral_normed(
     if enabled:
         return nn.SpectralNorm(layer, name=name)(x, update_stats=train)
     return layer(x)
+
+
+# DCGANGenerator's output layers (see its `head` attribute).
+GENERATOR_HEADS = ("conv", "transpose")
 
 
 class DCGANGenerator(nn.Module):
@@ -124,8 +134,8 @@ class DCGANGenerator(nn.Module):
         n = dcgan_num_upsamples(shape) if self.num_upsamples is None else self.num_upsamples
         if n < 0 or any(s % 2**n for s in shape):
             raise ValueError(f"output_shape {shape} is not divisible by 2**num_upsamples = {2**n}")
-        if self.head not in ("conv", "transpose"):
-            raise ValueError(f"unknown generator head {self.head!r}; use 'conv' or 'transpose'")
+        if self.head not in GENERATOR_HEADS:
+            raise ValueError(f"unknown generator head {self.head!r}; use one of {GENERATOR_HEADS}")
         if self.head == "transpose" and n < 1:
             raise ValueError("head='transpose' needs num_upsamples >= 1 (it is the last one)")
         if z.ndim != 2 or z.shape[1] != self.latent_dim:

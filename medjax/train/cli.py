@@ -326,12 +326,11 @@ def run_command(command: str, argv: Sequence[str]) -> None:
     from absl import app
 
     from medjax.errors import MedjaxError
-    from medjax.train.platform import configure_host_memory, configure_xla
+    from medjax.train.platform import configure_xla
 
     if command not in _BUILDERS:
         raise SystemExit(f"unknown command {command!r}; expected one of {list(COMMANDS)}")
     configure_xla()
-    configure_host_memory()
     main = _BUILDERS[command]()
     entered = []
 

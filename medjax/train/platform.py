@@ -70,8 +70,9 @@ def configure_host_memory() -> bool:
 
     Linux with glibc only (elsewhere, and with ``MEDJAX_SYSTEM_MALLOC=1``, nothing changes);
     process-wide, so a PyTorch step in the same process gets the same allocator. Returns
-    whether the setting was applied. :func:`exec_with_host_tunables` sets the same from the
-    start of a process, with transparent huge pages.
+    whether the setting was applied. It is for a process that cannot restart (a notebook):
+    the scripts restart instead, with the same settings as tunables plus transparent huge
+    pages (:func:`exec_with_host_tunables`).
     """
     import ctypes
     import ctypes.util
@@ -83,6 +84,11 @@ def configure_host_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def host_tunables_applied() -> bool:
+    """Whether this process was restarted by :func:`exec_with_host_tunables`."""
+    return os.environ.get(_TUNED) == "1"
 
 
 def exec_with_host_tunables() -> None:
@@ -101,7 +107,7 @@ def exec_with_host_tunables() -> None:
     """
     import sys
 
-    if os.environ.get(_TUNED) == "1" or not _may_tune_malloc():
+    if host_tunables_applied() or not _may_tune_malloc():
         return
     user = os.environ.get("GLIBC_TUNABLES", "")
     env = {**os.environ, _TUNED: "1", "GLIBC_TUNABLES": ":".join([*HOST_TUNABLES, user]).strip(":")}

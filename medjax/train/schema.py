@@ -133,6 +133,12 @@ def _activations() -> list[str]:
     return sorted(ACTIVATIONS)
 
 
+def _generator_heads() -> tuple[str, ...]:
+    from medjax.models.dcgan import GENERATOR_HEADS
+
+    return GENERATOR_HEADS
+
+
 def _gan_losses() -> tuple[str, ...]:
     from medjax.losses import GAN_LOSS_KINDS
 
@@ -272,7 +278,7 @@ RULES: dict[str, Check] = {
     "model.generator.num_blocks": NONNEG,
     "model.generator.num_downs": POS,
     "model.generator.norm": Str(),
-    "model.generator.head": Str(("conv", "transpose")),
+    "model.generator.head": Str(_generator_heads),
     # -- optimizers (optimizer, optimizer_g, optimizer_d) -----------------------------------
     "optimizer*.name": Str(),
     "optimizer*.schedule": Str(),
