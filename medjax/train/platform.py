@@ -32,14 +32,15 @@ def configure_xla(extra: tuple[str, ...] = CPU_FLAGS) -> None:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# Freed heap memory above this stays with the process instead of being returned to the system.
-_TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# glibc's largest size_t: a trim threshold that is never reached (mallopt's -1).
+_NEVER_TRIM = (1 << 64) - 1
 # The same settings as glibc tunables, read when a process starts, plus transparent huge pages
 # for malloc's memory (glibc >= 2.35; older versions ignore the name).
 HOST_TUNABLES = (
     "glibc.malloc.mmap_max=0",
-    f"glibc.malloc.trim_threshold={_TRIM_THRESHOLD}",
+    f"glibc.malloc.trim_threshold={_NEVER_TRIM}",
+    "glibc.malloc.arena_max=1",
     "glibc.malloc.hugetlb=1",
 )
 _TUNED = "MEDJAX_HOST_TUNED"  # set in the restarted process
@@ -56,23 +57,29 @@ def _may_tune_malloc() -> bool:
 
 
 def configure_host_memory() -> bool:
-    """Serves every host allocation from glibc's heap instead of fresh ``mmap`` regions.
+    """Keeps every host allocation on glibc's heap, reused, instead of fresh ``mmap`` regions.
 
-    XLA:CPU allocates each execution's buffers (a training step's temporaries: 300-400 MiB for
-    the U-Net 2D or DCGAN steps) anew on every call. glibc serves an allocation above its mmap
-    threshold (128 KiB, rising to at most 32 MiB as such blocks are freed) with a fresh
-    ``mmap`` and returns it with ``munmap`` when freed, so every step pays the kernel's page
-    faults on all of it again, at a few GB/s. With ``mmap`` off
-    (``M_MMAP_MAX = 0``) and a high trim threshold, freed memory is kept and reused, so a
-    process holds its peak host memory until it exits. Measured in one process, alternating
-    the two settings (``BENCHMARKS.md``): U-Net 2D 8 x 128^2 736 -> 657 ms per step, pix2pix
-    256^2 913 -> 850 ms.
+    XLA:CPU allocates each execution's buffers (a training step's temporaries: 0.3-2 GiB for
+    the U-Net steps) anew on every call, on its own threads. By default glibc serves an
+    allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as such blocks are
+    freed) with a fresh ``mmap``, and one above 64 MiB made by any thread but the main one
+    always so (a thread's arena cannot hold it); it returns them with ``munmap`` when freed,
+    and gives back the top of the heap once more than 128 KiB of it is free. So every step
+    page-faults its buffers again, at a few GB/s. In a virtual machine whose balloon reports
+    free pages to the host (free page reporting, as in Firecracker), the host reclaims memory
+    freed for about two seconds, and faulting it back in costs far more: the U-Net 2D step
+    after a 2 s pause took 1.0 s instead of 0.49 s, and every U-Net 3D step, 4-6 s long, paid
+    it. The settings: no ``mmap`` (``M_MMAP_MAX = 0``), one arena for all threads
+    (``M_ARENA_MAX = 1``, so large blocks from XLA's threads come from the heap too) and no
+    trimming (``M_TRIM_THRESHOLD = -1``). Freed memory is then kept and reused, so a process
+    holds its peak host memory until it exits, as a caching allocator does.
 
     Linux with glibc only (elsewhere, and with ``MEDJAX_SYSTEM_MALLOC=1``, nothing changes);
     process-wide, so a PyTorch step in the same process gets the same allocator. Returns
-    whether the setting was applied. It is for a process that cannot restart (a notebook):
-    the scripts restart instead, with the same settings as tunables plus transparent huge
-    pages (:func:`exec_with_host_tunables`).
+    whether the settings were applied. It is for a process that cannot restart (a notebook),
+    and must come before JAX starts its threads (an arena a thread already has stays its
+    own): the scripts restart instead, with the same settings as tunables plus transparent
+    huge pages (:func:`exec_with_host_tunables`). Measured: ``BENCHMARKS.md``.
     """
     import ctypes
     import ctypes.util
@@ -83,7 +90,8 @@ def configure_host_memory() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    settings = ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, -1))
+    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def host_tunables_applied() -> bool:
@@ -98,9 +106,10 @@ def exec_with_host_tunables() -> None:
     :data:`HOST_TUNABLES` added in front of ``GLIBC_TUNABLES`` (a user's own values there win):
     :func:`configure_host_memory`'s settings, plus ``glibc.malloc.hugetlb=1``, which lets the
     kernel back malloc's memory with transparent huge pages where THP is in ``madvise`` mode.
-    glibc reads tunables only when a process starts, hence the restart. The U-Net 2D step, 8 x
-    128^2: 643-695 ms with the heap alone, 516-589 ms with huge pages too (separate processes,
-    alternated; ``BENCHMARKS.md``). The scripts' entry points call it; it returns without
+    glibc reads tunables only when a process starts, hence the restart, and tunables hold from
+    the first thread on (the one arena included). The U-Net 2D step, 8 x 128^2: 643-695 ms with
+    the heap alone, 516-589 ms with huge pages too (separate processes, alternated;
+    ``BENCHMARKS.md``). The scripts' entry points call it; it returns without
     doing anything in the restarted process, with ``MEDJAX_SYSTEM_MALLOC=1``, or off
     Linux/glibc. Never call it from a process that must not be replaced (a notebook, a test
     runner): use :func:`configure_host_memory` there.

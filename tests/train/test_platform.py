@@ -10,10 +10,11 @@ import sys
 
 import pytest
 
-# One live 64 MiB numpy buffer (every page touched) after `configure` (configure_host_memory()),
-# `exec` (exec_with_host_tunables(): the process restarts itself) or `none`, and glibc's own
-# accounting of it (mallinfo2: `hblkhd` = bytes in mmap-served blocks) and the kernel's
-# (/proc/self/smaps: anonymous memory on transparent huge pages).
+# Numpy buffers (every page touched) after `configure` (configure_host_memory()), `exec`
+# (exec_with_host_tunables(): the process restarts itself) or `none`, and glibc's own accounting
+# of them (mallinfo2: `hblkhd` = bytes in mmap-served blocks, `fordblks` = free heap bytes) and the
+# kernel's (/proc/self/smaps: anonymous memory on transparent huge pages): a live 64 MiB buffer,
+# 128 MiB allocated by a second thread, and 1.1 GiB freed.
 _PROBE = """
 import ctypes, json, os, sys
 import numpy as np
@@ -37,8 +38,26 @@ x = np.ones(64 << 20, np.uint8)
 mmapped = libc.mallinfo2().hblkhd - before
 huge = sum(int(line.split()[1]) for line in open("/proc/self/smaps")
            if line.startswith("AnonHugePages:"))
+
+# XLA:CPU allocates a step's buffers on its own threads: 128 MiB from a second thread.
+import threading
+found = {}
+def worker():
+    before = libc.mallinfo2().hblkhd
+    y = np.ones(128 << 20, np.uint8)
+    found["thread_mmapped"] = libc.mallinfo2().hblkhd - before
+    found["thread_sum"] = int(y[::4096].sum())
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+
+# 1.1 GiB freed: kept on the heap for reuse (mallinfo2: `fordblks` = free bytes in the heap),
+# or given back to the system.
+z = np.ones(1100 << 20, np.uint8)
+del z
+kept = libc.mallinfo2().fordblks
 print(json.dumps({"applied": applied, "mmapped": mmapped, "huge_kib": huge, "pid": os.getpid(),
-                  "argv": sys.argv[2:], "sum": int(x[::4096].sum())}))
+                  "argv": sys.argv[2:], "sum": int(x[::4096].sum()), "kept": kept, **found}))
 """
 
 glibc_only = pytest.mark.skipif(
@@ -73,10 +92,15 @@ def _thp_mode() -> str:
 def test_host_memory_serves_large_buffers_from_the_heap(tmp_path):
     _, control = _probe(tmp_path, "none")
     assert control["mmapped"] >= 64 << 20  # glibc's default: a fresh mmap for 64 MiB
+    assert control["thread_mmapped"] >= 128 << 20  # and for another thread's 128 MiB
+    assert control["kept"] < 256 << 20  # 1.1 GiB freed went back to the system
     _, configured = _probe(tmp_path, "configure")
     assert configured["applied"] is True
     assert configured["mmapped"] == 0  # from the heap, reused once freed
-    assert configured["sum"] == control["sum"] == (64 << 20) // 4096  # the buffer is intact
+    assert configured["thread_mmapped"] == 0  # the thread allocates from the same heap
+    assert configured["kept"] >= 1100 << 20  # never trimmed: kept for the next step
+    assert configured["sum"] == control["sum"] == (64 << 20) // 4096  # the buffers are intact
+    assert configured["thread_sum"] == control["thread_sum"] == (128 << 20) // 4096
 
 
 @glibc_only
@@ -87,19 +111,20 @@ def test_host_memory_opt_out_keeps_the_system_allocator(tmp_path):
 
 @glibc_only
 def test_exec_with_host_tunables_restarts_once_with_glibc_tunables(tmp_path):
-    starts, res = _probe(
-        tmp_path, "exec", "--flag", "a b", GLIBC_TUNABLES="glibc.malloc.arena_max=4"
-    )
+    starts, res = _probe(tmp_path, "exec", "--flag", "a b", GLIBC_TUNABLES="glibc.malloc.perturb=0")
     assert len(starts) == 2 and starts[0][0] == starts[1][0]  # the same process, restarted once
-    assert starts[0][1] == "glibc.malloc.arena_max=4"
+    assert starts[0][1] == "glibc.malloc.perturb=0"
     assert starts[1][1].split(":") == [
         "glibc.malloc.mmap_max=0",
-        "glibc.malloc.trim_threshold=1073741824",
+        "glibc.malloc.trim_threshold=18446744073709551615",
+        "glibc.malloc.arena_max=1",
         "glibc.malloc.hugetlb=1",
-        "glibc.malloc.arena_max=4",  # the user's own tunables last: they win
+        "glibc.malloc.perturb=0",  # the user's own tunables last: they win
     ]
     assert res["argv"] == ["--flag", "a b"] and res["pid"] == int(starts[0][0])
-    assert res["mmapped"] == 0  # glibc read the tunables: 64 MiB from the heap, not mmap
+    # glibc read the tunables: no buffer served by mmap, 1.1 GiB freed kept on the heap
+    assert res["mmapped"] == 0 and res["thread_mmapped"] == 0
+    assert res["kept"] >= 1100 << 20
     glibc = tuple(int(v) for v in platform.libc_ver()[1].split(".")[:2])
     if glibc >= (2, 35) and _thp_mode() in ("madvise", "always"):
         assert res["huge_kib"] >= 2048  # malloc's memory on transparent huge pages
@@ -109,3 +134,12 @@ def test_exec_with_host_tunables_restarts_once_with_glibc_tunables(tmp_path):
 def test_exec_with_host_tunables_opt_out(tmp_path):
     starts, res = _probe(tmp_path, "exec", MEDJAX_SYSTEM_MALLOC="1")
     assert len(starts) == 1 and res["mmapped"] >= 64 << 20
+
+
+def test_readme_gives_the_scripts_tunables_for_a_notebook():
+    from pathlib import Path
+
+    from medjax.train.platform import HOST_TUNABLES
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "GLIBC_TUNABLES=" + ":".join(HOST_TUNABLES) in readme
