@@ -33,7 +33,7 @@ def configure_xla(extra: tuple[str, ...] = CPU_FLAGS) -> None:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# glibc's largest size_t: a trim threshold that is never reached (mallopt's -1).
+# The largest 64-bit size_t: a trim threshold that is never reached (mallopt's -1).
 _NEVER_TRIM = (1 << 64) - 1
 # The same settings as glibc tunables, read when a process starts, plus transparent huge pages
 # for malloc's memory (glibc >= 2.35; older versions ignore the name).

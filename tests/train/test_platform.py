@@ -7,8 +7,11 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from medjax.train.platform import HOST_TUNABLES
 
 # Numpy buffers (every page touched) after `configure` (configure_host_memory()), `exec`
 # (exec_with_host_tunables(): the process restarts itself) or `none`, and glibc's own accounting
@@ -137,9 +140,5 @@ def test_exec_with_host_tunables_opt_out(tmp_path):
 
 
 def test_readme_gives_the_scripts_tunables_for_a_notebook():
-    from pathlib import Path
-
-    from medjax.train.platform import HOST_TUNABLES
-
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "GLIBC_TUNABLES=" + ":".join(HOST_TUNABLES) in readme
