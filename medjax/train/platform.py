@@ -91,7 +91,7 @@ def configure_host_memory() -> bool:
     if mallopt is None:
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, -1))
-    return all([bool(mallopt(param, value)) for param, value in settings])
+    return all([bool(mallopt(param, value)) for param, value in settings])  # every one applied
 
 
 def host_tunables_applied() -> bool:
