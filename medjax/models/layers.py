@@ -13,8 +13,12 @@ output up to float rounding:
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
-  (:func:`conv_nd`).
-* 1x1 convolutions are matrix products (:func:`conv_nd`).
+  (:func:`conv_nd`). Large float32 stride-1 ones (at least 2^18 output positions: U-Net 3D's
+  64^3 level) stack the depth taps along the output channels instead, ``[B*D, H, W, kd*Cout]``
+  summed over depth-shifted slices, and compute their kernel gradient as one matrix product
+  of the depth-stacked input and the in-plane shifts of the output gradient.
+* 1x1 convolutions are matrix products (:func:`conv_nd`) whose kernel gradient is batched over
+  row blocks (:func:`channel_matmul`).
 * The kernel-2 stride-2 transposed convolution (:class:`UpSample`) is a 1x1 convolution to
   ``2^d * Cout`` channels followed by depth-to-space (pixel shuffle).
 * Strided convolutions whose kernel extents are multiples of the stride (the kernel-4
@@ -80,6 +84,7 @@ __all__ = [
     "ResidualBlock",
     "StridedConv4",
     "UpSample",
+    "channel_matmul",
     "conv_im2col",
     "conv_nd",
     "conv_overlap_add",
@@ -658,6 +663,153 @@ def _winograd_is_faster(x: Array, kernel: Array, out: Sequence[int]) -> bool:
     )
 
 
+def _row_blocks_contraction(a: Array, b: Array) -> Array:
+    """``a^T b`` for ``a: [M, P]`` and ``b: [M, Q]`` (a weight gradient: the contraction runs
+    over the long row axis) as a product batched over up to 16 row blocks, then summed. XLA:CPU
+    runs the batched form on the operands as they are; given the plain ``a^T b`` it may first
+    write a transposed copy of the larger operand, fused into that operand's producer (the 2x
+    up-sampling's kernel gradient in U-Net 3D: a 240 ms transposing copy, BENCHMARKS.md)."""
+    m = a.shape[0]
+    blocks = max(v for v in range(1, 17) if m % v == 0)
+    return lax.dot_general(
+        a.reshape(blocks, m // blocks, a.shape[1]),
+        b.reshape(blocks, m // blocks, b.shape[1]),
+        (((1,), (1,)), ((0,), (0,))),
+    ).sum(0)
+
+
+@jax.custom_vjp
+def channel_matmul(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` over the channel axis (``x: [..., Cin]``, ``kernel: [Cin, Cout]``): a 1x1
+    convolution, or :class:`UpSample`'s product before depth-to-space. The same values as
+    ``jnp.dot``; its VJP computes the kernel gradient with :func:`_row_blocks_contraction`.
+    Reverse-mode derivatives of every order work (the VJP is made of ordinary products);
+    forward-mode (``jax.jvp``) does not, as with any custom VJP."""
+    return jnp.dot(x, kernel)
+
+
+def _channel_matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _channel_matmul_bwd(res, dy):
+    x, kernel = res
+    dk = _row_blocks_contraction(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    return jnp.dot(dy, kernel.T).astype(x.dtype), dk.astype(kernel.dtype)
+
+
+channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
+# Where :func:`_conv3d_depth_fold_large` beats the depth-stacked route: float32 stride-1 3D
+# convolutions with at least this many output positions (batch x spatial) and ``kd * Cin``
+# channels in their depth-stacked form. U-Net 3D at 2 x 64^3 (its 64^3 level: 524288 positions,
+# 96 and 192 stacked channels), in one process against the depth-stacked route: 4718 -> 4184 ms
+# per step; at 2 x 48^3 (221184 positions) no gain was measured (2201 / 2272 ms), nor for the
+# first 2 -> 32 convolution (6 stacked channels), whose filter gradient is cheap either way.
+_FOLD_LARGE_MIN_POSITIONS = 1 << 18
+_FOLD_LARGE_MIN_CHANNELS = 32
+
+
+def _conv3d_input_stacked(
+    x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> Array:
+    """3D convolution with depth extent ``kd > 1`` as one 2D convolution: the ``kd`` (strided)
+    depth views of the depth-padded input stacked along channels, ``[B * D', H, W, kd *
+    Cin]``, with the kernel reshaped to ``[kh, kw, kd * Cin, Cout]``."""
+    b, dd, h, w, cin = x.shape
+    (kd, kh, kw), sd = kernel.shape[:3], strides[0]
+    (do,) = _conv_out_sizes((dd,), (kd,), (sd,), (pads[0],))
+    xp = jnp.pad(x, [(0, 0), tuple(pads[0]), (0, 0), (0, 0), (0, 0)])
+    views = [xp[:, i : i + sd * (do - 1) + 1 : sd] for i in range(kd)]
+    xs = jnp.concatenate(views, axis=-1).reshape(b * do, h, w, kd * cin)
+    k2 = jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kd * cin, kernel.shape[-1])
+    y = conv_nd(xs, k2, strides[1:], pads[1:], fast=True)
+    return y.reshape((b, do) + y.shape[1:])
+
+
+def _conv3d_output_stacked(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
+    """Stride-1 3D convolution as one 2D convolution with the depth taps stacked along the
+    OUTPUT channels: every depth slice of the depth-padded input times every depth tap,
+    ``[B * D_pad, H', W', kd * Cout]``, then output slice ``d`` is the sum over taps ``t`` of
+    tap ``t``'s channels at depth slice ``d + t``. XLA:CPU runs a 2D convolution to ``kd *
+    Cout`` channels faster than one from ``kd * Cin`` channels when ``Cout`` is small (32 ->
+    32 at 2 x 64^3, forward: 181 against 251 ms)."""
+    b, dd, h, w, cin = x.shape
+    kd, kh, kw, _, cout = kernel.shape
+    (do,) = _conv_out_sizes((dd,), (kd,), (1,), (pads[0],))
+    xp = jnp.pad(x, [(0, 0), tuple(pads[0]), (0, 0), (0, 0), (0, 0)])
+    dp = xp.shape[1]
+    k2 = jnp.moveaxis(kernel, 0, 3).reshape(kh, kw, cin, kd * cout)  # columns ordered (tap, c)
+    z = conv_nd(xp.reshape(b * dp, h, w, cin), k2, 1, pads[1:], fast=True)
+    z = z.reshape((b, dp) + z.shape[1:3] + (kd, cout))
+    return functools.reduce(jnp.add, [z[:, t : t + do, :, :, t] for t in range(kd)])
+
+
+def _conv3d_filter_gradient(
+    x: Array, dy: Array, kernel_shape: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> Array:
+    """The kernel gradient of a stride-1 3D convolution as ONE product (batched over row
+    blocks) on the padded output grid ``[B, D', H_pad, W_pad]``: the depth-stacked padded input
+    ``[.., kd * Cin]`` against the ``kh * kw`` in-plane shifts of the output gradient
+    ``[.., kh * kw * Cout]`` (shift ``(i, j)`` puts ``dy[h, w]`` at ``(h + i, w + j)``, zero
+    elsewhere), so entry ``((t, c), (i, j, o))`` is ``sum x_pad[d + t, h + i, w + j, c] dy[d, h,
+    w, o]``. Returns ``[kd, kh, kw, Cin, Cout]``."""
+    kd, kh, kw, cin, cout = kernel_shape
+    b, do, ho, wo, _ = dy.shape
+    hp, wp = ho + kh - 1, wo + kw - 1
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])[:, :, :hp, :wp]
+    xs = jnp.concatenate([xp[:, t : t + do] for t in range(kd)], axis=-1)
+    dyp = jnp.pad(dy, [(0, 0), (0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)])
+    shifts = [
+        dyp[:, :, kh - 1 - i : kh - 1 - i + hp, kw - 1 - j : kw - 1 - j + wp]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    g = _row_blocks_contraction(
+        xs.reshape(-1, kd * cin), jnp.concatenate(shifts, axis=-1).reshape(-1, kh * kw * cout)
+    )
+    return g.reshape(kd, cin, kh, kw, cout).transpose(0, 2, 3, 1, 4)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3d_depth_fold_large(x: Array, kernel: Array, pads: tuple[tuple[int, int], ...]) -> Array:
+    """Stride-1 3D convolution for large outputs (``_conv3d_depth_fold_large_is_faster``):
+    forward :func:`_conv3d_output_stacked`; input gradient the depth-stacked route's;
+    kernel gradient :func:`_conv3d_filter_gradient`. Derivatives of every reverse order work
+    (the VJP is made of ordinary convolutions and products)."""
+    return _conv3d_output_stacked(x, kernel, pads)
+
+
+def _conv3d_depth_fold_large_fwd(x, kernel, pads):
+    return _conv3d_output_stacked(x, kernel, pads), (x, kernel)
+
+
+def _conv3d_depth_fold_large_bwd(pads, res, dy):
+    x, kernel = res
+    _, vjp = jax.vjp(lambda v: _conv3d_input_stacked(v, kernel, (1, 1, 1), pads), x)
+    (dx,) = vjp(dy)
+    return dx, _conv3d_filter_gradient(x, dy, kernel.shape, pads).astype(kernel.dtype)
+
+
+_conv3d_depth_fold_large.defvjp(_conv3d_depth_fold_large_fwd, _conv3d_depth_fold_large_bwd)
+
+
+def _conv3d_depth_fold_large_is_faster(
+    x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> bool:
+    """The route to :func:`_conv3d_depth_fold_large` (see ``_FOLD_LARGE_MIN_POSITIONS``)."""
+    out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:3], strides, pads)
+    return (
+        all(s == 1 for s in strides)
+        and all(p >= 0 for pp in pads for p in pp)
+        and x.dtype == jnp.float32
+        and kernel.dtype == jnp.float32
+        and x.shape[0] * int(np.prod(out)) >= _FOLD_LARGE_MIN_POSITIONS
+        and kernel.shape[0] * kernel.shape[3] >= _FOLD_LARGE_MIN_CHANNELS
+    )
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -670,11 +822,14 @@ def conv_nd(
 
     With ``fast=True`` the following exact reformulations are used:
 
-    * kernel of all ones (1x1): strided slicing + a matrix product;
+    * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with
       the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``. On XLA:CPU this is several times
-      faster than the native 3D convolution, forward and backward.
+      faster than the native 3D convolution, forward and backward. Large float32 stride-1
+      ones (``_conv3d_depth_fold_large_is_faster``) stack the depth taps along the output
+      channels instead in the forward and compute the kernel gradient as one matrix product
+      (:func:`_conv3d_depth_fold_large`).
     * stride ``s > 1`` (the same on every axis) with kernel extents that are multiples of
       ``s`` (PyTorch's k4 s2 p1 down-sampler): :func:`conv_space_to_depth`, a stride-1
       convolution of the space-to-depth input, which then takes the routes below; other
@@ -714,7 +869,7 @@ def conv_nd(
             x = jnp.pad(x, [(0, 0)] + pads + [(0, 0)])
         if any(s != 1 for s in strides):
             x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
-        return jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
+        return channel_matmul(x, kernel.reshape(kernel.shape[-2:]))
 
     if (
         _SECOND_ORDER.get()
@@ -729,15 +884,9 @@ def conv_nd(
         return conv_overlap_add(x, kernel, pads)
 
     if d == 3 and ks[0] > 1:
-        b, dd, h, w, cin = x.shape
-        kd, sd, (plo, phi) = ks[0], strides[0], pads[0]
-        (do,) = _conv_out_sizes((dd,), (kd,), (sd,), (pads[0],))
-        xp = jnp.pad(x, [(0, 0), (plo, phi), (0, 0), (0, 0), (0, 0)])
-        views = [xp[:, i : i + sd * (do - 1) + 1 : sd] for i in range(kd)]
-        xs = jnp.concatenate(views, axis=-1).reshape(b * do, h, w, kd * cin)
-        k2 = jnp.moveaxis(kernel, 0, 2).reshape(ks[1], ks[2], kd * cin, kernel.shape[-1])
-        y = conv_nd(xs, k2, strides[1:], pads[1:], fast=True)
-        return y.reshape((b, do) + y.shape[1:])
+        if _conv3d_depth_fold_large_is_faster(x, kernel, strides, pads):
+            return _conv3d_depth_fold_large(x, kernel, tuple(tuple(p) for p in pads))
+        return _conv3d_input_stacked(x, kernel, strides, pads)
 
     s = strides[0]
     if all(v == s for v in strides) and all(p >= 0 for pp in pads for p in pp):
@@ -855,7 +1004,7 @@ class UpSample(nn.Module):
         if self.fast:
             k = jnp.flip(kernel, axis=tuple(range(d)))  # [r_1..r_d, Cin, Cout], r = 1 - tap
             k = jnp.moveaxis(k, d, 0).reshape(cin, 2**d * self.features)
-            y = depth_to_space(jnp.dot(x, k), 2)
+            y = depth_to_space(channel_matmul(x, k), 2)
         else:
             y = lax.conv_transpose(
                 x, kernel, (2,) * d, "SAME", dimension_numbers=_dimension_numbers(d)

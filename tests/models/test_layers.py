@@ -385,6 +385,104 @@ def _correlate_f64(x, k, pads):
     )
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (7, 3), (1, 1, 6)])
+def test_channel_matmul_derivatives_equal_dot(shape):
+    # its kernel gradient is a product batched over row blocks (7 x 3 rows of (7, 3): a prime
+    # count, one block); values, gradients and a gradient penalty's second derivatives agree
+    # with jnp.dot's
+    x, k = _rand(shape), _rand((shape[-1], 5), 1)
+    w = _rand(shape[:-1] + (5,), 2)
+    np.testing.assert_allclose(layers.channel_matmul(x, k), jnp.dot(x, k), atol=ATOL, rtol=1e-6)
+
+    def grads(f):
+        first = jax.grad(lambda x, k: jnp.sum(f(x, k) * w), (0, 1))(x, k)
+
+        def penalty(x, k):
+            g = jax.grad(lambda x: jnp.sum(jnp.tanh(f(x, k))))(x)
+            return jnp.sum(g**2)
+
+        return (*first, *jax.grad(penalty, (0, 1))(x, k))
+
+    for a, b in zip(grads(layers.channel_matmul), grads(jnp.dot), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _fold_large_route(monkeypatch, positions=1, channels=1):
+    """Lower the large depth-fold route's thresholds so that small test shapes take it."""
+    monkeypatch.setattr(layers, "_FOLD_LARGE_MIN_POSITIONS", positions)
+    monkeypatch.setattr(layers, "_FOLD_LARGE_MIN_CHANNELS", channels)
+
+
+@pytest.mark.parametrize(
+    "shape,ks,padding",
+    [
+        ((2, 6, 5, 7, 3), (3, 3, 3), "SAME"),
+        ((1, 5, 6, 4, 2), (3, 2, 3), "SAME"),  # even in-plane extent: asymmetric 'SAME'
+        ((2, 5, 4, 6, 3), (2, 3, 3), "VALID"),
+        ((1, 4, 5, 5, 2), (3, 3, 3), [(2, 0), (0, 2), (1, 0)]),
+        ((1, 3, 4, 4, 8), (2, 2, 2), [(0, 0), (1, 1), (0, 1)]),  # Vox2Vox's kernel-2 form
+    ],
+)
+def test_conv_nd_large_depth_fold_equals_lax(monkeypatch, shape, ks, padding):
+    # the output-stacked forward and the matrix-product kernel gradient (route thresholds
+    # lowered): values and both gradients against lax's native 3D convolution
+    _fold_large_route(monkeypatch)
+    x, k = _rand(shape), _rand((*ks, shape[-1], 5), 1)
+
+    def fast(x, k):
+        return conv_nd(x, k, 1, padding)
+
+    def plain(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1, 1), padding, dimension_numbers=_dn(3))
+
+    assert _custom_vjp_calls(fast, x, k) == 1
+    y = plain(x, k)
+    np.testing.assert_allclose(fast(x, k), y, atol=ATOL, rtol=1e-5)
+    w = _rand(y.shape, 2)
+    got = jax.grad(lambda x, k: jnp.sum(fast(x, k) * w), (0, 1))(x, k)
+    ref = jax.grad(lambda x, k: jnp.sum(plain(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_nd_large_depth_fold_second_derivatives_equal_lax(monkeypatch):
+    _fold_large_route(monkeypatch)
+    x, k = _rand((1, 4, 5, 4, 3)), _rand((3, 3, 3, 3, 4), 1)
+
+    def penalty(conv):
+        def p(x, k):
+            g = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, k))))(x)
+            return jnp.sum(g**2)
+
+        return jax.grad(p, (0, 1))(x, k)
+
+    got = penalty(lambda x, k: conv_nd(x, k, 1, "SAME"))
+    ref = penalty(
+        lambda x, k: lax.conv_general_dilated(x, k, (1,) * 3, "SAME", dimension_numbers=_dn(3))
+    )
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape,cin,strides,dtype,routed",
+    [
+        ((2, 64, 64, 64), 32, 1, jnp.float32, True),  # U-Net 3D's 64^3 level
+        ((1, 64, 64, 64), 64, 1, jnp.float32, True),  # 2^18 output positions
+        ((2, 48, 48, 48), 32, 1, jnp.float32, False),  # 221184 positions
+        ((2, 64, 64, 64), 2, 1, jnp.float32, False),  # 6 stacked input channels
+        ((2, 64, 64, 64), 32, 2, jnp.float32, False),  # strided
+        ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
+    ],
+)
+def test_conv_nd_routes_large_3d_convolutions(shape, cin, strides, dtype, routed):
+    # the default thresholds, traced on abstract shapes (nothing is computed)
+    x = jax.ShapeDtypeStruct((*shape, cin), dtype)
+    k = jax.ShapeDtypeStruct((3, 3, 3, cin, 32), dtype)
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, strides, "SAME"))(x, k))
+    assert ("custom_vjp_call[" in graph) == routed
+
+
 @pytest.mark.parametrize(
     "shape,pads",
     [
