@@ -16,7 +16,7 @@ output up to float rounding:
   (:func:`conv_nd`). Large float32 stride-1 ones (at least 2^18 output positions: U-Net 3D's
   64^3 level) stack the depth taps along the output channels instead, ``[B*D, H, W, kd*Cout]``
   summed over depth-shifted slices, and compute their kernel gradient as one matrix product
-  of the depth-stacked input and the in-plane shifts of the output gradient.
+  of the depth-stacked input and the in-plane shifts of the output gradient (on CPUs).
 * 1x1 convolutions are matrix products (:func:`conv_nd`) whose kernel gradient is batched over
   row blocks (:func:`channel_matmul`).
 * The kernel-2 stride-2 transposed convolution (:class:`UpSample`) is a 1x1 convolution to
@@ -798,10 +798,14 @@ _conv3d_depth_fold_large.defvjp(_conv3d_depth_fold_large_fwd, _conv3d_depth_fold
 def _conv3d_depth_fold_large_is_faster(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> bool:
-    """The route to :func:`_conv3d_depth_fold_large` (see ``_FOLD_LARGE_MIN_POSITIONS``)."""
+    """The route to :func:`_conv3d_depth_fold_large` (see ``_FOLD_LARGE_MIN_POSITIONS``), on
+    the CPU backend only: it was measured there, and its kernel gradient holds ``kh * kw``
+    shifted copies of the output gradient (U-Net 3D at 2 x 64^3: XLA's buffers 1983 -> 3105
+    MiB), a cost that GPU and TPU convolutions do not need."""
     out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:3], strides, pads)
     return (
-        all(s == 1 for s in strides)
+        jax.default_backend() == "cpu"
+        and all(s == 1 for s in strides)
         and all(p >= 0 for pp in pads for p in pp)
         and x.dtype == jnp.float32
         and kernel.dtype == jnp.float32
