@@ -711,6 +711,12 @@ _FOLD_LARGE_MIN_POSITIONS = 1 << 18
 _FOLD_LARGE_MIN_CHANNELS = 32
 
 
+def _depth_views(xp: Array, kd: int, sd: int, do: int) -> Array:
+    """The ``kd`` depth views (stride ``sd``, ``do`` slices each) of the depth-padded ``xp:
+    [B, D_pad, ..., C]`` stacked along channels: ``[B, do, ..., kd * C]``, ordered ``(tap, c)``."""
+    return jnp.concatenate([xp[:, i : i + sd * (do - 1) + 1 : sd] for i in range(kd)], axis=-1)
+
+
 def _conv3d_input_stacked(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> Array:
@@ -721,8 +727,7 @@ def _conv3d_input_stacked(
     (kd, kh, kw), sd = kernel.shape[:3], strides[0]
     (do,) = _conv_out_sizes((dd,), (kd,), (sd,), (pads[0],))
     xp = jnp.pad(x, [(0, 0), tuple(pads[0]), (0, 0), (0, 0), (0, 0)])
-    views = [xp[:, i : i + sd * (do - 1) + 1 : sd] for i in range(kd)]
-    xs = jnp.concatenate(views, axis=-1).reshape(b * do, h, w, kd * cin)
+    xs = _depth_views(xp, kd, sd, do).reshape(b * do, h, w, kd * cin)
     k2 = jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kd * cin, kernel.shape[-1])
     y = conv_nd(xs, k2, strides[1:], pads[1:], fast=True)
     return y.reshape((b, do) + y.shape[1:])
@@ -758,8 +763,7 @@ def _conv3d_filter_gradient(
     kd, kh, kw, cin, cout = kernel_shape
     b, do, ho, wo, _ = dy.shape
     hp, wp = ho + kh - 1, wo + kw - 1
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])[:, :, :hp, :wp]
-    xs = jnp.concatenate([xp[:, t : t + do] for t in range(kd)], axis=-1)
+    xs = _depth_views(jnp.pad(x, [(0, 0), *pads, (0, 0)]), kd, 1, do)  # [b, do, hp, wp, kd*cin]
     dyp = jnp.pad(dy, [(0, 0), (0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)])
     shifts = [
         dyp[:, :, kh - 1 - i : kh - 1 - i + hp, kw - 1 - j : kw - 1 - j + wp]
