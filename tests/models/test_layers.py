@@ -483,6 +483,15 @@ def test_conv_nd_routes_large_3d_convolutions(shape, cin, strides, dtype, routed
     assert ("custom_vjp_call[" in graph) == routed
 
 
+def test_large_3d_route_is_cpu_only(monkeypatch):
+    # the U-Net 3D shape that the CPU routes (above) keeps the depth-stacked form elsewhere
+    x = jax.ShapeDtypeStruct((2, 64, 64, 64, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 3, 32, 32), jnp.float32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, 1, "SAME"))(x, k))
+    assert "custom_vjp_call[" not in graph and "conv_general_dilated" in graph
+
+
 @pytest.mark.parametrize(
     "shape,pads",
     [
