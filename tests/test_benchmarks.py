@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -44,3 +45,58 @@ def test_config_overrides_are_checked():
     assert cfg.data.max_examples == 7
     with pytest.raises(KeyError, match="not a key"):
         suite._set(cfg, "data.nosuch", 1)
+
+
+def _scripted(monkeypatch, *durations):
+    """Steps whose times (s) follow `durations`, one list per side, on a fake clock."""
+    clock = [0.0]
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: clock[0])
+
+    def step(ts):
+        it = iter(ts)
+        return lambda: clock.__setitem__(0, clock[0] + next(it))
+
+    return [step(ts) for ts in durations]
+
+
+def test_warm_up_runs_until_every_side_settles(monkeypatch):
+    # (times exact in binary, so the fake clock adds them exactly)
+    # medjax: a first-touch spike, then settled; torch: settled at once. Round 2's medjax pair
+    # (2, 0.5) is 4x the fastest, round 3's (0.5, 0.5625) within 20 % of 0.5: three rounds.
+    steps = _scripted(monkeypatch, [2.0, 0.5, 0.5625, 9.0], [0.75, 0.625, 0.625, 9.0])
+    warm = suite.settle(steps, max_rounds=8, tol=0.2)
+    assert warm == [[2.0, 0.5, 0.5625], [0.75, 0.625, 0.625]]
+    # (0.5625, 0.5) is 1.125x the fastest: settled after the two rounds every warm-up runs
+    warm = suite.settle(_scripted(monkeypatch, [0.5625, 0.5, 9.0])[:1], max_rounds=8, tol=0.2)
+    assert warm == [[0.5625, 0.5]]
+
+
+def test_warm_up_stops_at_its_cap_when_a_side_never_settles(monkeypatch):
+    steps = _scripted(monkeypatch, [1.0, 2.0] * 5, [1.0] * 10)
+    warm = suite.settle(steps, max_rounds=5, tol=0.2)
+    assert warm == [[1.0, 2.0, 1.0, 2.0, 1.0], [1.0] * 5]
+
+
+def test_a_case_is_timed_in_a_new_process_and_its_row_comes_back():
+    case = next(c for c in suite.CASES if c.name == "classifier")
+    args = argparse.Namespace(rounds=1, no_torch=True, warmup_max=2, warmup_tol=0.2, side="both")
+    row = suite.step_row_in_fresh_process(case, args, peak=1e11)
+    assert row["case"] == "classifier" and row["batch"] == 64
+    assert row["medjax_s"] > 0 and row["medjax_gflop"] > 0
+    assert row["medjax_peak_frac"] == pytest.approx(
+        row["medjax_gflop"] * 1e9 / row["medjax_s"] / 1e11
+    )
+    assert len(row["warmup_medjax_s"]) == 2 and row["timed_medjax_s"] == [row["medjax_s"]]
+    assert "ratio" not in row  # no PyTorch side without torch
+
+
+def test_sides_timed_apart_merge_into_one_row():
+    common = {"case": "x", "batch": 4, "medjax_gflop": 2.0, "torch_gflop": 3.0}
+    jax_row = {**common, "medjax_s": 0.5, "timed_medjax_s": [0.5]}
+    torch_row = {**common, "torch_s": 2.0, "timed_torch_s": [2.0], "torch_params": 7}
+    row = suite.merged_sides(jax_row, torch_row, peak=1e10)
+    assert row["ratio"] == 4.0 and row["sides_apart"] and row["torch_params"] == 7
+    assert row["medjax_ex_per_s"] == 8.0  # 4 examples / 0.5 s
+    assert row["medjax_peak_frac"] == pytest.approx(0.4)  # 2 GFLOP / 0.5 s / 10 GFLOP/s
+    assert row["torch_peak_frac"] == pytest.approx(0.15)  # 3 GFLOP / 2 s / 10 GFLOP/s
+    assert row["timed_medjax_s"] == [0.5] and row["timed_torch_s"] == [2.0]
