@@ -56,6 +56,10 @@ class Case:
     max_rounds: int = 0  # a cap on --rounds for the slowest steps (0: none)
     apart: bool = False  # time the two sides one after the other, each in its own process
 
+    def capped(self, rounds: int) -> int:
+        """`rounds`, capped by `max_rounds` for the slowest steps."""
+        return min(rounds, self.max_rounds or rounds)
+
 
 def _unet(cfg, facts, features=(32, 32, 64, 128, 256)):
     import torch_reference as tr
@@ -440,8 +444,8 @@ def step_row(case: Case, args: Any, torch: Any, devices: int, peak: float) -> di
         ref = case.torch(cfg, facts)
         sides["torch"] = ref.run
     steps = list(sides.values())
-    warm = settle(steps, min(args.warmup_max, case.max_rounds or args.warmup_max), args.warmup_tol)
-    times = timed_interleaved(steps, min(args.rounds, case.max_rounds or args.rounds))
+    warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol)
+    times = timed_interleaved(steps, case.capped(args.rounds))
     row = {
         "case": case.name,
         "what": case.what,
