@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from medjax.models import layers
+from medjax.models import layers, onednn
 from medjax.models.layers import (
     AttentionGate,
     Conv,
@@ -41,6 +41,14 @@ from medjax.models.layers import (
 from tests.helpers import randn, random_variables
 
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _xla_formulations():
+    """These tests check medjax's XLA formulations of the layers, so the route to oneDNN is
+    off here; tests/models/test_onednn.py checks that route."""
+    with onednn.enabled(False):
+        yield
 
 
 _rand = randn

@@ -1,0 +1,620 @@
+"""Convolutions on the CPU by oneDNN, called from inside XLA's program.
+
+oneDNN (Intel's deep-learning kernel library, the one behind PyTorch's CPU convolutions) runs
+3x3x3 convolutions about twice as fast as XLA:CPU's own on an AVX-512 CPU (forward, 2 x 64^3,
+32 -> 32 channels: 83 against 181 ms for medjax's best XLA formulation; ``BENCHMARKS.md``).
+This module calls its C API with :mod:`ctypes` from an XLA FFI handler (:func:`_handler`,
+registered for the CPU platform), which receives XLA's own buffers, so nothing is copied and
+the jitted step stays one XLA program. The same code runs unchanged where the library is
+absent (GPUs, TPUs, other CPUs): :func:`applies` is then false and
+:func:`medjax.models.layers.conv_nd` keeps its XLA formulations.
+
+The library comes from PyPI (``pip install 'medjax[onednn]'``, part of ``medjax[train]``: the
+``onednn-cpu-gomp`` wheel, oneDNN 3.2 built with GNU OpenMP). Its constants below are oneDNN
+3.2's; another version is not loaded. ``MEDJAX_ONEDNN=0`` turns the route off.
+
+The convolution is bilinear, and its three oneDNN primitives (forward, backward data,
+backward weights) are each other's transposes, so every one carries a VJP made of the other
+two (:func:`conv`): gradients of gradients (a gradient penalty) work to any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import importlib.metadata
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+__all__ = ["applies", "available", "conv", "enabled", "implementation"]
+
+_DISTRIBUTION = "onednn-cpu-gomp"
+_VERSION = (3, 2)
+
+# oneDNN 3.2's constants (dnnl_types.h, dnnl_common_types.h).
+_F32 = 3
+_TAG_ANY = 1
+_TAGS = {1: (15, 19), 2: (22, 28), 3: (33, 38)}  # spatial dims -> (nwc/nhwc/ndhwc, wio/hwio/dhwio)
+_CPU = 1
+_STREAM_IN_ORDER = 1
+_FORWARD_TRAINING = 64
+_CONVOLUTION_DIRECT = 1
+_SCRATCHPAD_USER = 1
+_QUERY_IMPL_INFO = 8
+_QUERY_SCRATCHPAD = 136
+_QUERY = {  # (input/diff_input, weights/diff_weights, output/diff_output) memory descriptors
+    "forward": (129, 131, 133),
+    "data": (130, 131, 134),
+    "weights": (129, 132, 134),
+}
+_ARG = {  # execution arguments, same order
+    "forward": (1, 33, 17),
+    "data": (129, 33, 145),
+    "weights": (1, 161, 145),
+}
+_ARG_SCRATCHPAD = 80
+_ARG_FROM, _ARG_TO = 1, 17
+_OUTPUT = {"forward": 2, "data": 0, "weights": 1}  # which of the three each primitive writes
+_INPUTS = {"forward": (0, 1), "data": (2, 1), "weights": (0, 2)}  # what its two inputs are
+
+_H = ctypes.c_void_p
+_Dims = ctypes.c_int64 * 12
+
+
+class _ExecArg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_int), ("memory", _H)]
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [
+        ("major", ctypes.c_int),
+        ("minor", ctypes.c_int),
+        ("patch", ctypes.c_int),
+        ("hash", ctypes.c_char_p),
+        ("cpu_runtime", ctypes.c_uint),
+        ("gpu_runtime", ctypes.c_uint),
+    ]
+
+
+def _library_path() -> Path | None:
+    try:
+        files = importlib.metadata.distribution(_DISTRIBUTION).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "libdnnl.so.3":
+            return Path(f.locate())
+    return None
+
+
+class _OneDNN:
+    """The loaded library, its CPU engine, one stream per thread and the cached primitives."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        lib.dnnl_primitive_desc_query_md.restype = _H
+        lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+        lib.dnnl_memory_desc_equal.restype = ctypes.c_int
+        self.engine = _H()
+        self._check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, 0), "engine")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._plans: dict[tuple, _Plan] = {}
+        self._ids: dict[tuple, int] = {}
+        self._keys: list[tuple] = []
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"oneDNN: {what} failed (dnnl_status_t {status})")
+
+    def stream(self) -> _H:
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = _H()
+            self._check(
+                self.lib.dnnl_stream_create(ctypes.byref(s), self.engine, _STREAM_IN_ORDER),
+                "stream",
+            )
+            self._local.stream = s
+        return s
+
+    def memory_desc(self, dims: Sequence[int], tag: int) -> _H:
+        md = _H()
+        self._check(
+            self.lib.dnnl_memory_desc_create_with_tag(
+                ctypes.byref(md), len(dims), _dims(dims), _F32, tag
+            ),
+            f"memory descriptor {tuple(dims)}",
+        )
+        return md
+
+    def memory(self, md: _H, address: int) -> _H:
+        """oneDNN's view of the array at ``address`` (not a copy)."""
+        mem = _H()
+        self._check(
+            self.lib.dnnl_memory_create(ctypes.byref(mem), md, self.engine, _H(address)), "memory"
+        )
+        return mem
+
+    def primitive(self, pd: _H) -> _H:
+        p = _H()
+        self._check(self.lib.dnnl_primitive_create(ctypes.byref(p), pd), "primitive")
+        return p
+
+    def reorder(self, src: _H, dst: _H) -> _H:
+        pd = _H()
+        self._check(
+            self.lib.dnnl_reorder_primitive_desc_create(
+                ctypes.byref(pd), src, self.engine, dst, self.engine, None
+            ),
+            "reorder",
+        )
+        return self.primitive(pd)
+
+    def execute(self, primitive: _H, args: Sequence[tuple[int, _H]]) -> None:
+        packed = (_ExecArg * len(args))(*(_ExecArg(k, m) for k, m in args))
+        self._check(
+            self.lib.dnnl_primitive_execute(primitive, self.stream(), len(args), packed), "execute"
+        )
+
+    def plan(self, key: tuple) -> _Plan:
+        """The primitive for ``key`` = (kind, input, kernel and output shapes, strides, pads),
+        built on first use."""
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = _Plan(self, *key)
+            return plan
+
+    def plan_id(self, key: tuple) -> int:
+        """A number for ``key``, the attribute that an XLA call passes to :func:`_handler`."""
+        with self._lock:
+            if key not in self._ids:
+                self._ids[key] = len(self._keys)
+                self._keys.append(key)
+            return self._ids[key]
+
+    def key(self, plan_id: int) -> tuple:
+        with self._lock:
+            return self._keys[plan_id]
+
+    def run(self, plan_id: int, pointers: Sequence[int]) -> None:
+        self.plan(self.key(plan_id)).run(pointers)
+
+
+def _dims(values: Sequence[int]) -> _Dims:
+    d = _Dims()
+    for i, v in enumerate(values):
+        d[i] = int(v)
+    return d
+
+
+def _activation_dims(shape: Sequence[int]) -> tuple[int, ...]:
+    return (shape[0], shape[-1], *shape[1:-1])  # [B, *S, C] -> oneDNN's (N, C, *S)
+
+
+def _weight_dims(shape: Sequence[int]) -> tuple[int, ...]:
+    return (shape[-1], shape[-2], *shape[:-2])  # [*k, Cin, Cout] -> oneDNN's (O, I, *k)
+
+
+class _Plan:
+    """One primitive (``kind`` of ``forward``, ``data``, ``weights``) for one geometry, with
+    reorders between the arrays' plain channels-last layouts and the layouts it computes in.
+
+    It first asks for the plain layouts; where oneDNN then has only a GEMM or reference
+    implementation (its backward passes on channels-last arrays), it lets oneDNN choose the
+    layouts (blocked ``nCdhw16c`` and the like) and adds the reorders: 2 x 64^3, 32 -> 32,
+    backward data 358 -> 127 ms, backward weights 180 -> 128 ms with them."""
+
+    def __init__(self, dnn: _OneDNN, kind, in_shape, kernel_shape, out_shape, strides, pads):
+        self.dnn, self.kind = dnn, kind
+        d = len(strides)
+        act, wgt = _TAGS[d]
+        dims = (_activation_dims(in_shape), _weight_dims(kernel_shape), _activation_dims(out_shape))
+        self.user = [dnn.memory_desc(dims[0], act), dnn.memory_desc(dims[1], wgt)]
+        self.user.append(dnn.memory_desc(dims[2], act))
+        self.shapes = (tuple(in_shape), tuple(kernel_shape), tuple(out_shape))
+        geometry = (
+            _dims(strides),
+            _dims([0] * d),
+            _dims([p[0] for p in pads]),
+            _dims([p[1] for p in pads]),
+        )
+        attr = _H()
+        dnn._check(dnn.lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
+        dnn._check(dnn.lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "attr")
+        self._keep = [attr]
+        pd = self._descriptor(self.user, geometry, attr)
+        if any(s in self.info(pd) for s in ("gemm", "ref")):
+            any_mds = [dnn.memory_desc(v, _TAG_ANY) for v in dims]
+            pd = self._descriptor(any_mds, geometry, attr)
+        self.pd = pd
+        self.info_str = self.info(pd)
+        self.actual = [_H(dnn.lib.dnnl_primitive_desc_query_md(pd, q, 0)) for q in _QUERY[kind]]
+        self.sizes = [dnn.lib.dnnl_memory_desc_get_size(m) for m in self.actual]
+        self.reorders: list[_H | None] = []
+        for i, (user, actual) in enumerate(zip(self.user, self.actual, strict=True)):
+            if dnn.lib.dnnl_memory_desc_equal(user, actual):
+                self.reorders.append(None)
+            elif i == _OUTPUT[kind]:
+                self.reorders.append(dnn.reorder(actual, user))
+            else:
+                self.reorders.append(dnn.reorder(user, actual))
+        scratch = dnn.lib.dnnl_primitive_desc_query_md(pd, _QUERY_SCRATCHPAD, 0)
+        self.scratch_md = _H(scratch) if scratch else None
+        self.scratch_size = dnn.lib.dnnl_memory_desc_get_size(self.scratch_md) if scratch else 0
+        self.primitive = dnn.primitive(pd)
+
+    def info(self, pd: _H) -> str:
+        s = ctypes.c_char_p()
+        self.dnn.lib.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO, 0, ctypes.byref(s))
+        return (s.value or b"").decode()
+
+    def _descriptor(self, mds, geometry, attr) -> _H:
+        dnn, lib = self.dnn, self.dnn.lib
+        fwd = _H()
+        dnn._check(
+            lib.dnnl_convolution_forward_primitive_desc_create(
+                ctypes.byref(fwd), dnn.engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT,
+                mds[0], mds[1], None, mds[2], *geometry, attr,
+            ),
+            f"convolution {self.shapes}",
+        )  # fmt: skip
+        self._keep.append(fwd)
+        if self.kind == "forward":
+            return fwd
+        pd = _H()
+        if self.kind == "data":
+            status = lib.dnnl_convolution_backward_data_primitive_desc_create(
+                ctypes.byref(pd), dnn.engine, _CONVOLUTION_DIRECT,
+                mds[0], mds[1], mds[2], *geometry, fwd, attr,
+            )  # fmt: skip
+        else:
+            status = lib.dnnl_convolution_backward_weights_primitive_desc_create(
+                ctypes.byref(pd), dnn.engine, _CONVOLUTION_DIRECT,
+                mds[0], mds[1], None, mds[2], *geometry, fwd, attr,
+            )  # fmt: skip
+        dnn._check(status, f"convolution {self.kind} {self.shapes}")
+        self._keep.append(pd)
+        return pd
+
+    def run(self, pointers: Sequence[int]) -> None:
+        """Runs the primitive on XLA's buffers: ``pointers`` to the (input, kernel, output)
+        arrays of the convolution, whichever of them this primitive reads or writes."""
+        dnn, lib = self.dnn, self.dnn.lib
+        out_index = _OUTPUT[self.kind]
+        keep, memories, args = [], [], []
+        finish = None
+        try:
+            for i in range(3):
+                user = dnn.memory(self.user[i], pointers[i])
+                memories.append(user)
+                if self.reorders[i] is None:
+                    args.append((_ARG[self.kind][i], user))
+                    continue
+                tmp = np.empty(self.sizes[i], np.uint8)
+                keep.append(tmp)
+                inner = dnn.memory(self.actual[i], tmp.ctypes.data)
+                memories.append(inner)
+                args.append((_ARG[self.kind][i], inner))
+                if i == out_index:
+                    finish = (self.reorders[i], inner, user)
+                else:
+                    dnn.execute(self.reorders[i], [(_ARG_FROM, user), (_ARG_TO, inner)])
+            if self.scratch_md is not None:
+                scratch = np.empty(max(self.scratch_size, 1), np.uint8)
+                keep.append(scratch)
+                memories.append(dnn.memory(self.scratch_md, scratch.ctypes.data))
+                args.append((_ARG_SCRATCHPAD, memories[-1]))
+            dnn.execute(self.primitive, args)
+            if finish is not None:
+                dnn.execute(finish[0], [(_ARG_FROM, finish[1]), (_ARG_TO, finish[2])])
+            dnn._check(lib.dnnl_stream_wait(dnn.stream()), "stream wait")
+        finally:
+            for m in memories:
+                lib.dnnl_memory_destroy(m)
+
+
+# --------------------------------------------------------------------------------------
+# The XLA FFI handler (xla/ffi/api/c_api.h of jaxlib 0.10, API version 0.3): XLA passes its
+# buffers' addresses, so nothing is copied on the way in or out (a host callback copied
+# every operand and result: 5.6 ms of a 20 ms 2D convolution at 8 x 128^2 x 32).
+# --------------------------------------------------------------------------------------
+
+_TARGET = "medjax_onednn_convolution"
+_FFI_API_VERSION = (0, 3)
+_FFI_EXTENSION_METADATA = 1
+_FFI_STAGE_EXECUTE = 3
+_FFI_ERROR_INTERNAL = 13
+
+
+class _FfiExtension(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", _H)]
+
+
+class _FfiApiVersion(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("major", ctypes.c_int),
+        ("minor", ctypes.c_int),
+    ]
+
+
+class _FfiMetadata(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", _FfiApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),
+    ]
+
+
+class _FfiMetadataExtension(ctypes.Structure):
+    _fields_ = [("base", _FfiExtension), ("metadata", ctypes.POINTER(_FfiMetadata))]
+
+
+class _FfiBuffer(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("dtype", ctypes.c_int),
+        ("data", _H),
+        ("rank", ctypes.c_int64),
+        ("dims", ctypes.POINTER(ctypes.c_int64)),
+    ]
+
+
+class _FfiList(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.POINTER(ctypes.c_int)),
+        ("items", ctypes.POINTER(_H)),
+    ]
+
+
+class _FfiAttrs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.POINTER(ctypes.c_int)),
+        ("names", ctypes.POINTER(_H)),
+        ("attrs", ctypes.POINTER(_H)),
+    ]
+
+
+class _FfiScalar(ctypes.Structure):
+    _fields_ = [("dtype", ctypes.c_int), ("value", _H)]
+
+
+class _FfiCallFrame(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("api", _H),
+        ("ctx", _H),
+        ("stage", ctypes.c_int),
+        ("args", _FfiList),
+        ("rets", _FfiList),
+        ("attrs", _FfiAttrs),
+        ("future", _H),
+    ]
+
+
+class _FfiErrorArgs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("message", ctypes.c_char_p),
+        ("errc", ctypes.c_int),
+    ]
+
+
+class _FfiApi(ctypes.Structure):  # the fields up to XLA_FFI_Error_Create
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _H),
+        ("api_version", _FfiApiVersion),
+        ("internal_api", _H),
+        ("error_create", ctypes.CFUNCTYPE(_H, ctypes.POINTER(_FfiErrorArgs))),
+    ]
+
+
+def _handler(frame_pointer) -> int | None:
+    """Runs one oneDNN primitive for XLA: the call's attribute ``plan`` names it
+    (:meth:`_OneDNN.plan_id`), its two operands and one result are the convolution's arrays.
+    Returns NULL, or an XLA error that carries the Python exception's message."""
+    frame = frame_pointer.contents
+    try:
+        if frame.extension_start:
+            if _FfiExtension.from_address(frame.extension_start).type == _FFI_EXTENSION_METADATA:
+                ext = _FfiMetadataExtension.from_address(frame.extension_start)
+                meta = ext.metadata.contents
+                meta.api_version = _FfiApiVersion(
+                    ctypes.sizeof(_FfiApiVersion), None, *_FFI_API_VERSION
+                )
+                meta.traits = 0
+                return None
+        if frame.stage != _FFI_STAGE_EXECUTE:
+            return None
+        plan_id = ctypes.c_int64.from_address(_FfiScalar.from_address(frame.attrs.attrs[0]).value)
+        operands = [_FfiBuffer.from_address(frame.args.items[i]).data for i in range(2)]
+        result = _FfiBuffer.from_address(frame.rets.items[0]).data
+        dnn = _load()
+        assert dnn is not None
+        kind = dnn.key(plan_id.value)[0]
+        pointers: list[int] = [0, 0, 0]
+        for i, p in zip(_INPUTS[kind], operands, strict=True):
+            pointers[i] = p
+        pointers[_OUTPUT[kind]] = result
+        dnn.run(plan_id.value, pointers)
+        return None
+    except BaseException as e:  # noqa: BLE001 - every error goes back to XLA, never lost
+        api = _FfiApi.from_address(frame.api)
+        message = f"medjax.models.onednn: {type(e).__name__}: {e}".encode()
+        args = _FfiErrorArgs(ctypes.sizeof(_FfiErrorArgs), None, message, _FFI_ERROR_INTERNAL)
+        return api.error_create(ctypes.byref(args))
+
+
+_HANDLER = ctypes.CFUNCTYPE(_H, ctypes.POINTER(_FfiCallFrame))(_handler)
+
+
+@functools.cache
+def _load() -> _OneDNN | None:
+    if os.environ.get("MEDJAX_ONEDNN", "1") == "0":
+        return None
+    path = _library_path()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # e.g. no libgomp.so.1 on this system
+        return None
+    lib.dnnl_version.restype = ctypes.POINTER(_Version)
+    v = lib.dnnl_version().contents
+    if (v.major, v.minor) != _VERSION:
+        return None
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(_HANDLER), platform="cpu")
+    return _OneDNN(lib)
+
+
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("medjax_onednn", default=True)
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Inside ``with enabled(False):``, convolutions traced there keep XLA's formulations (the
+    benchmark suite counts FLOPs that way: XLA's cost analysis does not see into a host
+    callback). A function is traced once per jit object, so switch before its first call."""
+    token = _ENABLED.set(on)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def available() -> bool:
+    """Whether the oneDNN library is installed, loadable and not switched off."""
+    return _load() is not None
+
+
+def applies(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]):
+    """Whether :func:`conv` can take this convolution: oneDNN is :func:`available` and
+    :func:`enabled`, the default backend is the CPU with one device (the handler does not
+    partition: under a multi-device mesh XLA would gather the batch onto one device), float32,
+    1-3 spatial dims and non-negative padding."""
+    return (
+        _ENABLED.get()
+        and x.dtype == jnp.float32
+        and kernel.dtype == jnp.float32
+        and 1 <= x.ndim - 2 <= 3
+        and all(p >= 0 for pp in pads for p in pp)
+        and jax.default_backend() == "cpu"
+        and jax.device_count() == 1
+        and available()
+    )
+
+
+def implementation(kind: str, x_shape, kernel_shape, out_shape, strides, pads) -> str:
+    """oneDNN's name for the kernel it runs (e.g. ``brgconv:avx512_core``), for benchmarks."""
+    dnn = _load()
+    if dnn is None:
+        raise RuntimeError("oneDNN is not available")
+    key = (kind, tuple(x_shape), tuple(kernel_shape), tuple(out_shape), tuple(strides))
+    return dnn.plan((*key, tuple(tuple(p) for p in pads))).info_str
+
+
+def _out_shape(x_shape, kernel_shape, strides, pads) -> tuple[int, ...]:
+    d = len(strides)
+    spatial = [
+        (x_shape[1 + i] + pads[i][0] + pads[i][1] - kernel_shape[i]) // strides[i] + 1
+        for i in range(d)
+    ]
+    return (x_shape[0], *spatial, kernel_shape[-1])
+
+
+def _call(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
+    x_shape, kernel_shape, strides, pads = geometry
+    out_shape = _out_shape(x_shape, kernel_shape, strides, pads)
+    shapes = (x_shape, kernel_shape, out_shape)
+    dnn = _load()
+    assert dnn is not None  # applies() checked it
+    plan_id = dnn.plan_id((kind, *shapes, strides, pads))
+    result = jax.ShapeDtypeStruct(shapes[_OUTPUT[kind]], jnp.float32)
+    call = jax.ffi.ffi_call(_TARGET, result, vmap_method="sequential")
+    return call(a, b, plan=np.int64(plan_id))
+
+
+# The three primitives, each with a VJP made of the other two.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _forward(x, kernel, geometry):
+    return _call("forward", x, kernel, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _data(dy, kernel, geometry):
+    return _call("data", dy, kernel, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _weights(x, dy, geometry):
+    return _call("weights", x, dy, geometry)
+
+
+def _forward_fwd(x, kernel, geometry):
+    return _forward(x, kernel, geometry), (x, kernel)
+
+
+def _forward_bwd(geometry, res, g):
+    x, kernel = res
+    return _data(g, kernel, geometry), _weights(x, g, geometry)
+
+
+def _data_fwd(dy, kernel, geometry):
+    return _data(dy, kernel, geometry), (dy, kernel)
+
+
+def _data_bwd(geometry, res, g):  # <data(dy, k), g> = <dy, forward(g, k)> = <k, weights(g, dy)>
+    dy, kernel = res
+    return _forward(g, kernel, geometry), _weights(g, dy, geometry)
+
+
+def _weights_fwd(x, dy, geometry):
+    return _weights(x, dy, geometry), (x, dy)
+
+
+def _weights_bwd(geometry, res, g):  # <weights(x, dy), g> = <x, data(dy, g)> = <dy, forward(x, g)>
+    x, dy = res
+    return _data(dy, g, geometry), _forward(x, g, geometry)
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+_data.defvjp(_data_fwd, _data_bwd)
+_weights.defvjp(_weights_fwd, _weights_bwd)
+
+
+def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> Array:
+    """Cross-correlation of ``x`` ``[B, *S, Cin]`` with ``kernel`` ``[*k, Cin, Cout]`` (the
+    semantics of :func:`jax.lax.conv_general_dilated` with channels-last dimension numbers),
+    by oneDNN. Check :func:`applies` first."""
+    geometry = (
+        tuple(x.shape),
+        tuple(kernel.shape),
+        tuple(int(s) for s in strides),
+        tuple((int(lo), int(hi)) for lo, hi in pads),
+    )
+    return _forward(x, kernel, geometry)

@@ -1,0 +1,163 @@
+"""oneDNN's convolutions (medjax.models.onednn) against lax's convolution: values, gradients,
+gradients of gradients, and the route that medjax.models.layers.conv_nd takes to them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from medjax.models import layers, onednn
+from medjax.models.layers import Conv, conv_nd
+from tests.helpers import randn
+
+pytestmark = pytest.mark.skipif(
+    not onednn.available(), reason="oneDNN (the onednn-cpu-gomp wheel) is not installed"
+)
+
+
+def _dn(d):
+    sp = "DHW"[-d:]
+    return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
+
+
+def _lax(strides, pads):
+    def conv(x, k):
+        return lax.conv_general_dilated(
+            x, k, strides, pads, dimension_numbers=_dn(x.ndim - 2), precision="highest"
+        )
+
+    return conv
+
+
+CASES = [
+    # shape, kernel extents, strides, pads
+    ((2, 7, 8, 9, 3), (3, 3, 3), (1, 1, 1), [(1, 1)] * 3),
+    ((1, 6, 5, 7, 2), (3, 2, 3), (1, 1, 1), [(0, 2), (1, 0), (2, 1)]),  # asymmetric
+    ((2, 8, 8, 8, 2), (4, 4, 4), (2, 2, 2), [(1, 1)] * 3),  # PyTorch's k4 s2 p1
+    ((2, 9, 7, 8, 3), (3, 3, 3), (2, 1, 2), [(0, 0)] * 3),  # 'VALID', mixed strides
+    ((3, 9, 10, 5), (4, 5), (2, 3), [(1, 1), (1, 2)]),
+    ((2, 11, 3), (3,), (1,), [(2, 0)]),
+]
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", CASES)
+def test_convolution_and_its_gradients_equal_lax(shape, ks, strides, pads):
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+    ref = _lax(strides, pads)
+
+    def ours(x, k):
+        return onednn.conv(x, k, strides, pads)
+
+    y = ref(x, k)
+    np.testing.assert_allclose(jax.jit(ours)(x, k), y, atol=1e-5, rtol=1e-5)
+    w = randn(y.shape, 2)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", [CASES[0], CASES[2], CASES[4]])
+def test_gradient_penalty_second_derivatives_equal_lax(shape, ks, strides, pads):
+    # a WGAN-GP critic's penalty: the input gradient, differentiated again (each primitive's
+    # VJP is made of the other two)
+    x, k = randn(shape), randn((*ks, shape[-1], 3), 1)
+
+    def penalty_grads(conv):
+        def penalty(x, k):
+            g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
+            return jnp.sum(g**2)
+
+        return jax.grad(penalty, (0, 1))(x, k)
+
+    got = jax.jit(lambda x, k: penalty_grads(lambda x, k: onednn.conv(x, k, strides, pads)))(x, k)
+    want = penalty_grads(_lax(strides, pads))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+
+
+def test_hand_computed_1d():
+    # [1, 2, 3, 4] with kernel [1, 0, -1], one zero on each side: x[i-1] - x[i+1]
+    x = jnp.asarray([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1)
+    k = jnp.asarray([1.0, 0.0, -1.0]).reshape(3, 1, 1)
+    y = onednn.conv(x, k, (1,), [(1, 1)])
+    np.testing.assert_array_equal(np.asarray(y).ravel(), [-2.0, -2.0, -2.0, 3.0])
+
+
+def test_vmap_over_a_batch_of_kernels():
+    x, ks = randn((2, 6, 6, 6, 2)), randn((3, 3, 3, 3, 2, 4), 1)
+    got = jax.vmap(lambda k: onednn.conv(x, k, (1, 1, 1), [(1, 1)] * 3))(ks)
+    want = jnp.stack([_lax((1, 1, 1), [(1, 1)] * 3)(x, k) for k in ks])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _graph(fn, *shapes, dtype=jnp.float32):
+    args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize(
+    "shape,cin,strides,dtype,routed",
+    [
+        ((2, 64, 64, 64), 32, 1, jnp.float32, True),  # U-Net 3D's levels
+        ((2, 16, 16, 16), 128, 1, jnp.float32, True),  # 2^13 positions
+        ((1, 8, 8, 8), 256, 1, jnp.float32, False),  # 2^9 positions
+        ((2, 64, 64, 64), 32, 2, jnp.float32, False),  # strided
+        ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
+    ],
+)
+def test_conv_nd_routes_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
+    graph = _graph(
+        lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (3, 3, 3, cin, 32), dtype=dtype
+    )
+    assert ("ffi_call" in graph) == routed
+
+
+def test_conv_nd_keeps_xla_for_2d_when_switched_off_and_off_the_cpu(monkeypatch):
+    big3d = ((2, 64, 64, 64, 32), (3, 3, 3, 32, 32))
+    assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), (8, 128, 128, 32), (3, 3, 32, 32))
+    with onednn.enabled(False):
+        assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), *big3d)
+    assert "ffi_call" in _graph(lambda x, k: conv_nd(x, k), *big3d)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), *big3d)
+
+
+def test_a_3d_conv_module_on_the_route_equals_the_plain_one(monkeypatch):
+    # a whole fast Conv (parameters, 'SAME' padding, bias) on the route equals `fast=False`
+    monkeypatch.setattr(layers, "_ONEDNN_MIN_POSITIONS", 1)
+    x = randn((2, 6, 7, 5, 3))
+    fast, plain = Conv(4, 3, spatial_dims=3), Conv(4, 3, spatial_dims=3, fast=False)
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
+    got = jax.grad(loss(fast), (0, 1))(params, x)
+    want = jax.grad(loss(plain), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_implementation_names_the_kernel():
+    name = onednn.implementation(
+        "forward", (1, 8, 8, 8, 16), (3, 3, 3, 16, 16), (1, 8, 8, 8, 16), (1, 1, 1), [(1, 1)] * 3
+    )
+    assert name and "ref" not in name
+
+
+def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
+    # the FFI handler hands an exception back to XLA as an error with its message: the call
+    # fails, it never returns an unwritten output
+    def fail(self, plan_id, pointers):
+        raise ValueError("the primitive failed")
+
+    monkeypatch.setattr(onednn._OneDNN, "run", fail)
+    x, k = randn((1, 5, 5, 5, 2)), randn((3, 3, 3, 2, 2), 1)
+    with pytest.raises(Exception, match="ValueError: the primitive failed"):
+        jax.block_until_ready(jax.jit(lambda x, k: onednn.conv(x, k, (1,) * 3, [(1, 1)] * 3))(x, k))
