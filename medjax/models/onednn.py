@@ -200,6 +200,17 @@ def _dims(values: Sequence[int]) -> _Dims:
     return d
 
 
+_ALIGN = 4096
+
+
+def _aligned(size: int, keep: list) -> int:
+    """The address of ``size`` new bytes aligned to a page (oneDNN's blocked layouts and
+    scratchpads expect aligned memory; numpy's heap gives 16 bytes); ``keep`` holds them."""
+    buffer = np.empty(size + _ALIGN, np.uint8)
+    keep.append(buffer)
+    return -(-buffer.ctypes.data // _ALIGN) * _ALIGN
+
+
 def _activation_dims(shape: Sequence[int]) -> tuple[int, ...]:
     return (shape[0], shape[-1], *shape[1:-1])  # [B, *S, C] -> oneDNN's (N, C, *S)
 
@@ -303,9 +314,7 @@ class _Plan:
                 if self.reorders[i] is None:
                     args.append((_ARG[self.kind][i], user))
                     continue
-                tmp = np.empty(self.sizes[i], np.uint8)
-                keep.append(tmp)
-                inner = dnn.memory(self.actual[i], tmp.ctypes.data)
+                inner = dnn.memory(self.actual[i], _aligned(self.sizes[i], keep))
                 memories.append(inner)
                 args.append((_ARG[self.kind][i], inner))
                 if i == out_index:
@@ -313,9 +322,8 @@ class _Plan:
                 else:
                     dnn.execute(self.reorders[i], [(_ARG_FROM, user), (_ARG_TO, inner)])
             if self.scratch_md is not None:
-                scratch = np.empty(max(self.scratch_size, 1), np.uint8)
-                keep.append(scratch)
-                memories.append(dnn.memory(self.scratch_md, scratch.ctypes.data))
+                scratch = _aligned(self.scratch_size, keep)
+                memories.append(dnn.memory(self.scratch_md, scratch))
                 args.append((_ARG_SCRATCHPAD, memories[-1]))
             dnn.execute(self.primitive, args)
             if finish is not None:
