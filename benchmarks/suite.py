@@ -231,8 +231,9 @@ def compiled_step(cfg: Any) -> tuple[Any, Any, dict, dict]:
     compiled = trainer.train_step.lower(state, batch).compile()
     t_compile = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    # XLA's cost analysis does not see into oneDNN's host callbacks: count the step's FLOPs
-    # on a lowering of the same step with XLA's convolutions (a new jit, traced without them).
+    # XLA's cost analysis does not see into oneDNN's FFI calls (medjax.models.onednn): count
+    # the step's FLOPs on a lowering of the same step with XLA's convolutions (a new jit,
+    # traced without them).
     with onednn.enabled(False):
         flops = _flops(loop.Trainer(cfg).train_step.lower(state, batch))
     try:

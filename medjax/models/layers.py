@@ -859,6 +859,9 @@ def conv_nd(
 
     With ``fast=True`` the following exact reformulations are used:
 
+    * stride-1 float32 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output
+      positions, on a CPU with oneDNN installed: oneDNN's convolution
+      (:func:`medjax.models.onednn.conv`, ``_onednn_is_faster``);
     * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with
