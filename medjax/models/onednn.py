@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Array = jax.Array
 
@@ -537,34 +538,41 @@ def applies(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tupl
     )
 
 
-def implementation(kind: str, x_shape, kernel_shape, out_shape, strides, pads) -> str:
+def implementation(kind: str, x_shape, kernel_shape, strides, pads) -> str:
     """oneDNN's name for the kernel it runs (e.g. ``brgconv:avx512_core``), for benchmarks."""
     dnn = _load()
     if dnn is None:
         raise RuntimeError("oneDNN is not available")
-    key = (kind, tuple(x_shape), tuple(kernel_shape), tuple(out_shape), tuple(strides))
-    return dnn.plan((*key, tuple(tuple(p) for p in pads))).info_str
+    return dnn.plan(_key(kind, _geometry(x_shape, kernel_shape, strides, pads))).info_str
 
 
-def _out_shape(x_shape, kernel_shape, strides, pads) -> tuple[int, ...]:
-    d = len(strides)
-    spatial = [
-        (x_shape[1 + i] + pads[i][0] + pads[i][1] - kernel_shape[i]) // strides[i] + 1
-        for i in range(d)
-    ]
-    return (x_shape[0], *spatial, kernel_shape[-1])
+_LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def _geometry(x_shape, kernel_shape, strides, pads) -> tuple:
+    return (
+        tuple(int(v) for v in x_shape),
+        tuple(int(v) for v in kernel_shape),
+        tuple(int(v) for v in strides),
+        tuple((int(lo), int(hi)) for lo, hi in pads),
+    )
+
+
+def _key(kind: str, geometry: tuple) -> tuple:
+    """(kind, input, kernel and output shapes, strides, pads): what names a primitive."""
+    x_shape, kernel_shape, strides, pads = geometry
+    out = lax.conv_general_shape_tuple(x_shape, kernel_shape, strides, pads, _LAYOUTS[len(strides)])
+    return (kind, x_shape, kernel_shape, tuple(int(v) for v in out), strides, pads)
 
 
 def _call(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
-    x_shape, kernel_shape, strides, pads = geometry
-    out_shape = _out_shape(x_shape, kernel_shape, strides, pads)
-    shapes = (x_shape, kernel_shape, out_shape)
     dnn = _load()
     assert dnn is not None  # applies() checked it
-    plan_id = dnn.plan_id((kind, *shapes, strides, pads))
+    key = _key(kind, geometry)
+    shapes = key[1:4]  # input, kernel, output
     result = jax.ShapeDtypeStruct(shapes[_OUTPUT[kind]], jnp.float32)
     call = jax.ffi.ffi_call(_TARGET, result, vmap_method="sequential")
-    return call(a, b, plan=np.int64(plan_id))
+    return call(a, b, plan=np.int64(dnn.plan_id(key)))
 
 
 # The three primitives, each with a VJP made of the other two.
@@ -619,10 +627,4 @@ def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[i
     """Cross-correlation of ``x`` ``[B, *S, Cin]`` with ``kernel`` ``[*k, Cin, Cout]`` (the
     semantics of :func:`jax.lax.conv_general_dilated` with channels-last dimension numbers),
     by oneDNN. Check :func:`applies` first."""
-    geometry = (
-        tuple(x.shape),
-        tuple(kernel.shape),
-        tuple(int(s) for s in strides),
-        tuple((int(lo), int(hi)) for lo, hi in pads),
-    )
-    return _forward(x, kernel, geometry)
+    return _forward(x, kernel, _geometry(x.shape, kernel.shape, strides, pads))

@@ -146,7 +146,7 @@ def test_a_3d_conv_module_on_the_route_equals_the_plain_one(monkeypatch):
 
 def test_implementation_names_the_kernel():
     name = onednn.implementation(
-        "forward", (1, 8, 8, 8, 16), (3, 3, 3, 16, 16), (1, 8, 8, 8, 16), (1, 1, 1), [(1, 1)] * 3
+        "forward", (1, 8, 8, 8, 16), (3, 3, 3, 16, 16), (1,) * 3, [(1, 1)] * 3
     )
     assert name and "ref" not in name
 
