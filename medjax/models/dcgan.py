@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.models.generators import conv_bias, gan_norm
+from medjax.models.generators import leaky_relu_02 as leaky
 from medjax.models.layers import Conv, ConvTranspose4, StridedConv4
 
 Array = jax.Array
@@ -155,12 +156,16 @@ class DCGANGenerator(nn.Module):
             int(np.prod(base)) * self.base_features, use_bias=bias, dtype=self.dtype, name="fc"
         )(h)
         h = h.reshape((z.shape[0],) + base + (self.base_features,))
-        h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name="fc_norm"))
+        h = gan_norm(
+            h, self.norm, train=train, dtype=self.dtype, name="fc_norm", activation=nn.relu
+        )
         stages = n if self.head == "conv" else n - 1
         for i in range(1, stages + 1):
             f = max(self.base_features // 2**i, self.min_features)
             h = ConvTranspose4(f, d, use_bias=bias, dtype=self.dtype, name=f"up{i}")(h)
-            h = nn.relu(gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}"))
+            h = gan_norm(
+                h, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}", activation=nn.relu
+            )
         if self.head == "conv":
             h = Conv(self.channels, 3, 1, d, use_bias=True, dtype=self.dtype, name="conv_out")(h)
         else:
@@ -216,8 +221,11 @@ class DCGANDiscriminator(nn.Module):
             )
             h = spectral_normed(conv, h, enabled=self.spectral_norm, train=train, name=f"sn{i}")
             if i > 0:
-                h = gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}")
-            h = nn.leaky_relu(h, negative_slope=0.2)
+                h = gan_norm(
+                    h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=leaky
+                )
+            else:
+                h = leaky(h)
         phi = jnp.sum(h.astype(jnp.float32), axis=tuple(range(1, d + 1)))  # [B, features[-1]]
         h = h.reshape(h.shape[0], -1)
         fc = nn.Dense(1, dtype=self.dtype, name="fc")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from medjax.models.dcgan import spectral_normed
 from medjax.models.generators import PaddedConv, conv_bias, gan_norm
+from medjax.models.generators import leaky_relu_02 as leaky
 
 Array = jax.Array
 Dtype = Any
@@ -126,8 +127,11 @@ class PatchGAN(nn.Module):
                 name=f"conv{i}",
             )
             h = spectral_normed(conv, h, enabled=self.spectral_norm, train=train, name=f"sn{i}")
+            act = leaky if i < last else None
             if has_norm:
-                h = gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}")
-            if i < last:
-                h = nn.leaky_relu(h, negative_slope=0.2)
+                h = gan_norm(
+                    h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=act
+                )
+            elif act is not None:
+                h = act(h)
         return h.astype(jnp.float32)

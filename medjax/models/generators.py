@@ -18,7 +18,7 @@ Shared GAN building blocks used by :mod:`medjax.models.dcgan` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +28,7 @@ from jax import lax
 
 from medjax.models.layers import (
     ConvTranspose4,
+    InstanceNorm,
     Norm,
     StridedConv4,
     conv_nd,
@@ -66,8 +67,20 @@ def conv_bias(norm: str) -> bool:
     return norm in ("none", "instance")
 
 
+def leaky_relu_02(x: Array) -> Array:
+    """LeakyReLU with negative slope 0.2, the activation of the DCGAN and PatchGAN
+    discriminators and of pix2pix's U-Net encoder."""
+    return nn.leaky_relu(x, negative_slope=0.2)
+
+
 def gan_norm(
-    x: Array, kind: str, *, train: bool, dtype: Dtype = jnp.float32, name: str | None = None
+    x: Array,
+    kind: str,
+    *,
+    train: bool,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    activation: Callable[[Array], Array] | None = None,
 ) -> Array:
     """Normalisation for the GAN models, selected by name; call inside a compact method.
 
@@ -89,21 +102,23 @@ def gan_norm(
       train: batch statistics (and their update) instead of running averages.
       dtype: compute dtype.
       name: submodule name (its parameters live under it).
+      activation: an elementwise function applied after the norm (inside the instance norm's
+        VJP for ``'instance'``: :func:`~medjax.models.layers.instance_norm`), or ``None``.
 
     Returns:
       ``[B, *spatial, C]``.
     """
-    if kind == "none":
-        return x
     if kind in ("batch", "group"):
-        return Norm(kind, dtype=dtype, name=name)(x, train=train)
+        return Norm(kind, dtype=dtype, name=name)(x, train=train, activation=activation)
     if kind == "instance":
-        return nn.InstanceNorm(dtype=dtype, use_scale=False, use_bias=False, name=name)(x)
+        return InstanceNorm(dtype=dtype, use_scale=False, use_bias=False, name=name)(x, activation)
     if kind == "layer":
-        return nn.LayerNorm(
+        x = nn.LayerNorm(
             dtype=dtype, reduction_axes=tuple(range(1, x.ndim)), feature_axes=-1, name=name
         )(x)
-    raise ValueError(f"unknown norm {kind!r}; choose from {GAN_NORMS}")
+    elif kind != "none":
+        raise ValueError(f"unknown norm {kind!r}; choose from {GAN_NORMS}")
+    return x if activation is None else activation(x)
 
 
 def reflect_pad(x: Array, pad: int) -> Array:
@@ -257,9 +272,10 @@ class ResnetBlock(nn.Module):
                 self.dtype,
                 name=f"conv{i}",
             )(h)
-            h = gan_norm(h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}")
-            if i == 0:
-                h = nn.relu(h)
+            act = nn.relu if i == 0 else None
+            h = gan_norm(
+                h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=act
+            )
         return x + h
 
 
@@ -316,18 +332,29 @@ class ResnetGenerator(nn.Module):
         x = PaddedConv(self.features, 7, 1, 0, d, bias, self.dtype, name="conv_in")(
             reflect_pad(x, 3)
         )
-        x = nn.relu(gan_norm(x, self.norm, train=train, dtype=self.dtype, name="norm_in"))
+        x = gan_norm(
+            x, self.norm, train=train, dtype=self.dtype, name="norm_in", activation=nn.relu
+        )
         f = self.features
         for i in range(nd):
             f = self.features * 2 ** (i + 1)
             x = PaddedConv(f, 3, 2, 1, d, bias, self.dtype, name=f"down{i}")(x)
-            x = nn.relu(gan_norm(x, self.norm, train=train, dtype=self.dtype, name=f"down_norm{i}"))
+            x = gan_norm(
+                x,
+                self.norm,
+                train=train,
+                dtype=self.dtype,
+                name=f"down_norm{i}",
+                activation=nn.relu,
+            )
         for i in range(self.num_blocks):
             x = ResnetBlock(f, self.norm, d, self.dtype, name=f"block{i}")(x, train=train)
         for i in reversed(range(nd)):
             f = self.features * 2**i
             x = ConvTranspose4(f, d, use_bias=bias, dtype=self.dtype, name=f"up{i}")(x)
-            x = nn.relu(gan_norm(x, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}"))
+            x = gan_norm(
+                x, self.norm, train=train, dtype=self.dtype, name=f"up_norm{i}", activation=nn.relu
+            )
         x = PaddedConv(self.out_channels, 7, 1, 0, d, True, self.dtype, name="conv_out")(
             reflect_pad(x, 3)
         )

@@ -11,11 +11,11 @@ and meanings of :class:`flax.linen.Conv` / :class:`flax.linen.ConvTranspose`, so
 output up to float rounding:
 
 * On CPUs with oneDNN installed (``medjax[onednn]``, part of ``medjax[train]``), stride-1
-  float32 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions run as
-  oneDNN's convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x
-  faster than with the XLA formulations below (2-core AVX-512 Xeon), which every other
-  backend keeps. 2D convolutions and strided ones keep XLA's: there oneDNN did not make the
-  steps faster (``BENCHMARKS.md``).
+  float32 2D and 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions
+  run as oneDNN's convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3
+  1.55x faster than with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core
+  AVX-512 Xeon), which every other backend keeps. Strided convolutions and the Winograd ones
+  keep XLA's formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``).
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -676,12 +676,18 @@ def _row_blocks_contraction(a: Array, b: Array) -> Array:
     over the long row axis) as a product batched over up to 16 row blocks, then summed. XLA:CPU
     runs the batched form on the operands as they are; given the plain ``a^T b`` it may first
     write a transposed copy of the larger operand, fused into that operand's producer (the 2x
-    up-sampling's kernel gradient in U-Net 3D: a 240 ms transposing copy, BENCHMARKS.md)."""
-    m = a.shape[0]
-    blocks = max(v for v in range(1, 17) if m % v == 0)
+    up-sampling's kernel gradient in U-Net 3D: a 240 ms transposing copy, BENCHMARKS.md).
+
+    The blocks' partial products (``blocks x P x Q``) are kept to at most an eighth of the
+    operands' size (``M x (P + Q)``): for few rows and many channels (U-Net 2D's deepest
+    up-sampling, 512 rows, 256 x 512 channels) 16 blocks wrote and summed 8 MB of partial
+    products, 14 ms of a 400 ms step, for a 0.13 GFLOP product."""
+    m, p, q = a.shape[0], a.shape[1], b.shape[1]
+    cap = max(1, min(16, m * (p + q) // (8 * p * q)))
+    blocks = max(v for v in range(1, cap + 1) if m % v == 0)
     return lax.dot_general(
-        a.reshape(blocks, m // blocks, a.shape[1]),
-        b.reshape(blocks, m // blocks, b.shape[1]),
+        a.reshape(blocks, m // blocks, p),
+        b.reshape(blocks, m // blocks, q),
         (((1,), (1,)), ((0,), (0,))),
     ).sum(0)
 
@@ -827,7 +833,7 @@ def _conv3d_depth_fold_large_is_faster(
 
 
 _ONEDNN_MIN_POSITIONS = 1 << 12
-_ONEDNN_SPATIAL_DIMS = (3,)
+_ONEDNN_SPATIAL_DIMS = (2, 3)
 
 
 def _onednn_is_faster(
@@ -835,13 +841,25 @@ def _onednn_is_faster(
 ) -> bool:
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
     (:func:`medjax.models.onednn.applies`): stride-1 convolutions with
-    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (3D) and at least ``_ONEDNN_MIN_POSITIONS`` output
-    positions (batch x spatial). U-Net 3D's step took 4439 against 6899 ms with them (one
-    process, interleaved); its levels below 32^3 made no measurable difference either way."""
+    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least ``_ONEDNN_MIN_POSITIONS``
+    output positions (batch x spatial), except those that Winograd's algorithm computes
+    (``_winograd_is_faster``).
+
+    Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
+    4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
+    with the 2D route, U-Net 2D 8 x 256^2 1480 against 1781 ms, 8 x 128^2 377 against 403,
+    DCGAN 753 against 827, WGAN-GP 3672 against 4002, the classifier 65 against 73.
+    CycleGAN's 256 -> 256 residual-block convolutions are faster by Winograd (4x fewer
+    products): 126 against 206 ms forward + backward at 4 x 64^2, and its step took 9213
+    against 6769 ms with oneDNN taking them. Strided convolutions are XLA's formulations
+    (several of them end in a stride-1 convolution that takes this route): routing them
+    to oneDNN as they are, Vox2Vox's step took 122 against 113 ms, DCGAN's 788 against 761."""
     d = x.ndim - 2
     if d not in _ONEDNN_SPATIAL_DIMS or any(s != 1 for s in strides):
         return False
     out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:d], strides, pads)
+    if d == 2 and _winograd_is_faster(x, kernel, out):
+        return False
     return x.shape[0] * int(np.prod(out)) >= _ONEDNN_MIN_POSITIONS and onednn.applies(
         x, kernel, strides, pads
     )
@@ -859,9 +877,10 @@ def conv_nd(
 
     With ``fast=True`` the following exact reformulations are used:
 
-    * stride-1 float32 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output
-      positions, on a CPU with oneDNN installed: oneDNN's convolution
-      (:func:`medjax.models.onednn.conv`, ``_onednn_is_faster``);
+    * stride-1 float32 2D and 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output
+      positions, on a CPU with oneDNN installed, unless Winograd's algorithm takes them (see
+      below): oneDNN's convolution (:func:`medjax.models.onednn.conv`,
+      ``_onednn_is_faster``);
     * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with
@@ -1260,11 +1279,130 @@ def _num_groups(channels: int, max_groups: int) -> int:
     return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
 
 
+def _instance_moments(x: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    """(``x`` in at least float32, its mean and ``1 / sqrt(var + epsilon)`` per sample and
+    channel, kept as ``[B, 1, ..., 1, C]``). The variance is ``E[x^2] - E[x]^2`` clipped at 0, as
+    :class:`flax.linen.InstanceNorm` computes it (``use_fast_variance``): one pass over ``x``."""
+    axes = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(xf), axes, keepdims=True) - jnp.square(mean), 0.0)
+    return xf, mean, lax.rsqrt(var + epsilon)
+
+
+def _apply_activation(activation: Callable[[Array], Array] | None, z: Array) -> Array:
+    return z if activation is None else activation(z)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _instance_norm(x, scale, bias, epsilon, activation):
+    return _instance_norm_fwd(x, scale, bias, epsilon, activation)[0]
+
+
+def _instance_norm_fwd(x, scale, bias, epsilon, activation):
+    xf, mean, rstd = _instance_moments(x, epsilon)
+    a = scale * rstd
+    return _apply_activation(activation, xf * a + (bias - mean * a)), (x, scale, bias, mean, rstd)
+
+
+def _instance_norm_bwd(epsilon, activation, res, dy):
+    x, scale, bias, mean, rstd = res
+    axes = tuple(range(1, x.ndim - 1))
+    n = np.prod([x.shape[i] for i in axes])
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    if activation is None:
+        g = dy.astype(xhat.dtype)
+    else:
+        z = xhat * scale + bias
+        _, act_vjp = jax.vjp(activation, z)
+        (g,) = act_vjp(dy.astype(z.dtype))
+    sum_g = jnp.sum(g, axes, keepdims=True)
+    sum_gx = jnp.sum(g * xhat, axes, keepdims=True)
+    dx = (scale * rstd) * (g - (sum_g / n) - xhat * (sum_gx / n))
+    red = tuple(range(x.ndim - 1))
+    return (
+        dx.astype(x.dtype),
+        jnp.sum(sum_gx, red).astype(scale.dtype),
+        jnp.sum(sum_g, red).astype(bias.dtype),
+    )
+
+
+_instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)
+
+
+def instance_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    epsilon: float = 1e-5,
+    activation: Callable[[Array], Array] | None = None,
+    dtype: Dtype | None = None,
+) -> Array:
+    """Instance normalisation (Ulyanov et al. 2016) followed by an elementwise ``activation``.
+
+    ``activation(scale * (x - mean) / sqrt(var + epsilon) + bias)`` with the mean and the
+    (biased) variance per sample and channel over all spatial axes of ``x: [B, *spatial, C]``,
+    as :class:`flax.linen.InstanceNorm` followed by the activation (the same values up to
+    float rounding). Statistics and arithmetic run in at least float32; the result is cast to
+    ``dtype`` (default: ``x``'s).
+
+    Its VJP is written out, which autodiff of the composition does not find: the forward
+    keeps only ``x`` and the per-channel statistics (not ``x - mean`` nor the activation's
+    input, each a tensor the size of ``x``), and the backward is two passes over ``x`` and the
+    output gradient (the two per-channel sums, then the input gradient), recomputing the
+    normalised input. 17-18 % less time than autodiff of ``nn.InstanceNorm`` + leaky ReLU,
+    forward + backward, at 8 x 128^2 x 32 and 2 x 64^3 x 32 (2-core Xeon). Reverse-mode
+    derivatives of every order work (the backward is ordinary differentiable operations, the
+    activation's own VJP included); forward mode (``jax.jvp``) does not, as with any custom VJP.
+
+    Args:
+      x: ``[B, *spatial, C]``.
+      scale, bias: ``[C]``, or ``None`` for none (affine-free).
+      epsilon: added to the variance.
+      activation: an elementwise function, or ``None``.
+      dtype: result dtype.
+    """
+    c = x.shape[-1]
+    stat = jnp.promote_types(x.dtype, jnp.float32)
+    scale = jnp.ones((c,), stat) if scale is None else jnp.asarray(scale, stat)
+    bias = jnp.zeros((c,), stat) if bias is None else jnp.asarray(bias, stat)
+    y = _instance_norm(x, scale, bias, float(epsilon), activation)
+    return y.astype(dtype or x.dtype)
+
+
+class InstanceNorm(nn.Module):
+    """:func:`instance_norm` as a module with the parameters of
+    :class:`flax.linen.InstanceNorm` (``scale`` ones and ``bias`` zeros, ``[C]``, float32), so
+    the two are interchangeable in a parameter tree; an optional activation is applied inside.
+
+    Attributes:
+      epsilon: added to the variance.
+      use_scale, use_bias: learn a per-channel scale / bias.
+      dtype: result dtype (default: the input's).
+    """
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, activation: Callable[[Array], Array] | None = None) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,)) if self.use_scale else None
+        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.use_bias else None
+        return instance_norm(
+            x, scale, bias, epsilon=self.epsilon, activation=activation, dtype=self.dtype
+        )
+
+
 class Norm(nn.Module):
     """Selects a normalisation layer by name.
 
-    * ``'instance'``: :class:`flax.linen.InstanceNorm` (Ulyanov et al. 2016), statistics per
-      sample and channel over all spatial axes, learned scale and bias.
+    * ``'instance'``: :class:`InstanceNorm` (Ulyanov et al. 2016; the parameters and values of
+      :class:`flax.linen.InstanceNorm`), statistics per sample and channel over all spatial
+      axes, learned scale and bias.
     * ``'group'``: :class:`flax.linen.GroupNorm` (Wu & He 2018) with the largest divisor of the
       channel count that is ``<= num_groups`` groups.
     * ``'batch'``: :class:`flax.linen.BatchNorm` (Ioffe & Szegedy 2015), momentum 0.9, running
@@ -1287,25 +1425,33 @@ class Norm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *,
+        train: bool = False,
+        activation: Callable[[Array], Array] | None = None,
+    ) -> Array:
+        """Normalises ``x``, then applies ``activation`` (inside the instance norm's VJP for
+        ``'instance'``, see :func:`instance_norm`)."""
         if self.kind == "instance":
-            return nn.InstanceNorm(epsilon=self.epsilon, dtype=self.dtype, name="norm")(x)
+            return InstanceNorm(epsilon=self.epsilon, dtype=self.dtype, name="norm")(x, activation)
         if self.kind == "group":
             g = _num_groups(x.shape[-1], self.num_groups)
-            return nn.GroupNorm(num_groups=g, epsilon=self.epsilon, dtype=self.dtype, name="norm")(
-                x
-            )
-        if self.kind == "batch":
-            return nn.BatchNorm(
+            y = nn.GroupNorm(num_groups=g, epsilon=self.epsilon, dtype=self.dtype, name="norm")(x)
+        elif self.kind == "batch":
+            y = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=0.9,
                 epsilon=self.epsilon,
                 dtype=self.dtype,
                 name="norm",
             )(x)
-        if self.kind == "none":
-            return x
-        raise ValueError(f"unknown norm {self.kind!r}; use instance, group, batch or none")
+        elif self.kind == "none":
+            y = x
+        else:
+            raise ValueError(f"unknown norm {self.kind!r}; use instance, group, batch or none")
+        return _apply_activation(activation, y)
 
 
 class ConvNormAct(nn.Module):
@@ -1349,8 +1495,8 @@ class ConvNormAct(nn.Module):
             fast=self.fast,
             name="conv",
         )(x)
-        x = Norm(self.norm, dtype=self.dtype, name="norm")(x, train=train)
-        return get_activation(self.activation)(x)
+        act = get_activation(self.activation)
+        return Norm(self.norm, dtype=self.dtype, name="norm")(x, train=train, activation=act)
 
 
 class ResidualBlock(nn.Module):

@@ -18,6 +18,7 @@ from medjax.models.layers import (
     ConvNormAct,
     ConvTranspose4,
     DownSample,
+    InstanceNorm,
     Norm,
     ResidualBlock,
     StridedConv4,
@@ -32,6 +33,7 @@ from medjax.models.layers import (
     conv_winograd,
     depth_to_space,
     get_activation,
+    instance_norm,
     match_spatial,
     max_pool,
     second_order_convolutions,
@@ -736,6 +738,107 @@ def test_conv_norm_act_equals_manual_composition():
     nv = v["params"]["norm"]["norm"]
     ref = jnp.maximum((y - mu) / jnp.sqrt(var + 1e-5) * nv["scale"] + nv["bias"], 0.0)
     np.testing.assert_allclose(m.apply(v, x), ref, atol=1e-4)
+
+
+def _numpy_instance_norm(x, scale, bias, eps=1e-5):
+    # the textbook two-pass formula in float64
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(1, x.ndim - 1))
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+_LEAKY = get_activation("leaky_relu")
+
+
+@pytest.mark.parametrize(
+    "shape,activation",
+    [
+        ((2, 6, 5, 4), _LEAKY),
+        ((2, 4, 3, 5, 3), nn.relu),
+        ((3, 7, 2), None),
+        ((2, 5, 5, 4), nn.gelu),
+    ],
+)
+def test_instance_norm_equals_flax_and_numpy_with_gradients(shape, activation):
+    x = _rand(shape) * 3 + 1.5
+    c = shape[-1]
+    p = {"scale": _rand((c,)) + 1.0, "bias": _rand((c,)) * 0.3}
+    act = activation or (lambda v: v)
+
+    def ours(x, p):
+        return InstanceNorm().apply({"params": p}, x, activation)
+
+    def flax_ref(x, p):
+        return act(nn.InstanceNorm().apply({"params": p}, x))
+
+    want = np.asarray(act(jnp.asarray(_numpy_instance_norm(x, p["scale"], p["bias"]), jnp.float32)))
+    np.testing.assert_allclose(ours(x, p), want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(ours(x, p), flax_ref(x, p), atol=2e-5, rtol=1e-5)
+    w = _rand(shape)
+
+    def loss(f):
+        return lambda x, p: jnp.sum(f(x, p) * w)
+
+    got, ref = jax.grad(loss(ours), (0, 1))(x, p), jax.grad(loss(flax_ref), (0, 1))(x, p)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+    # second derivatives (a gradient penalty through the norm) equal autodiff of flax's
+    def penalty(f):
+        return lambda x, p: jnp.sum(jax.grad(loss(f))(x, p) ** 2)
+
+    got, ref = jax.grad(penalty(ours), (0, 1))(x, p), jax.grad(penalty(flax_ref), (0, 1))(x, p)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_instance_norm_module_has_flax_parameters_and_dtypes():
+    x = _rand((2, 5, 5, 3))
+    key = jax.random.PRNGKey(0)
+    ours, theirs = InstanceNorm().init(key, x), nn.InstanceNorm().init(key, x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), theirs
+    )
+    np.testing.assert_array_equal(ours["params"]["scale"], theirs["params"]["scale"])
+    np.testing.assert_array_equal(ours["params"]["bias"], theirs["params"]["bias"])
+    assert not InstanceNorm(use_scale=False, use_bias=False).init(key, x)
+    # affine-free: zero mean and unit variance per sample and channel
+    y = InstanceNorm(use_scale=False, use_bias=False).apply({}, x)
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(1, 2)), 1.0, rtol=1e-3)
+    # bfloat16 input and result, statistics in float32, parameter gradients in float32
+    xb = x.astype(jnp.bfloat16)
+    yb = instance_norm(xb, activation=nn.relu)
+    assert yb.dtype == jnp.bfloat16
+    ref = np.maximum(_numpy_instance_norm(np.asarray(xb, np.float32), 1.0, 0.0), 0.0)
+    np.testing.assert_allclose(np.asarray(yb, np.float32), ref, atol=3e-2, rtol=1e-2)
+    g = jax.grad(lambda s: jnp.sum(instance_norm(xb, s, None, activation=nn.relu)))(jnp.ones(3))
+    assert g.dtype == jnp.float32
+    assert jax.grad(lambda v: jnp.sum(instance_norm(v) ** 2))(xb).dtype == jnp.bfloat16
+
+
+def test_conv_norm_act_instance_equals_linen_composition():
+    # ConvNormAct (fused norm + activation) against Linen's Conv -> InstanceNorm -> LeakyReLU
+    # with the same parameters: values and every gradient
+    x = _rand((2, 9, 9, 3))
+    m = ConvNormAct(5, spatial_dims=2, norm="instance", activation="leaky_relu", fast=False)
+    v = _init(m, x)
+
+    def linen(v, x):
+        y = nn.Conv(5, (3, 3), padding="SAME", use_bias=False).apply(
+            {"params": v["params"]["conv"]}, x
+        )
+        y = nn.InstanceNorm().apply({"params": v["params"]["norm"]["norm"]}, y)
+        return nn.leaky_relu(y, 0.01)
+
+    np.testing.assert_allclose(m.apply(v, x), linen(v, x), atol=1e-5, rtol=1e-5)
+    w = _rand((2, 9, 9, 5))
+    got = jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * w), (0, 1))(v, x)
+    want = jax.grad(lambda v, x: jnp.sum(linen(v, x) * w), (0, 1))(v, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_batch_norm_uses_batch_stats():

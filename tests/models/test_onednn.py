@@ -107,18 +107,22 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((1, 8, 8, 8), 256, 1, jnp.float32, False),  # 2^9 positions
         ((2, 64, 64, 64), 32, 2, jnp.float32, False),  # strided
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
+        ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
+        ((8, 16, 16), 256, 1, jnp.float32, False),  # 2^11 positions
+        ((64, 32, 32), 64, 2, jnp.float32, False),  # strided (DCGAN)
+        ((4, 2048), 8, 1, jnp.float32, False),  # 1D (2^13 positions)
     ],
 )
-def test_conv_nd_routes_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
+def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
+    ks = (3,) * len(shape[1:])
     graph = _graph(
-        lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (3, 3, 3, cin, 32), dtype=dtype
+        lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
     )
     assert ("ffi_call" in graph) == routed
 
 
-def test_conv_nd_keeps_xla_for_2d_when_switched_off_and_off_the_cpu(monkeypatch):
+def test_conv_nd_keeps_xla_when_switched_off_and_off_the_cpu(monkeypatch):
     big3d = ((2, 64, 64, 64, 32), (3, 3, 3, 32, 32))
-    assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), (8, 128, 128, 32), (3, 3, 32, 32))
     with onednn.enabled(False):
         assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), *big3d)
     assert "ffi_call" in _graph(lambda x, k: conv_nd(x, k), *big3d)
