@@ -482,7 +482,19 @@ def with_rates(row: dict, peak: float) -> dict:
         row["torch_peak_frac"] = row["torch_gflop"] * 1e9 / row["torch_s"] / peak
     if "medjax_s" in row and "torch_s" in row:
         row["ratio"] = row["torch_s"] / row["medjax_s"]
+        if not row.get("sides_apart"):
+            row["ratio_rounds"] = paired_ratio(row["timed_medjax_s"], row["timed_torch_s"])
     return row
+
+
+def paired_ratio(medjax_s: list[float], torch_s: list[float]) -> dict:
+    """The ratio round by round (each torch step over the medjax step timed just before it):
+    its median and quartiles. A burst of load on a shared machine slows both steps of a round
+    alike, so this ratio moves less than the two medians do (step times on a noisy 2-core VM
+    doubled for seconds at a time; BENCHMARKS.md)."""
+    r = sorted(t / m for m, t in zip(medjax_s, torch_s, strict=True))
+    q1, med, q3 = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
+    return {"median": med, "q1": q1, "q3": q3, "min": r[0], "max": r[-1]}
 
 
 def step_row_in_fresh_process(case: Case, args: Any, peak: float) -> dict:
@@ -698,7 +710,7 @@ def inference_markdown(rows: list[dict]) -> str:
 def _line(r: dict) -> str:
     ref = (
         f" | torch {r['torch_s'] * 1e3:8.1f} ms  {r['torch_gflop']:8.1f} GFLOP"
-        f"  ratio {r['ratio']:.2f}"
+        f"  ratio {r['ratio']:.2f}, per round {per_round(r)}"
         if "ratio" in r
         else ""
     )
@@ -707,6 +719,12 @@ def _line(r: dict) -> str:
         f"  {r['memory_mib']:7.0f} MiB  {r['medjax_gflop']:8.1f} GFLOP"
         f"  {r['medjax_peak_frac']:5.1%} of peak{ref}  warm-up {len(r['warmup_medjax_s'])}"
     )
+
+
+def per_round(row: dict) -> str:
+    """The table's cell for `paired_ratio` (none for two steps timed apart)."""
+    q = row.get("ratio_rounds")
+    return f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q else "-"
 
 
 def markdown(machine: dict, rows: list[dict]) -> str:
@@ -726,7 +744,8 @@ def markdown(machine: dict, rows: list[dict]) -> str:
     if not rows:
         return head.rstrip()
     cols = ("model | batch | medjax step | ex/s | compile | XLA memory | GFLOP/step (medjax / "
-            "torch) | % of peak (medjax / torch) | PyTorch step | ratio")  # fmt: skip
+            "torch) | % of peak (medjax / torch) | PyTorch step | ratio | ratio per round "
+            "(median, quartiles)")  # fmt: skip
     lines = [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1)]
     for r in rows:
         has = "ratio" in r
@@ -741,9 +760,9 @@ def markdown(machine: dict, rows: list[dict]) -> str:
         )  # fmt: skip
         lines[-1] += (
             f"{r['medjax_peak_frac']:.0%} / {r['torch_peak_frac']:.0%} | "
-            f"{r['torch_s'] * 1e3:.0f} ms | **{r['ratio']:.2f}** |"
+            f"{r['torch_s'] * 1e3:.0f} ms | **{r['ratio']:.2f}** | {per_round(r)} |"
             if has
-            else f"{r['medjax_peak_frac']:.0%} / - | - | - |"
+            else f"{r['medjax_peak_frac']:.0%} / - | - | - | - |"
         )
     return head + "\n".join(lines)
 

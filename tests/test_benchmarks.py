@@ -100,3 +100,19 @@ def test_sides_timed_apart_merge_into_one_row():
     assert row["medjax_peak_frac"] == pytest.approx(0.4)  # 2 GFLOP / 0.5 s / 10 GFLOP/s
     assert row["torch_peak_frac"] == pytest.approx(0.15)  # 3 GFLOP / 2 s / 10 GFLOP/s
     assert row["timed_medjax_s"] == [0.5] and row["timed_torch_s"] == [2.0]
+    assert "ratio_rounds" not in row and suite.per_round(row) == "-"  # nothing to pair
+
+
+def test_the_ratio_per_round_pairs_each_torch_step_with_its_medjax_step():
+    # a burst slows round 2's two steps alike: the medians' ratio moves, the paired one less
+    row = {"case": "x", "batch": 2, "medjax_gflop": 1.0, "torch_gflop": 1.0}
+    row.update(timed_medjax_s=[1.0, 4.0, 1.0, 2.0, 1.0], timed_torch_s=[1.5, 8.0, 1.25, 2.5, 1.5])
+    row.update(medjax_s=1.0, torch_s=1.5)  # the medians
+    row = suite.with_rates(row, peak=1e10)
+    # ratios per round 1.5, 2, 1.25, 1.25, 1.5 -> sorted 1.25 1.25 1.5 1.5 2
+    assert row["ratio_rounds"] == {"median": 1.5, "q1": 1.25, "q3": 1.5, "min": 1.25, "max": 2.0}
+    assert suite.per_round(row) == "1.50 (1.25-1.50)"
+    machine = {"cpu": "c", "cores": 2, "devices": "1 x cpu", "jax": "j", "flax": "f"}
+    machine.update(host_malloc="glibc", peak_gflops=10.0)
+    table = suite.markdown(machine, [row | {"what": "x", "compile_s": 1.0, "memory_mib": 1.0}])
+    assert table.splitlines()[-1].endswith("| **1.50** | 1.50 (1.25-1.50) |")
