@@ -441,7 +441,7 @@ class UNetGenerator(nn.Module):
         skips = []
         for i in range(n):
             if i > 0:
-                h = nn.leaky_relu(h, negative_slope=0.2)
+                h = leaky_relu_02(h)
             has_norm = 0 < i < n - 1
             h = StridedConv4(
                 feats[i], d, use_bias=bias or not has_norm, dtype=self.dtype, name=f"down{i}"
