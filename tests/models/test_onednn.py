@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from medjax.models import layers, onednn
-from medjax.models.layers import Conv, conv_nd
+from medjax.models.layers import Conv, conv_nd, winograd_convolutions
 from tests.helpers import randn
 
 pytestmark = pytest.mark.skipif(
@@ -119,6 +119,15 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
     )
     assert ("ffi_call" in graph) == routed
+
+
+def test_winograd_convolutions_stay_off_the_onednn_route():
+    # CycleGAN's residual-block convolution (1 x 64^2, 256 -> 256, 3x3) is Winograd's, not
+    # oneDNN's; with Winograd switched off it goes to oneDNN
+    shapes = ((1, 64, 64, 256), (3, 3, 256, 256))
+    assert "ffi_call" not in _graph(lambda x, k: conv_nd(x, k), *shapes)
+    with winograd_convolutions(False):
+        assert "ffi_call" in _graph(lambda x, k: conv_nd(x, k), *shapes)
 
 
 def test_conv_nd_keeps_xla_when_switched_off_and_off_the_cpu(monkeypatch):
