@@ -10,12 +10,13 @@ and meanings of :class:`flax.linen.Conv` / :class:`flax.linen.ConvTranspose`, so
 ``fast=False`` module (or the plain Linen layer) with the same parameters gives the same
 output up to float rounding:
 
-* On CPUs with oneDNN installed (``medjax[onednn]``, part of ``medjax[train]``), stride-1
-  float32 2D and 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions
-  run as oneDNN's convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3
-  1.55x faster than with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core
-  AVX-512 Xeon), which every other backend keeps. Strided convolutions and the Winograd ones
-  keep XLA's formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``).
+* On CPUs with oneDNN installed (``medjax[onednn]``, part of ``medjax[train]``), float32
+  convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions (stride-1 2D and 3D,
+  strided 2D) and the larger 2D transposed ones of :class:`ConvTranspose4` run as oneDNN's
+  convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x faster than
+  with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core AVX-512 Xeon), which
+  every other backend keeps. Strided 3D convolutions and the Winograd ones keep XLA's
+  formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``).
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -836,16 +837,21 @@ def _conv3d_depth_fold_large_is_faster(
 
 _ONEDNN_MIN_POSITIONS = 1 << 12
 _ONEDNN_SPATIAL_DIMS = (2, 3)
+# Strided convolutions: 2D only, with at least 8 input channels (below that oneDNN's strided
+# kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
+_ONEDNN_STRIDED_DIMS = (2,)
+_ONEDNN_STRIDED_MIN_CHANNELS = 8
 
 
 def _onednn_is_faster(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> bool:
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
-    (:func:`medjax.models.onednn.applies`): stride-1 convolutions with
-    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least ``_ONEDNN_MIN_POSITIONS``
-    output positions (batch x spatial), except those that Winograd's algorithm computes
-    (``_winograd_is_faster``).
+    (:func:`medjax.models.onednn.applies`): convolutions with at least
+    ``_ONEDNN_MIN_POSITIONS`` output positions (batch x spatial) that are either stride-1 with
+    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D), except those that Winograd's algorithm
+    computes (``_winograd_is_faster``), or strided with ``_ONEDNN_STRIDED_DIMS`` spatial axes
+    (2D) and at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels.
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -853,14 +859,21 @@ def _onednn_is_faster(
     DCGAN 753 against 827, WGAN-GP 3672 against 4002, the classifier 65 against 73.
     CycleGAN's 256 -> 256 residual-block convolutions are faster by Winograd (4x fewer
     products): 126 against 206 ms forward + backward at 4 x 64^2, and its step took 9213
-    against 6769 ms with oneDNN taking them. Strided convolutions are XLA's formulations
-    (several of them end in a stride-1 convolution that takes this route): routing them
-    to oneDNN as they are, Vox2Vox's step took 122 against 113 ms, DCGAN's 788 against 761."""
+    against 6769 ms with oneDNN taking them. Strided 2D convolutions by oneDNN directly
+    rather than XLA's formulations (space-to-depth, one convolution per stride phase),
+    forward + backward: CycleGAN's 1 x 256^2, 64 -> 128, k3 s2 31.2 against 54.5 ms, DCGAN's
+    64 x 32^2, 64 -> 128, k4 s2 38.6 against 46.6, but 75.1 against 61.5 at 64 x 8^2,
+    256 -> 512 (1024 output positions, under the threshold); steps: DCGAN 652 against 690,
+    WGAN-GP 3100 against 3339, pix2pix 544 against 556. Strided 3D ones keep XLA's
+    formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
+    depth-stacked 2D convolution then takes this route: 2 x 64^3, 32 -> 64, k3 s2 123.7
+    against 218.5 ms forward + backward (Vox2Vox's k4 s2 ones: 114 against 115 ms a step)."""
     d = x.ndim - 2
-    if d not in _ONEDNN_SPATIAL_DIMS or any(s != 1 for s in strides):
-        return False
     out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:d], strides, pads)
-    if d == 2 and _winograd_is_faster(x, kernel, out):
+    if all(s == 1 for s in strides):
+        if d not in _ONEDNN_SPATIAL_DIMS or (d == 2 and _winograd_is_faster(x, kernel, out)):
+            return False
+    elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     return x.shape[0] * int(np.prod(out)) >= _ONEDNN_MIN_POSITIONS and onednn.applies(
         x, kernel, strides, pads
@@ -879,10 +892,10 @@ def conv_nd(
 
     With ``fast=True`` the following exact reformulations are used:
 
-    * stride-1 float32 2D and 3D convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output
-      positions, on a CPU with oneDNN installed, unless Winograd's algorithm takes them (see
-      below): oneDNN's convolution (:func:`medjax.models.onednn.conv`,
-      ``_onednn_is_faster``);
+    * float32 convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions, on a CPU
+      with oneDNN installed: stride-1 2D and 3D ones unless Winograd's algorithm takes them
+      (see below), and strided 2D ones: oneDNN's convolution
+      (:func:`medjax.models.onednn.conv`, ``_onednn_is_faster``);
     * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with
@@ -1125,8 +1138,32 @@ class StridedConv4(nn.Module):
         return y
 
 
+_ONEDNN_TRANSPOSE_MIN_POSITIONS = 1 << 14
+_ONEDNN_TRANSPOSE_SPATIAL_DIMS = (2,)
+
+
+def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
+    """The route of :class:`ConvTranspose4` to oneDNN (:func:`medjax.models.onednn.conv_transpose`,
+    the input gradient of the k4 s2 p1 convolution), where oneDNN can run: 2D, with at least
+    ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial).
+
+    Measured forward + backward against the route below (2-core Xeon, ms): DCGAN's 64 x 16^2,
+    128 -> 64, 42.2 against 57.1 and 64 x 8^2, 256 -> 128, 46.8 against 50.3; pix2pix's 1 x
+    64^2, 512 -> 128, 90.8 against 100.3; but 77.8 against 43.0 at 64 x 4^2, 512 -> 256 (4096
+    output positions) and 41.9 against 34.6 at 1 x 16^2, 1024 -> 256. Steps (one process,
+    interleaved, with the strided route): DCGAN 659 against 681 ms, CycleGAN 5507 against
+    5644, pix2pix 567 against 576, WGAN-GP 3092 against 3099."""
+    d = x.ndim - 2
+    out = x.shape[0] * 2**d * int(np.prod(x.shape[1:-1]))
+    return (
+        d in _ONEDNN_TRANSPOSE_SPATIAL_DIMS
+        and out >= _ONEDNN_TRANSPOSE_MIN_POSITIONS
+        and onednn.applies(x, kernel, (2,) * d, [(1, 1)] * d)
+    )
+
+
 def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
-    """The fastest of :class:`ConvTranspose4`'s exact formulations for an input ``shape``
+    """The fastest of :class:`ConvTranspose4`'s exact XLA formulations for an input ``shape``
     (``[B, *spatial, Cin]``), measured on XLA:CPU, forward + backward (``BENCHMARKS.md``):
 
     * ``'overlap_add'`` (:func:`conv_transpose4_overlap_add`) for few output channels, where
@@ -1219,6 +1256,8 @@ class ConvTranspose4(nn.Module):
     it is instead one matrix product + overlap-add (:func:`conv_transpose4_overlap_add`), and
     at batch sizes up to 2 with every spatial extent >= 16 one kernel-2 convolution to all
     phases at once (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
+    On CPUs with oneDNN, large 2D ones are oneDNN's input gradient of the k4 s2 p1 convolution
+    instead (``_onednn_transpose_is_faster``).
 
     Attributes:
       features: number of output channels.
@@ -1250,7 +1289,9 @@ class ConvTranspose4(nn.Module):
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         route = _conv_transpose4_route(x.shape, self.features) if self.fast else None
-        if route == "overlap_add":
+        if self.fast and _onednn_transpose_is_faster(x, kernel):
+            y = onednn.conv_transpose(x, kernel, (2,) * d, [(1, 1)] * d)
+        elif route == "overlap_add":
             y = conv_transpose4_overlap_add(x, kernel)
         elif route == "shuffle":
             y = conv_transpose4_shuffle(x, kernel)

@@ -628,3 +628,23 @@ def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[i
     semantics of :func:`jax.lax.conv_general_dilated` with channels-last dimension numbers),
     by oneDNN. Check :func:`applies` first."""
     return _forward(x, kernel, _geometry(x.shape, kernel.shape, strides, pads))
+
+
+def conv_transpose(
+    x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> Array:
+    """Transposed convolution of ``x`` ``[B, *S, Cin]`` with ``kernel`` ``[*k, Cin, Cout]``,
+    in the semantics of :func:`jax.lax.conv_transpose` (kernel not flipped, channels-last),
+    by oneDNN: the input gradient of the convolution with ``strides`` and ``pads`` whose
+    output is ``x``, with the kernel flipped and its channel axes swapped. ``pads`` are that
+    convolution's (k4 s2 'SAME' up-sampling: ``(1, 1)`` per axis); the output is ``[B, *O,
+    Cout]`` with ``O = (S - 1) * strides + k - pad_lo - pad_hi``. Check :func:`applies`
+    first."""
+    d = x.ndim - 2
+    w = jnp.swapaxes(jnp.flip(kernel, tuple(range(d))), -1, -2)
+    out = [
+        (s - 1) * st + k - lo - hi
+        for s, st, k, (lo, hi) in zip(x.shape[1:-1], strides, kernel.shape[:d], pads, strict=True)
+    ]
+    y_shape = (x.shape[0], *out, kernel.shape[-1])
+    return _data(x, w, _geometry(y_shape, w.shape, strides, pads))

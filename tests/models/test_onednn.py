@@ -105,11 +105,13 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 64, 64, 64), 32, 1, jnp.float32, True),  # U-Net 3D's levels
         ((2, 16, 16, 16), 128, 1, jnp.float32, True),  # 2^13 positions
         ((1, 8, 8, 8), 256, 1, jnp.float32, False),  # 2^9 positions
-        ((2, 64, 64, 64), 32, 2, jnp.float32, False),  # strided
+        ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # strided 3D: its depth-stacked 2D form
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
         ((8, 16, 16), 256, 1, jnp.float32, False),  # 2^11 positions
-        ((64, 32, 32), 64, 2, jnp.float32, False),  # strided (DCGAN)
+        ((64, 32, 32), 64, 2, jnp.float32, True),  # strided 2D (DCGAN)
+        ((4, 128, 128), 3, 2, jnp.float32, False),  # strided 2D, < 8 input channels
+        ((64, 8, 8), 256, 2, jnp.float32, False),  # strided 2D, 2^10 positions
         ((4, 2048), 8, 1, jnp.float32, False),  # 1D (2^13 positions)
     ],
 )
@@ -119,6 +121,73 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
     )
     assert ("ffi_call" in graph) == routed
+
+
+TRANSPOSE_CASES = [
+    # shape, kernel extents, strides, pads of the convolution whose input gradient it is
+    ((2, 5, 6, 3), (4, 4), (2, 2), [(1, 1), (1, 1)]),  # ConvTranspose4's
+    ((1, 4, 5, 2), (3, 2), (3, 2), [(0, 2), (1, 0)]),
+    ((2, 3, 4, 3, 2), (4, 4, 4), (2, 2, 2), [(1, 1)] * 3),
+    ((3, 7, 2), (3,), (2,), [(1, 1)]),
+]
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", TRANSPOSE_CASES)
+def test_conv_transpose_is_the_adjoint_of_the_convolution(shape, ks, strides, pads):
+    # onednn.conv_transpose(x, k) is the input gradient of lax's strided convolution with the
+    # flipped, channel-swapped kernel, and lax.conv_transpose where lax's 'SAME' means the
+    # same padding (k4 s2 p1); values and gradients
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+    d = len(ks)
+    out = zip(shape[1:-1], strides, ks, pads, strict=True)
+    y_shape = (shape[0], *((s - 1) * st + kk - lo - hi for s, st, kk, (lo, hi) in out), 4)
+
+    def ref(x, k):
+        w = jnp.swapaxes(jnp.flip(k, tuple(range(d))), -1, -2)
+        _, vjp = jax.vjp(lambda y: _lax(strides, pads)(y, w), jnp.zeros(y_shape))
+        return vjp(x)[0]
+
+    def ours(x, k):
+        return onednn.conv_transpose(x, k, strides, pads)
+
+    y = ref(x, k)
+    assert y.shape == y_shape
+    np.testing.assert_allclose(jax.jit(ours)(x, k), y, atol=1e-5, rtol=1e-5)
+    if ks == (4, 4) and strides == (2, 2):
+        np.testing.assert_allclose(
+            ours(x, k),
+            lax.conv_transpose(x, k, strides, "SAME", dimension_numbers=_dn(2)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    g = randn(y.shape, 2)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * g), (0, 1)))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * g), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_transpose4_on_the_onednn_route_equals_linen():
+    # a large 2D ConvTranspose4 (1 x 64^2 -> 128^2 = 2^14 output positions) takes oneDNN's
+    # route and equals Linen's ConvTranspose with the same parameters; a small one does not
+    import flax.linen as nn
+
+    x = randn((1, 64, 64, 3))
+    fast = layers.ConvTranspose4(5)
+    plain = nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding="SAME")
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
+    small = randn((1, 32, 64, 3))
+    assert "ffi_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, small))(params))
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
+    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
+    want = jax.grad(loss(plain), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
 def test_winograd_convolutions_stay_off_the_onednn_route():
