@@ -12,7 +12,7 @@ output up to float rounding:
 
 * On CPUs with oneDNN installed (``medjax[onednn]``, part of ``medjax[train]``), float32
   convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions (stride-1 2D and 3D,
-  strided 2D) and the larger 2D transposed ones of :class:`ConvTranspose4` run as oneDNN's
+  strided 2D) and the larger transposed ones of :class:`ConvTranspose4` run as oneDNN's
   convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x faster than
   with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core AVX-512 Xeon), which
   every other backend keeps. Strided 3D convolutions and the Winograd ones keep XLA's
@@ -1139,20 +1139,23 @@ class StridedConv4(nn.Module):
 
 
 _ONEDNN_TRANSPOSE_MIN_POSITIONS = 1 << 14
-_ONEDNN_TRANSPOSE_SPATIAL_DIMS = (2,)
+_ONEDNN_TRANSPOSE_SPATIAL_DIMS = (2, 3)
 
 
 def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     """The route of :class:`ConvTranspose4` to oneDNN (:func:`medjax.models.onednn.conv_transpose`,
-    the input gradient of the k4 s2 p1 convolution), where oneDNN can run: 2D, with at least
-    ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial).
+    the input gradient of the k4 s2 p1 convolution), where oneDNN can run: 2D and 3D, with at
+    least ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial).
 
     Measured forward + backward against the route below (2-core Xeon, ms): DCGAN's 64 x 16^2,
     128 -> 64, 42.2 against 57.1 and 64 x 8^2, 256 -> 128, 46.8 against 50.3; pix2pix's 1 x
     64^2, 512 -> 128, 90.8 against 100.3; but 77.8 against 43.0 at 64 x 4^2, 512 -> 256 (4096
     output positions) and 41.9 against 34.6 at 1 x 16^2, 1024 -> 256. Steps (one process,
     interleaved, with the strided route): DCGAN 659 against 681 ms, CycleGAN 5507 against
-    5644, pix2pix 567 against 576, WGAN-GP 3092 against 3099."""
+    5644, pix2pix 567 against 576, WGAN-GP 3092 against 3099. In 3D (Vox2Vox's up-samplers):
+    2 x 12^3, 128 -> 32, 16.8 against 34.7 ms, 2 x 24^3, 64 -> 16, 35.0 against 44.6, but 16.6
+    against 12.4 at 2 x 6^3, 256 -> 64 (3456 output positions); Vox2Vox's step 94 against 110
+    ms."""
     d = x.ndim - 2
     out = x.shape[0] * 2**d * int(np.prod(x.shape[1:-1]))
     return (
@@ -1256,7 +1259,7 @@ class ConvTranspose4(nn.Module):
     it is instead one matrix product + overlap-add (:func:`conv_transpose4_overlap_add`), and
     at batch sizes up to 2 with every spatial extent >= 16 one kernel-2 convolution to all
     phases at once (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
-    On CPUs with oneDNN, large 2D ones are oneDNN's input gradient of the k4 s2 p1 convolution
+    On CPUs with oneDNN, large ones are oneDNN's input gradient of the k4 s2 p1 convolution
     instead (``_onednn_transpose_is_faster``).
 
     Attributes:

@@ -167,17 +167,19 @@ def test_conv_transpose_is_the_adjoint_of_the_convolution(shape, ks, strides, pa
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
-def test_conv_transpose4_on_the_onednn_route_equals_linen():
-    # a large 2D ConvTranspose4 (1 x 64^2 -> 128^2 = 2^14 output positions) takes oneDNN's
-    # route and equals Linen's ConvTranspose with the same parameters; a small one does not
+@pytest.mark.parametrize("shape", [(1, 64, 64, 3), (2, 16, 8, 8, 3)])
+def test_conv_transpose4_on_the_onednn_route_equals_linen(shape):
+    # a large ConvTranspose4 (2^14 output positions) takes oneDNN's route and equals Linen's
+    # ConvTranspose with the same parameters; one with half the positions does not
     import flax.linen as nn
 
-    x = randn((1, 64, 64, 3))
-    fast = layers.ConvTranspose4(5)
-    plain = nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding="SAME")
+    d = len(shape) - 2
+    x = randn(shape)
+    fast = layers.ConvTranspose4(5, spatial_dims=d)
+    plain = nn.ConvTranspose(5, (4,) * d, strides=(2,) * d, padding="SAME")
     params = plain.init(jax.random.PRNGKey(0), x)
     assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
-    small = randn((1, 32, 64, 3))
+    small = randn((shape[0], shape[1] // 2, *shape[2:]))
     assert "ffi_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, small))(params))
 
     def loss(module):
