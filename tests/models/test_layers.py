@@ -207,6 +207,29 @@ def test_conv_transpose4_equals_linen_conv_transpose(batch, spatial, cin, cout, 
     assert v["params"]["kernel"].shape == (4,) * d + (cin, cout)
 
 
+@pytest.mark.parametrize("d,stride", [(1, 2), (2, 2), (3, 2), (2, 3)])
+def test_kernel_phases_are_the_strided_slices_with_one_concatenation_as_gradient(d, stride):
+    k = np.asarray(_rand((*(2 * stride,) * d, 3, 2)))
+    phases = layers._kernel_phases(jnp.asarray(k), stride)
+    want = [k[tuple(slice(r, None, stride) for r in ph)] for ph in np.ndindex(*(stride,) * d)]
+    assert len(phases) == len(want)
+    for a, b in zip(phases, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the kernel gradient: each phase's cotangent lands on its own taps, once
+    ws = [_rand(w.shape, i) for i, w in enumerate(want)]
+    g = jax.grad(
+        lambda k: sum(
+            jnp.sum(p * w) for p, w in zip(layers._kernel_phases(k, stride), ws, strict=True)
+        )
+    )(jnp.asarray(k))
+    ref = np.zeros_like(k)
+    for ph, w in zip(np.ndindex(*(stride,) * d), ws, strict=True):
+        ref[tuple(slice(r, None, stride) for r in ph)] = w
+    np.testing.assert_array_equal(g, ref)
+    graph = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(layers._kernel_phases(k, stride)[0])))(k))
+    assert "concatenate" in graph and " pad" not in graph
+
+
 @pytest.mark.parametrize("fn", [conv_transpose4_overlap_add, conv_transpose4_shuffle])
 @pytest.mark.parametrize("d,spatial", [(1, (5,)), (2, (3, 4)), (3, (2, 3, 3))])
 def test_conv_transpose4_formulations_equal_lax(d, spatial, fn):
