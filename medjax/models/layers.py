@@ -1171,7 +1171,7 @@ def _kernel_phases(kernel: Array, stride: int) -> list[Array]:
     split, so that the kernel gradient is one concatenation and one transpose. Strided slices
     of the kernel would give one zero-padded kernel-size gradient per phase, summed by every
     consumer: pix2pix's 4 x 4 x 1024 x 512 up-samplers then fed Adam's three updates four
-    32 MB arrays each."""
+    32 MB arrays each (its step: 545 ms with the slices, 472 with this)."""
     d = kernel.ndim - 2
     ks, (cin, cout) = kernel.shape[:d], kernel.shape[d:]
     k = kernel.reshape([v for kk in ks for v in (kk // stride, stride)] + [cin, cout])
