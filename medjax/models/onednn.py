@@ -633,13 +633,13 @@ def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[i
 def conv_transpose(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> Array:
-    """Transposed convolution of ``x`` ``[B, *S, Cin]`` with ``kernel`` ``[*k, Cin, Cout]``,
-    in the semantics of :func:`jax.lax.conv_transpose` (kernel not flipped, channels-last),
-    by oneDNN: the input gradient of the convolution with ``strides`` and ``pads`` whose
-    output is ``x``, with the kernel flipped and its channel axes swapped. ``pads`` are that
-    convolution's (k4 s2 'SAME' up-sampling: ``(1, 1)`` per axis); the output is ``[B, *O,
-    Cout]`` with ``O = (S - 1) * strides + k - pad_lo - pad_hi``. Check :func:`applies`
-    first."""
+    """Transposed convolution of ``x`` ``[B, *S, Cin]`` with ``kernel`` ``[*k, Cin, Cout]``
+    (channels-last, the kernel's orientation of :func:`jax.lax.conv_transpose`), by oneDNN:
+    the input gradient of the convolution with ``strides`` and ``pads`` whose output is
+    ``x``, taken with the kernel flipped and its channel axes swapped. ``pads`` are that
+    convolution's; the output is ``[B, *O, Cout]`` with ``O = (S - 1) * strides + k - pad_lo
+    - pad_hi``. The k4 s2 up-sampler (``pads`` ``(1, 1)`` per axis) equals
+    ``lax.conv_transpose(x, kernel, (2,) * d, 'SAME')``. Check :func:`applies` first."""
     d = x.ndim - 2
     w = jnp.swapaxes(jnp.flip(kernel, tuple(range(d))), -1, -2)
     out = [
