@@ -220,12 +220,8 @@ class DCGANDiscriminator(nn.Module):
                 f, d, use_bias=i == 0 or conv_bias(self.norm), dtype=self.dtype, name=f"conv{i}"
             )
             h = spectral_normed(conv, h, enabled=self.spectral_norm, train=train, name=f"sn{i}")
-            if i > 0:
-                h = gan_norm(
-                    h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=leaky
-                )
-            else:
-                h = leaky(h)
+            norm = self.norm if i > 0 else "none"  # 'none': the activation alone
+            h = gan_norm(h, norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=leaky)
         phi = jnp.sum(h.astype(jnp.float32), axis=tuple(range(1, d + 1)))  # [B, features[-1]]
         h = h.reshape(h.shape[0], -1)
         fc = nn.Dense(1, dtype=self.dtype, name="fc")

@@ -127,11 +127,12 @@ class PatchGAN(nn.Module):
                 name=f"conv{i}",
             )
             h = spectral_normed(conv, h, enabled=self.spectral_norm, train=train, name=f"sn{i}")
-            act = leaky if i < last else None
-            if has_norm:
-                h = gan_norm(
-                    h, self.norm, train=train, dtype=self.dtype, name=f"norm{i}", activation=act
-                )
-            elif act is not None:
-                h = act(h)
+            h = gan_norm(
+                h,
+                self.norm if has_norm else "none",  # 'none': the activation alone
+                train=train,
+                dtype=self.dtype,
+                name=f"norm{i}",
+                activation=leaky if i < last else None,
+            )
         return h.astype(jnp.float32)

@@ -1306,8 +1306,14 @@ class ConvTranspose4(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (4,) * d + (cin, self.features))
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        route = _conv_transpose4_route(x.shape, self.features) if self.fast else None
-        if self.fast and _onednn_transpose_is_faster(x, kernel):
+        route = None
+        if self.fast:
+            route = (
+                "onednn"
+                if _onednn_transpose_is_faster(x, kernel)
+                else _conv_transpose4_route(x.shape, self.features)
+            )
+        if route == "onednn":
             y = onednn.conv_transpose(x, kernel, (2,) * d, [(1, 1)] * d)
         elif route == "overlap_add":
             y = conv_transpose4_overlap_add(x, kernel)
