@@ -37,7 +37,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medjax.train.platform import configure_xla, exec_with_host_tunables, host_tunables_applied
+from medjax.train.platform import (
+    HeapGuard,
+    configure_xla,
+    exec_with_host_tunables,
+    host_tunables_applied,
+)
 
 MiB = 2.0**20
 
@@ -266,10 +271,14 @@ def medjax_step(case: Case, devices: int):
         cfg.batch_size = max(devices, gb - gb % devices)
     compiled, state, batch, facts = compiled_step(cfg)
     holder = {"state": state}
+    # As in the training loop: a step dispatched the moment the previous one is ready may get
+    # its temporaries before XLA:CPU freed the previous ones, and the kept heap grows.
+    heap_guard = HeapGuard()
 
     def step() -> None:
         holder["state"], m = compiled(holder["state"], batch)
         jax.block_until_ready(m)
+        heap_guard()
 
     step()  # warm-up
     return step, facts, cfg

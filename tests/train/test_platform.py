@@ -142,3 +142,78 @@ def test_exec_with_host_tunables_opt_out(tmp_path):
 def test_readme_gives_the_scripts_tunables_for_a_notebook():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "GLIBC_TUNABLES=" + ":".join(HOST_TUNABLES) in readme
+
+
+# HeapGuard after configure_host_memory(): it settles on the resident size after its first
+# call, then 1.1 GiB is allocated, touched and freed (kept on the heap, still resident), and
+# the guard is called twice. Resident sizes from the kernel's /proc/self/status (VmRSS).
+_GUARD_PROBE = """
+import json, sys
+import numpy as np
+from medjax.train import platform
+
+def vm_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+
+applied = platform.configure_host_memory()
+guard = platform.HeapGuard(settle_steps=1, slack=1.5)
+first = guard()
+settled = vm_rss()
+z = np.ones(1100 << 20, np.uint8)
+del z
+held = vm_rss()
+trimmed = guard()
+after = vm_rss()
+again = guard()
+print(json.dumps({"applied": applied, "first": first, "settled": settled, "held": held,
+                  "trimmed": trimmed, "after": after, "again": again, "trims": guard.trims}))
+"""
+
+
+def _guard_probe(tmp_path, **env: str) -> dict:
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_PROBE)
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("MEDJAX_HOST_TUNED", "GLIBC_TUNABLES")
+    }
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True,
+        env={**clean, **env},
+    ).stdout.strip().splitlines()  # fmt: skip
+    return json.loads(out[-1])
+
+
+@glibc_only
+def test_heap_guard_gives_back_what_the_kept_heap_holds_beyond_its_bound(tmp_path):
+    res = _guard_probe(tmp_path)
+    assert res["applied"] is True and res["first"] is False  # the first call only settles
+    assert res["held"] - res["settled"] >= 1000 << 20  # freed, yet still resident
+    assert res["trimmed"] is True and res["trims"] == 1
+    assert res["held"] - res["after"] >= 1000 << 20  # the free pages went back
+    assert res["again"] is False  # nothing grew since
+
+
+@glibc_only
+def test_heap_guard_opt_out_does_nothing(tmp_path):
+    res = _guard_probe(tmp_path, MEDJAX_SYSTEM_MALLOC="1")
+    assert res["applied"] is False and res["trimmed"] is False and res["trims"] == 0
+
+
+@glibc_only
+def test_heap_guard_bound_follows_the_working_set(monkeypatch):
+    from medjax.train import platform as plat
+
+    sizes = iter([100, 90, 150, 151, 120, 200, 179])
+    monkeypatch.setattr(plat, "resident_bytes", lambda: next(sizes))
+    guard = plat.HeapGuard(settle_steps=2, slack=1.5)
+    trims = []
+    guard._trim = trims.append
+    assert guard() is False and guard() is False  # settles on max(100, 90) = 100
+    assert guard.bound == 150
+    assert guard() is False  # 150: at the bound
+    assert guard() is True and trims == [0]  # 151: trimmed; 120 left -> bound 180
+    assert guard.bound == 180
+    assert guard() is True  # 200: trimmed; 179 left (a cache that grew) -> bound 268
+    assert guard.working_set == 179 and guard.bound == 268 and guard.trims == 2
