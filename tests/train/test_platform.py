@@ -68,17 +68,23 @@ glibc_only = pytest.mark.skipif(
 )
 
 
-def _probe(tmp_path, mode: str, *args: str, **env: str) -> tuple[list[list[str]], dict]:
-    """(the `start` lines: pid and GLIBC_TUNABLES at each start, the final record)."""
+def _run(tmp_path, source: str, *args: str, **env: str) -> list[str]:
+    """The output lines of `source` run as a script in a fresh interpreter, with `env` added to
+    an environment without the scripts' malloc settings."""
     script = tmp_path / "probe.py"
-    script.write_text(_PROBE)
+    script.write_text(source)
     clean = {
         k: v for k, v in os.environ.items() if k not in ("MEDJAX_HOST_TUNED", "GLIBC_TUNABLES")
     }
-    out = subprocess.run(
-        [sys.executable, str(script), mode, *args],
+    return subprocess.run(
+        [sys.executable, str(script), *args],
         capture_output=True, text=True, check=True, env={**clean, **env},
     ).stdout.strip().splitlines()  # fmt: skip
+
+
+def _probe(tmp_path, mode: str, *args: str, **env: str) -> tuple[list[list[str]], dict]:
+    """(the `start` lines: pid and GLIBC_TUNABLES at each start, the final record)."""
+    out = _run(tmp_path, _PROBE, mode, *args, **env)
     starts = [line.split(" ", 2)[1:] for line in out if line.startswith("start")]
     return starts, json.loads(out[-1])
 
@@ -173,16 +179,7 @@ print(json.dumps({"applied": applied, "first": first, "settled": settled, "held"
 
 
 def _guard_probe(tmp_path, **env: str) -> dict:
-    script = tmp_path / "guard.py"
-    script.write_text(_GUARD_PROBE)
-    clean = {
-        k: v for k, v in os.environ.items() if k not in ("MEDJAX_HOST_TUNED", "GLIBC_TUNABLES")
-    }
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, check=True,
-        env={**clean, **env},
-    ).stdout.strip().splitlines()  # fmt: skip
-    return json.loads(out[-1])
+    return json.loads(_run(tmp_path, _GUARD_PROBE, **env)[-1])
 
 
 @glibc_only
