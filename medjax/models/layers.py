@@ -359,16 +359,32 @@ def _shifted_tap_products(
     x: Array, kernel: Array, shifts: Sequence[Sequence[tuple[int, int]]]
 ) -> list[Array]:
     """The overlap-add formulations' common part: ``x`` times every tap of ``kernel`` (``[T,
-    Cin, Cout]``) in ONE matrix product of ``T * Cout`` columns, each tap's ``[B, *spatial,
-    Cout]`` slice then shifted by its ``(low, high)`` zero padding per spatial axis (negative:
-    cropping). The taps are separated by a split, so the backward is one concatenation."""
+    Cin, Cout]``), each tap's ``[B, *spatial, Cout]`` product then shifted by its ``(low,
+    high)`` zero padding per spatial axis (negative: cropping).
+
+    The products are ONE matrix product of ``T * Cout`` columns, which needs the kernel's
+    taps moved behind ``Cin`` (a transpose of the kernel, and one of its gradient), unless the
+    input has at most ``_TAP_BATCHED_MAX_POSITIONS`` positions (batch x spatial): then ``x`` is
+    broadcast to every tap and the products are one matrix product batched over the taps,
+    which reads the kernel and writes its gradient in their own layout (the pix2pix
+    generator's innermost up-samplers, 1^2 .. 4^2 inputs with 16 MB kernels: 2.6 -> 1.6 and
+    13.0 -> 9.2 ms forward + backward; ``BENCHMARKS.md``). The taps are separated by a split
+    (or are the batch), so the backward is one concatenation (or one batched product)."""
     taps, cin, cout = kernel.shape
-    k = jnp.moveaxis(kernel, 1, 0).reshape(cin, taps * cout)  # columns ordered (tap, c)
-    z = jnp.dot(x, k).reshape(x.shape[:-1] + (taps, cout))
+    lead = x.shape[:-1]
+    positions = int(np.prod(lead))
+    if positions <= _TAP_BATCHED_MAX_POSITIONS:
+        xb = jnp.broadcast_to(x.reshape(1, positions, cin), (taps, positions, cin))
+        z = lax.dot_general(xb, kernel, (((2,), (1,)), ((0,), (0,))))  # [T, positions, Cout]
+        per_tap = [zt.reshape(lead + (cout,)) for zt in z]
+    else:
+        k = jnp.moveaxis(kernel, 1, 0).reshape(cin, taps * cout)  # columns ordered (tap, c)
+        z = jnp.dot(x, k).reshape(lead + (taps, cout))
+        per_tap = [zt[..., 0, :] for zt in jnp.split(z, taps, axis=-2)]
     zero = jnp.zeros((), z.dtype)
     return [
-        lax.pad(zt[..., 0, :], zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in sh), (0, 0, 0)])
-        for zt, sh in zip(jnp.split(z, taps, axis=-2), shifts, strict=True)
+        lax.pad(zt, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in sh), (0, 0, 0)])
+        for zt, sh in zip(per_tap, shifts, strict=True)
     ]
 
 
@@ -414,8 +430,17 @@ def _conv_out_sizes(
 # Below this many output positions (batch x spatial) a convolution is one matrix product of
 # its stacked shifted views: at batch 1 the pix2pix generator's deep 512-channel convolutions
 # (16^2 .. 2^2 inputs) take 2-15 ms forward + backward this way against 13-33 ms through
-# XLA:CPU's convolution, whose input gradient is slowest there (BENCHMARKS.md).
+# XLA:CPU's convolution, whose input gradient is slowest there (BENCHMARKS.md). Strided ones
+# take this route too, and also where every output extent is at most
+# ``_IM2COL_MAX_STRIDED_EXTENT`` (DCGAN's 64 x 8^2 -> 4^2 discriminator layer, 256 -> 512
+# channels: 41.7 against 53.5 ms through the space-to-depth form), reading the kernel in its
+# own layout where the space-to-depth form rearranges it (and its gradient) every step.
 _IM2COL_MAX_POSITIONS = 256
+_IM2COL_MAX_STRIDED_EXTENT = 4
+
+# Below this many input positions (batch x spatial) the overlap-add formulations multiply by
+# each tap of the kernel in a matrix product batched over the taps (_shifted_tap_products).
+_TAP_BATCHED_MAX_POSITIONS = 16
 
 # Up to this batch size XLA:CPU computes a convolution's filter gradient 1.2-4x faster when the
 # input is zero-padded beforehand than when the convolution pads it (batch 1, 128^2, 3x3, 64 ->
@@ -425,20 +450,38 @@ _IM2COL_MAX_POSITIONS = 256
 _SMALL_BATCH = 2
 
 
-def conv_im2col(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
-    """Stride-1 N-D cross-correlation as ONE matrix product (im2col): the ``prod(k)`` shifted
-    views of the padded input stacked along channels (ordered ``(tap, c)``, as ``kernel``
-    reshapes to ``[prod(k) * Cin, Cout]``). Exact; its memory is ``prod(k)`` times the output
-    positions times ``Cin``, so :func:`conv_nd` uses it only for small outputs."""
+def conv_im2col(
+    x: Array, kernel: Array, pads: Sequence[tuple[int, int]], strides: int | Sequence[int] = 1
+) -> Array:
+    """N-D cross-correlation as ONE matrix product (im2col): the ``prod(k)`` shifted (and
+    strided) views of the padded input stacked along channels (ordered ``(tap, c)``, as
+    ``kernel`` reshapes to ``[prod(k) * Cin, Cout]`` without moving anything). Exact; its
+    memory is ``prod(k)`` times the output positions times ``Cin``, so :func:`conv_nd` uses it
+    only for small outputs."""
     d = x.ndim - 2
     ks = kernel.shape[:d]
+    strides = _tuple(strides, d, "strides")
     xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    out = _conv_out_sizes(x.shape[1:-1], ks, (1,) * d, pads)
-    views = [
-        xp[(slice(None), *(slice(t, t + o) for t, o in zip(tap, out, strict=True)))]
-        for tap in np.ndindex(*ks)
-    ]
+    out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
+    views = []
+    for tap in np.ndindex(*ks):
+        window = (
+            slice(t, t + s * (o - 1) + 1, s) for t, o, s in zip(tap, out, strides, strict=True)
+        )
+        views.append(xp[(slice(None), *window)])
     return jnp.dot(jnp.concatenate(views, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _im2col_is_faster(x: Array, ks: Sequence[int], strides: Sequence[int], pads) -> bool:
+    """Whether :func:`conv_nd` computes this convolution by :func:`conv_im2col`: at most
+    ``_IM2COL_MAX_POSITIONS`` output positions, or strided with every output extent at most
+    ``_IM2COL_MAX_STRIDED_EXTENT`` (measured on XLA:CPU, ``BENCHMARKS.md``)."""
+    if any(p < 0 for pp in pads for p in pp):
+        return False
+    out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
+    if x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
+        return True
+    return any(s > 1 for s in strides) and max(out) <= _IM2COL_MAX_STRIDED_EXTENT
 
 
 def _pad_to_stride_blocks(
@@ -912,8 +955,10 @@ def conv_nd(
     * stride 1 with very few output channels: :func:`conv_overlap_add`
       (``_overlap_add_conv_is_faster``); inside :func:`second_order_convolutions`, 2D kernels
       of extent <= 2 carry their own VJP.
-    * stride 1 with at most ``_IM2COL_MAX_POSITIONS`` output positions (batch x spatial):
-      :func:`conv_im2col`, one matrix product.
+    * at most ``_IM2COL_MAX_POSITIONS`` output positions (batch x spatial), or strided with
+      every output extent at most ``_IM2COL_MAX_STRIDED_EXTENT``: :func:`conv_im2col`, one
+      matrix product with the kernel as it is (``_im2col_is_faster``; checked before the
+      routes below).
     * stride-1 float32 3x3 kernels with many channels and large outputs
       (``_winograd_is_faster``): :func:`conv_winograd`, Winograd's F(4x4, 3x3), unless
       :func:`winograd_convolutions` is off.
@@ -960,6 +1005,9 @@ def conv_nd(
     if all(s == 1 for s in strides) and _overlap_add_conv_is_faster(kernel.shape):
         return conv_overlap_add(x, kernel, pads)
 
+    if _im2col_is_faster(x, ks, strides, pads):
+        return conv_im2col(x, kernel, pads, strides)
+
     if d == 3 and ks[0] > 1:
         if _conv3d_depth_fold_large_is_faster(x, kernel, strides, pads):
             return _conv3d_depth_fold_large(x, kernel, tuple(tuple(p) for p in pads))
@@ -973,8 +1021,6 @@ def conv_nd(
             return conv_stride_phases(x, kernel, s, pads)
         if s == 1:
             out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
-            if x.shape[0] * int(np.prod(out)) <= _IM2COL_MAX_POSITIONS:
-                return conv_im2col(x, kernel, pads)
             if _winograd_is_faster(x, kernel, out):
                 return conv_winograd(x, kernel, pads)
 
@@ -1185,7 +1231,8 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
     (``[B, *spatial, Cin]``), measured on XLA:CPU, forward + backward (``BENCHMARKS.md``):
 
     * ``'overlap_add'`` (:func:`conv_transpose4_overlap_add`) for few output channels, where
-      XLA's convolutions are slow;
+      XLA's convolutions are slow, and for inputs of at most ``_TAP_BATCHED_MAX_POSITIONS``
+      positions (its products then batched over the taps, the kernel read as it is);
     * ``'shuffle'`` (:func:`conv_transpose4_shuffle`) at batch sizes up to ``_SMALL_BATCH``
       with every spatial extent >= 16 (its one-voxel border then costs at most 13 % more
       products in 2D): batch 1, 128^2, 128 -> 64 channels takes 87 ms against the sub-pixel
@@ -1195,7 +1242,7 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
       batches, where XLA's padded convolutions are at their fastest).
     """
     batch, *spatial, cin = shape
-    if cout < 16:
+    if cout < 16 or batch * int(np.prod(spatial)) <= _TAP_BATCHED_MAX_POSITIONS:
         return "overlap_add"
     if batch <= _SMALL_BATCH and min(spatial) >= 16:
         return "shuffle"
@@ -1270,10 +1317,11 @@ class ConvTranspose4(nn.Module):
     ``x[m - 1 + r]`` and ``x[m + r]`` with taps ``kernel[r]`` and ``kernel[r + 2]``, so each of
     the ``2^d`` phases is a kernel-2 stride-1 convolution with ``kernel[r_1::2, ..., r_d::2]``
     and padding ``(1 - r, r)``; the phases are interleaved by depth-to-space. No
-    multiplications by the zeros of a dilated input. For few output channels or a wide input
-    it is instead one matrix product + overlap-add (:func:`conv_transpose4_overlap_add`), and
-    at batch sizes up to 2 with every spatial extent >= 16 one kernel-2 convolution to all
-    phases at once (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
+    multiplications by the zeros of a dilated input. For few output channels, a tiny input or
+    a wide input it is instead one matrix product + overlap-add
+    (:func:`conv_transpose4_overlap_add`), and at batch sizes up to 2 with every spatial
+    extent >= 16 one kernel-2 convolution to all phases at once
+    (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
     On CPUs with oneDNN, large ones are oneDNN's input gradient of the k4 s2 p1 convolution
     instead (``_onednn_transpose_is_faster``).
 

@@ -57,6 +57,14 @@ _rand = randn
 _init = random_variables
 
 
+@pytest.fixture
+def no_im2col(monkeypatch):
+    """Turn conv_nd's im2col route off, so that small test shapes take the routes that larger
+    convolutions take."""
+    monkeypatch.setattr(layers, "_IM2COL_MAX_POSITIONS", 0)
+    monkeypatch.setattr(layers, "_IM2COL_MAX_STRIDED_EXTENT", 0)
+
+
 def _dn(d):
     sp = "DHW"[-d:]
     return ("N" + sp + "C", sp + "IO", "N" + sp + "C")
@@ -191,6 +199,11 @@ CT4_CASES = [
     (2, (3, 4, 5), 64, 16, "overlap_add"),
     (2, (3, 4, 5), 3, 20, "subpixel"),
     (2, (16, 16, 17), 2, 16, "shuffle"),
+    # at most 16 input positions: the overlap-add's products batched over the taps
+    (1, (2, 2), 8, 20, "overlap_add"),
+    (4, (2, 2), 8, 20, "overlap_add"),
+    (2, (2, 2, 2), 3, 20, "overlap_add"),
+    (1, (4, 5), 8, 20, "subpixel"),  # 20 positions
 ]
 
 
@@ -312,7 +325,7 @@ def test_strided_convolution_by_space_to_depth_equals_lax(spatial, ks, stride, p
         ((1, 12, 3), (2,), 3, [(0, 1)]),  # kernel below the stride: phase 2 has no tap
     ],
 )
-def test_strided_convolution_by_phases_equals_lax(shape, ks, stride, pads):
+def test_strided_convolution_by_phases_equals_lax(no_im2col, shape, ks, stride, pads):
     x, k = _rand(shape), _rand((*ks, shape[-1], 5), 1)
     strides = (stride,) * len(ks)
     _assert_conv_and_grads(lambda x, k: conv_stride_phases(x, k, stride, pads), x, k, strides, pads)
@@ -326,24 +339,51 @@ def test_strided_convolution_by_phases_equals_lax(shape, ks, stride, pads):
 
 
 @pytest.mark.parametrize(
-    "shape,ks,pads",
+    "shape,ks,stride,pads",
     [
-        ((1, 4, 4, 6), (2, 2), [(1, 0), (0, 1)]),
-        ((2, 3, 5, 6), (3, 3), [(1, 1), (1, 1)]),
-        ((1, 2, 3, 4, 6), (3, 2, 3), [(1, 1), (0, 1), (2, 0)]),
+        ((1, 4, 4, 6), (2, 2), 1, [(1, 0), (0, 1)]),
+        ((2, 3, 5, 6), (3, 3), 1, [(1, 1), (1, 1)]),
+        ((1, 2, 3, 4, 6), (3, 2, 3), 1, [(1, 1), (0, 1), (2, 0)]),
+        ((1, 8, 8, 6), (4, 4), 2, [(1, 1), (1, 1)]),  # PyTorch's k4 s2 p1
+        ((2, 7, 9, 3), (3, 2), 3, [(1, 0), (2, 1)]),  # odd sizes, asymmetric padding
+        ((1, 6, 5, 7, 2), (4, 2, 3), 2, [(1, 1), (0, 1), (1, 0)]),
+        ((2, 11, 3), (4,), 2, [(1, 2)]),
     ],
 )
-def test_conv_im2col_equals_lax(shape, ks, pads):
+def test_conv_im2col_equals_lax(shape, ks, stride, pads):
     x = _rand(shape)
     k = _rand((*ks, shape[-1], 7), 1)
-    strides = (1,) * len(ks)
-    _assert_conv_and_grads(lambda x, k: conv_im2col(x, k, pads), x, k, strides, pads)
-    # conv_nd takes it up to 256 output positions (batch x spatial), XLA's convolution beyond
-    for batch, im2col in ((shape[0], True), (64, False)):
-        xb = _rand((batch, *shape[1:]))
+    strides = (stride,) * len(ks)
+    _assert_conv_and_grads(lambda x, k: conv_im2col(x, k, pads, stride), x, k, strides, pads)
+    # conv_nd takes it up to 256 output positions (batch x spatial): no convolution op, and
+    # the kernel is read as it is (no transpose of it, or of anything); stride 1 takes XLA's
+    # convolution beyond
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, stride, pads))(x, k))
+    assert "conv_general_dilated" not in graph and "transpose" not in graph, graph
+    _assert_conv_and_grads(lambda x, k: conv_nd(x, k, stride, pads), x, k, strides, pads)
+    if stride == 1:
+        xb = _rand((64, *shape[1:]))
         graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, 1, pads))(xb, k))
-        assert ("conv_general_dilated" not in graph) == im2col, (batch, graph)
-        _assert_conv_and_grads(lambda x, k: conv_nd(x, k, 1, pads), xb, k, strides, pads)
+        assert "conv_general_dilated" in graph, graph
+
+
+@pytest.mark.parametrize(
+    "shape,ks,stride,pads,im2col",
+    [
+        ((1, 16, 16, 512), (4, 4), 2, [(1, 1)] * 2, True),  # 8^2 = 64 output positions
+        ((4, 8, 8, 8), (3, 3), 1, [(1, 1)] * 2, True),  # 256 positions
+        ((5, 8, 8, 8), (3, 3), 1, [(1, 1)] * 2, False),  # 320
+        ((64, 4, 4, 8), (3, 3), 1, [(1, 1)] * 2, False),  # stride 1: extents do not count
+        ((64, 8, 8, 256), (4, 4), 2, [(1, 1)] * 2, True),  # DCGAN's 8^2 -> 4^2: extents 4
+        ((64, 16, 16, 128), (4, 4), 2, [(1, 1)] * 2, False),  # extents 8
+        ((1, 64, 64, 128), (4, 4), 2, [(1, 1)] * 2, False),  # 32^2 = 1024 positions
+        ((2, 8, 8, 8, 4), (4, 4, 4), 2, [(1, 1)] * 3, True),  # 3D, 2 x 4^3 = 128 positions
+        ((1, 4, 4, 8), (3, 3), 1, [(-1, 1), (0, 0)], False),  # a cropping (negative) pad
+    ],
+)
+def test_im2col_route_is_taken_for_small_outputs(shape, ks, stride, pads, im2col):
+    strides = (stride,) * len(ks)
+    assert layers._im2col_is_faster(jnp.zeros(shape), ks, strides, pads) == im2col
 
 
 @pytest.mark.parametrize(
@@ -456,7 +496,7 @@ def _fold_large_route(monkeypatch, positions=1, channels=1):
         ((1, 3, 4, 4, 8), (2, 2, 2), [(0, 0), (1, 1), (0, 1)]),  # Vox2Vox's kernel-2 form
     ],
 )
-def test_conv_nd_large_depth_fold_equals_lax(monkeypatch, shape, ks, padding):
+def test_conv_nd_large_depth_fold_equals_lax(no_im2col, monkeypatch, shape, ks, padding):
     # the output-stacked forward and the matrix-product kernel gradient (route thresholds
     # lowered): values and both gradients against lax's native 3D convolution
     _fold_large_route(monkeypatch)
@@ -647,7 +687,7 @@ def _penalty_grads(m: nn.Module, v, x):
         (StridedConv4(3, 2), nn.Conv(3, (4, 4), strides=(2, 2), padding="SAME"), 2),
     ],
 )
-def test_fast_layers_second_derivatives_equal_linen(layer, plain, n_custom):
+def test_fast_layers_second_derivatives_equal_linen(no_im2col, layer, plain, n_custom):
     # Inside second_order_convolutions the fast layers' kernel-2 convolutions have their own
     # VJP (written with ordinary convolutions, so a gradient penalty's second derivatives stay
     # fast); differentiated twice they must agree with Linen's strided / transposed conv.
@@ -664,6 +704,48 @@ def test_fast_layers_second_derivatives_equal_linen(layer, plain, n_custom):
     assert _custom_vjp_calls(layer.apply, v, x) == 0
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "layer,plain,shape",
+    [
+        (StridedConv4(5, 2), nn.Conv(5, (4, 4), strides=(2, 2), padding="SAME"), (2, 8, 8, 3)),
+        # 1024 output positions, every extent 4 (a WGAN-GP critic's last strided layer)
+        (StridedConv4(5, 2), nn.Conv(5, (4, 4), strides=(2, 2), padding="SAME"), (64, 8, 8, 3)),
+        (
+            StridedConv4(5, 3),
+            nn.Conv(5, (4,) * 3, strides=(2,) * 3, padding="SAME"),
+            (1, 4, 6, 4, 3),
+        ),
+        # 16 input positions: the transposed convolution's products batched over the taps
+        (
+            ConvTranspose4(16, 2),
+            nn.ConvTranspose(16, (4, 4), strides=(2, 2), padding="SAME"),
+            (4, 2, 2, 3),
+        ),
+    ],
+)
+def test_small_convolutions_second_derivatives_equal_linen(layer, plain, shape):
+    # the im2col and tap-batched routes are matrix products, slices and pads: a gradient
+    # penalty's second derivatives through them, with no custom VJP, against Linen's
+    x = _rand(shape)
+    v = _init(layer, x)
+    got, traced = _penalty_grads(layer, v, x)
+    ref, _ = _penalty_grads(plain, v, x)
+    assert traced == 0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_conv_transpose4_of_a_tiny_input_reads_the_kernel_as_it_is():
+    x = _rand((1, 2, 2, 8))
+    m = ConvTranspose4(20, 2, use_bias=False)
+    v = _init(m, x)
+    graph = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2)))(v))
+    # one matrix product batched over the 16 taps ([T, positions, Cin] x [T, Cin, Cout]), and
+    # no transpose of a kernel-shaped array, forward or backward
+    assert "dimension_numbers=(([2], [1]), ([0], [0]))" in graph, graph
+    assert not [line for line in graph.splitlines() if "f32[4,4," in line and "transpose" in line]
 
 
 @pytest.mark.parametrize("pads", [[(0, 0), (0, 0)], [(1, 0), (0, 1)], [(1, 1), (1, 1)]])
