@@ -34,13 +34,18 @@ output up to float rounding:
   one for kernel 4, stride 2.
 * Other strided convolutions (CycleGAN's k3 s2 down-sampler) at batch sizes up to 2 are a sum
   of stride-1 convolutions, one per phase of the stride (:func:`conv_stride_phases`).
-* Stride-1 convolutions with at most 256 output positions (batch x spatial: the deep layers of
-  a batch-1 pix2pix generator) are one matrix product of the stacked shifted input views
-  (:func:`conv_im2col`).
+* Convolutions with at most 256 output positions (batch x spatial: the deep layers of a
+  batch-1 pix2pix generator), and strided ones whose output extents are all at most 4 (a DCGAN
+  discriminator's last strided layer), are one matrix product of the stacked shifted (strided)
+  input views (:func:`conv_im2col`) with the kernel as it is: no rearranged copy of the kernel
+  or of its gradient. Checked after oneDNN's route, before the 3D, space-to-depth and
+  stride-phase forms above.
 * The kernel-4 stride-2 transposed convolution (:class:`ConvTranspose4`) is ``2^d`` sub-pixel
   kernel-2 convolutions, one per output phase, interleaved by depth-to-space; or, for few output
-  channels or a wide input, one matrix product to all ``4^d`` taps followed by an overlap-add of
-  shifted taps (:func:`conv_transpose4_overlap_add`); or, at batch sizes up to 2, one kernel-2
+  channels, a wide input or a tiny one (at most 16 positions), one matrix product to all
+  ``4^d`` taps (batched over the taps for a tiny input, so the kernel is read as it is)
+  followed by an overlap-add of shifted taps (:func:`conv_transpose4_overlap_add`); or, at
+  batch sizes up to 2, one kernel-2
   convolution of the zero-padded input to all ``2^d`` phases, depth-to-space and a one-voxel
   crop (:func:`conv_transpose4_shuffle`).
 * At batch sizes up to 2 the remaining convolutions pad their input before XLA's convolution
