@@ -45,9 +45,8 @@ output up to float rounding:
   channels, a wide input or a tiny one (at most 16 positions), one matrix product to all
   ``4^d`` taps (batched over the taps for a tiny input, so the kernel is read as it is)
   followed by an overlap-add of shifted taps (:func:`conv_transpose4_overlap_add`); or, at
-  batch sizes up to 2, one kernel-2
-  convolution of the zero-padded input to all ``2^d`` phases, depth-to-space and a one-voxel
-  crop (:func:`conv_transpose4_shuffle`).
+  batch sizes up to 2, one kernel-2 convolution of the zero-padded input to all ``2^d``
+  phases, depth-to-space and a one-voxel crop (:func:`conv_transpose4_shuffle`).
 * At batch sizes up to 2 the remaining convolutions pad their input before XLA's convolution
   rather than inside it: their filter gradients are up to 4x faster that way.
 * Stride-1 convolutions of at most 16 taps to at most 4 output channels (output heads such as a
@@ -962,8 +961,9 @@ def conv_nd(
       of extent <= 2 carry their own VJP.
     * at most ``_IM2COL_MAX_POSITIONS`` output positions (batch x spatial), or strided with
       every output extent at most ``_IM2COL_MAX_STRIDED_EXTENT``: :func:`conv_im2col`, one
-      matrix product with the kernel as it is (``_im2col_is_faster``; checked before the
-      routes below).
+      matrix product with the kernel as it is (``_im2col_is_faster``; in the code it comes
+      after the 1x1, oneDNN, second-order kernel-2 and overlap-add forms, and before the 3D,
+      space-to-depth and stride-phase ones).
     * stride-1 float32 3x3 kernels with many channels and large outputs
       (``_winograd_is_faster``): :func:`conv_winograd`, Winograd's F(4x4, 3x3), unless
       :func:`winograd_convolutions` is off.

@@ -367,6 +367,17 @@ def test_conv_im2col_equals_lax(shape, ks, stride, pads):
         assert "conv_general_dilated" in graph, graph
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5), (2, 2, 2, 2, 5)])
+def test_conv_overlap_add_of_a_tiny_input_equals_lax(shape):
+    # at most 16 input positions: the products batched over the taps
+    d = len(shape) - 2
+    ks, pads = (3,) * d, [(1, 1)] * d
+    x, k = _rand(shape), _rand((*ks, 5, 3), 1)
+    _assert_conv_and_grads(lambda x, k: conv_overlap_add(x, k, pads), x, k, (1,) * d, pads)
+    graph = str(jax.make_jaxpr(lambda x, k: conv_overlap_add(x, k, pads))(x, k))
+    assert "dimension_numbers=(([2], [1]), ([0], [0]))" in graph, graph
+
+
 @pytest.mark.parametrize(
     "shape,ks,stride,pads,im2col",
     [
