@@ -16,6 +16,15 @@ The library comes from PyPI (``pip install 'medjax[onednn]'``, part of ``medjax[
 The convolution is bilinear, and its three oneDNN primitives (forward, backward data,
 backward weights) are each other's transposes, so every one carries a VJP made of the other
 two (:func:`conv`): gradients of gradients (a gradient penalty) work to any order.
+
+A stride-1 convolution and its input gradient each have two exact forms: the forward
+convolution is the backward-data primitive of the convolution that maps its output back onto
+its input with the kernel flipped and its channel axes swapped, and the input gradient is that
+convolution's forward primitive. oneDNN's kernels for the two differ by up to 3x (2 x 16^3,
+256 -> 128: forward 113 ms, backward data 34 ms; 8 x 128^2, 32 -> 32: 5.5 against 7.6 ms the
+other way round), so the first trace of each shape times both on scratch arrays and keeps the
+faster, as cuDNN's benchmark mode does (:func:`_prefers_other`; ``MEDJAX_ONEDNN_AUTOTUNE=0``
+keeps each primitive's own form).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import functools
 import importlib.metadata
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -113,6 +123,7 @@ class _OneDNN:
         self._plans: dict[tuple, _Plan] = {}
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
+        self._choices: dict[tuple, bool] = {}
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -193,6 +204,19 @@ class _OneDNN:
     def run(self, plan_id: int, pointers: Sequence[int]) -> None:
         self.plan(self.key(plan_id)).run(pointers)
 
+    def prefers(self, key: tuple, other: tuple) -> bool:
+        """Whether the primitive for ``other`` (the same convolution's other exact form) ran
+        clearly faster than ``key``'s: timed once per ``key`` (:func:`_time_plans`), then
+        remembered for this process."""
+        with self._lock:
+            choice = self._choices.get(key)
+        if choice is None:
+            own, alternative = _time_plans([self.plan(key), self.plan(other)])
+            choice = alternative < _AUTOTUNE_MARGIN * own
+            with self._lock:
+                choice = self._choices.setdefault(key, choice)
+        return choice
+
 
 def _dims(values: Sequence[int]) -> _Dims:
     d = _Dims()
@@ -210,6 +234,35 @@ def _aligned(size: int, keep: list) -> int:
     buffer = np.empty(size + _ALIGN, np.uint8)
     keep.append(buffer)
     return -(-buffer.ctypes.data // _ALIGN) * _ALIGN
+
+
+_AUTOTUNE_ROUNDS = 3
+_AUTOTUNE_MARGIN = 0.9  # the other form is kept only when it is at least 10 % faster
+
+
+def _time_plans(plans: Sequence[_Plan], rounds: int = _AUTOTUNE_ROUNDS) -> list[float]:
+    """Each plan's fastest time (seconds) of ``rounds`` runs, the plans interleaved, after one
+    untimed run each, on page-aligned scratch arrays of its shapes (filled with 0.5: no
+    denormals, no NaNs)."""
+    keep: list = []
+    pointers = []
+    for plan in plans:
+        addresses = []
+        for shape in plan.shapes:
+            n = int(np.prod(shape)) * 4
+            address = _aligned(n, keep)
+            start = address - keep[-1].ctypes.data
+            keep[-1][start : start + n].view(np.float32)[:] = 0.5
+            addresses.append(address)
+        pointers.append(addresses)
+        plan.run(addresses)
+    best = [float("inf")] * len(plans)
+    for _ in range(rounds):
+        for i, plan in enumerate(plans):
+            t = time.perf_counter()
+            plan.run(pointers[i])
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 def _activation_dims(shape: Sequence[int]) -> tuple[int, ...]:
@@ -539,11 +592,17 @@ def applies(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tupl
 
 
 def implementation(kind: str, x_shape, kernel_shape, strides, pads) -> str:
-    """oneDNN's name for the kernel it runs (e.g. ``brgconv:avx512_core``), for benchmarks."""
+    """oneDNN's name for the kernel it runs (e.g. ``brgconv:avx512_core``), for benchmarks;
+    where the convolution runs as its other exact form (:func:`_prefers_other`), that
+    primitive's name and which it is."""
     dnn = _load()
     if dnn is None:
         raise RuntimeError("oneDNN is not available")
-    return dnn.plan(_key(kind, _geometry(x_shape, kernel_shape, strides, pads))).info_str
+    geometry = _geometry(x_shape, kernel_shape, strides, pads)
+    other = _other_form(kind, geometry)
+    if other is not None and _prefers_other(kind, geometry, other):
+        return f"{dnn.plan(_key(*other)).info_str} ({other[0]} primitive, flipped kernel)"
+    return dnn.plan(_key(kind, geometry)).info_str
 
 
 _LAYOUTS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
@@ -575,15 +634,61 @@ def _call(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
     return call(a, b, plan=np.int64(dnn.plan_id(key)))
 
 
+def _flip(kernel: Array) -> Array:
+    """The kernel ``[*k, Cin, Cout]`` flipped in space with its channel axes swapped: the
+    kernel of the convolution that maps the output back onto the input (its adjoint)."""
+    return jnp.swapaxes(jnp.flip(kernel, tuple(range(kernel.ndim - 2))), -1, -2)
+
+
+def _other_form(kind: str, geometry: tuple) -> tuple[str, tuple] | None:
+    """The other primitive and geometry that compute a stride-1 ``forward`` or ``data``
+    convolution, with :func:`_flip`'s kernel, or None. With ``y`` the output of ``geometry``'s
+    convolution, the adjoint convolution maps ``y``'s shape onto ``x``'s with padding
+    ``k - 1 - pad`` per side (so a padding larger than ``k - 1``, which crops, has none):
+    ``forward(x, k)`` is its ``data(x, flip(k))`` and ``data(dy, k)`` its
+    ``forward(dy, flip(k))``. Strided convolutions and the weights gradient have none."""
+    x_shape, kernel_shape, strides, pads = geometry
+    if kind == "weights" or any(s != 1 for s in strides):
+        return None
+    d = len(strides)
+    back = tuple(
+        (k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_shape[:d], pads, strict=True)
+    )
+    if any(p < 0 for pair in back for p in pair):
+        return None
+    y_shape = _key(kind, geometry)[3]
+    w_shape = (*kernel_shape[:d], kernel_shape[-1], kernel_shape[-2])
+    return ("data" if kind == "forward" else "forward"), (y_shape, w_shape, strides, back)
+
+
+def _prefers_other(kind: str, geometry: tuple, other: tuple[str, tuple]) -> bool:
+    """Whether ``kind`` on ``geometry`` runs as its ``other`` form: timed on this machine at
+    the first trace (:meth:`_OneDNN.prefers`) unless ``MEDJAX_ONEDNN_AUTOTUNE=0``."""
+    if os.environ.get("MEDJAX_ONEDNN_AUTOTUNE", "1") == "0":
+        return False
+    dnn = _load()
+    assert dnn is not None
+    return dnn.prefers(_key(kind, geometry), _key(*other))
+
+
+def _run(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
+    """``kind``'s convolution of ``a`` and the kernel ``b``, as whichever of its exact forms
+    ran faster (:func:`_other_form`)."""
+    other = _other_form(kind, geometry)
+    if other is not None and _prefers_other(kind, geometry, other):
+        return _call(other[0], a, _flip(b), other[1])
+    return _call(kind, a, b, geometry)
+
+
 # The three primitives, each with a VJP made of the other two.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _forward(x, kernel, geometry):
-    return _call("forward", x, kernel, geometry)
+    return _run("forward", x, kernel, geometry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _data(dy, kernel, geometry):
-    return _call("data", dy, kernel, geometry)
+    return _run("data", dy, kernel, geometry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -641,7 +746,7 @@ def conv_transpose(
     - pad_hi``. The k4 s2 up-sampler (``pads`` ``(1, 1)`` per axis) equals
     ``lax.conv_transpose(x, kernel, (2,) * d, 'SAME')``. Check :func:`applies` first."""
     d = x.ndim - 2
-    w = jnp.swapaxes(jnp.flip(kernel, tuple(range(d))), -1, -2)
+    w = _flip(kernel)
     out = [
         (s - 1) * st + k - lo - hi
         for s, st, k, (lo, hi) in zip(x.shape[1:-1], strides, kernel.shape[:d], pads, strict=True)

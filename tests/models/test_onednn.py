@@ -245,3 +245,110 @@ def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
     x, k = randn((1, 5, 5, 5, 2)), randn((3, 3, 3, 2, 2), 1)
     with pytest.raises(Exception, match="ValueError: the primitive failed"):
         jax.block_until_ready(jax.jit(lambda x, k: onednn.conv(x, k, (1,) * 3, [(1, 1)] * 3))(x, k))
+
+
+STRIDE_1_CASES = [CASES[0], CASES[1], CASES[5], ((2, 9, 8, 3), (4, 4), (1, 1), [(1, 2), (2, 1)])]
+
+
+@pytest.mark.parametrize("other", [True, False])
+@pytest.mark.parametrize("shape,ks,strides,pads", STRIDE_1_CASES)
+def test_stride_1_convolutions_in_either_exact_form_equal_lax(
+    monkeypatch, shape, ks, strides, pads, other
+):
+    # the forward convolution as the adjoint convolution's backward-data primitive (and the
+    # input gradient as its forward primitive), or each as its own: values, gradients and a
+    # gradient penalty's second derivatives against lax
+    monkeypatch.setattr(onednn, "_prefers_other", lambda kind, geometry, alt: other)
+    calls = []  # (primitive, the input shape of the convolution it belongs to)
+    call = onednn._call
+
+    def record(kind, a, b, geometry):
+        calls.append((kind, geometry[0]))
+        return call(kind, a, b, geometry)
+
+    monkeypatch.setattr(onednn, "_call", record)
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+    ref = _lax(strides, pads)
+
+    def ours(x, k):
+        return onednn.conv(x, k, strides, pads)
+
+    y = ref(x, k)
+    np.testing.assert_allclose(jax.jit(ours)(x, k), y, atol=1e-5, rtol=1e-5)
+    # the forward convolution of x, or the backward data of the adjoint one (input: y's shape)
+    assert calls == ([("data", y.shape)] if other else [("forward", x.shape)])
+    w = randn(y.shape, 2)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    # the backward pass: the input gradient in the same form, the weights gradient as it is
+    own = {("forward", x.shape), ("data", x.shape), ("weights", x.shape)}
+    assert set(calls[1:]) == (
+        {("data", y.shape), ("forward", y.shape), ("weights", x.shape)} if other else own
+    )
+
+    def penalty_grads(conv):
+        def penalty(x, k):
+            g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
+            return jnp.sum(g**2)
+
+        return jax.grad(penalty, (0, 1))(x, k)
+
+    got = jax.jit(lambda x, k: penalty_grads(ours))(x, k)
+    want = penalty_grads(ref)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+
+
+def test_the_other_form_of_a_convolution_hand_computed():
+    # x [2, 11, 3], k3 -> 4 channels, padding (2, 0): y [2, 11, 4]; the adjoint convolution maps
+    # y back onto x with the kernel [3, 4, 3] and padding (3 - 1 - 2, 3 - 1 - 0) = (0, 2)
+    geometry = onednn._geometry((2, 11, 3), (3, 3, 4), (1,), [(2, 0)])
+    want = ((2, 11, 4), (3, 4, 3), (1,), ((0, 2),))
+    assert onednn._other_form("forward", geometry) == ("data", want)
+    assert onednn._other_form("data", geometry) == ("forward", want)
+    assert onednn._other_form("weights", geometry) is None
+    # none for a strided convolution, nor for a padding larger than k - 1 (it would crop)
+    assert (
+        onednn._other_form("forward", onednn._geometry((2, 11, 3), (3, 3, 4), (2,), [(1, 1)]))
+        is None
+    )
+    assert (
+        onednn._other_form("forward", onednn._geometry((2, 11, 3), (3, 3, 4), (1,), [(3, 0)]))
+        is None
+    )
+
+
+def test_the_faster_form_is_timed_once_and_kept(monkeypatch):
+    dnn = onednn._load()
+    monkeypatch.setattr(dnn, "_choices", {})
+    timed = []
+
+    def fake_times(plans):
+        timed.append([p.kind for p in plans])
+        return times[plans[0].shapes]
+
+    monkeypatch.setattr(onednn, "_time_plans", fake_times)
+    a = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
+    b = onednn._geometry((1, 9, 9, 3), (3, 3, 3, 5), (1, 1), [(1, 1)] * 2)
+    times = {dnn.plan(onednn._key("forward", a)).shapes: [2.0, 1.0]}  # the other form 2x faster
+    times[dnn.plan(onednn._key("data", b)).shapes] = [1.0, 0.95]  # within the 10 % margin
+    assert onednn._prefers_other("forward", a, onednn._other_form("forward", a))
+    assert onednn._prefers_other("forward", a, onednn._other_form("forward", a))
+    assert timed == [["forward", "data"]]  # timed once: own form first, then the other
+    assert not onednn._prefers_other("data", b, onednn._other_form("data", b))
+    assert "(data primitive, flipped kernel)" in onednn.implementation("forward", *a)
+    assert "flipped" not in onednn.implementation("data", *b)
+    monkeypatch.setenv("MEDJAX_ONEDNN_AUTOTUNE", "0")
+    assert not onednn._prefers_other("forward", a, onednn._other_form("forward", a))
+    assert len(timed) == 2
+
+
+def test_timing_runs_the_primitives():
+    dnn = onednn._load()
+    geometry = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
+    other = onednn._other_form("forward", geometry)
+    plans = [dnn.plan(onednn._key("forward", geometry)), dnn.plan(onednn._key(*other))]
+    times = onednn._time_plans(plans)
+    assert len(times) == 2 and all(0 < t < 1 for t in times)
