@@ -323,6 +323,11 @@ def test_the_other_form_of_a_convolution_hand_computed():
 def test_the_faster_form_is_timed_once_and_kept(monkeypatch):
     dnn = onednn._load()
     monkeypatch.setattr(dnn, "_choices", {})
+    a = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
+    b = onednn._geometry((1, 9, 9, 3), (3, 3, 3, 5), (1, 1), [(1, 1)] * 2)
+    for kind, geometry in [("forward", a), ("data", b)]:  # built (and their layouts chosen)
+        dnn.plan(onednn._key(kind, geometry))
+        dnn.plan(onednn._key(*onednn._other_form(kind, geometry)))
     timed = []
 
     def fake_times(plans):
@@ -330,8 +335,6 @@ def test_the_faster_form_is_timed_once_and_kept(monkeypatch):
         return times[plans[0].shapes]
 
     monkeypatch.setattr(onednn, "_time_plans", fake_times)
-    a = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
-    b = onednn._geometry((1, 9, 9, 3), (3, 3, 3, 5), (1, 1), [(1, 1)] * 2)
     times = {dnn.plan(onednn._key("forward", a)).shapes: [2.0, 1.0]}  # the other form 2x faster
     times[dnn.plan(onednn._key("data", b)).shapes] = [1.0, 0.95]  # within the 10 % margin
     assert onednn._prefers_other("forward", a, onednn._other_form("forward", a))
@@ -352,3 +355,32 @@ def test_timing_runs_the_primitives():
     plans = [dnn.plan(onednn._key("forward", geometry)), dnn.plan(onednn._key(*other))]
     times = onednn._time_plans(plans)
     assert len(times) == 2 and all(0 < t < 1 for t in times)
+
+
+@pytest.mark.parametrize("blocked_faster", [True, False])
+def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_faster):
+    # a strided forward convolution with 32 -> 64 channels: oneDNN's own layouts (blocked, with
+    # reorders of the arrays) or the arrays' channels-last ones, whichever timed faster; both
+    # equal lax
+    dnn = onednn._load()
+    monkeypatch.setattr(dnn, "_plans", {})
+    timed = []
+
+    def fake_times(plans):
+        timed.append([p.reorders_any for p in plans])
+        return [2.0, 1.0] if blocked_faster else [1.0, 2.0]
+
+    monkeypatch.setattr(onednn, "_time_plans", fake_times)
+    shape, ks, strides, pads = (2, 12, 10, 32), (4, 4), (2, 2), [(1, 1)] * 2
+    x, k = randn(shape), randn((*ks, 32, 64), 1)
+    y = jax.jit(lambda x, k: onednn.conv(x, k, strides, pads))(x, k)
+    np.testing.assert_allclose(y, _lax(strides, pads)(x, k), atol=1e-4, rtol=1e-5)
+    assert timed == [[False, True]]  # channels-last first, then oneDNN's layouts
+    plan = dnn.plan(onednn._key("forward", onednn._geometry(shape, k.shape, strides, pads)))
+    assert plan.reorders_any == blocked_faster
+    monkeypatch.setattr(dnn, "_plans", {})
+    monkeypatch.setenv("MEDJAX_ONEDNN_AUTOTUNE", "0")
+    assert not dnn.plan(
+        onednn._key("forward", onednn._geometry(shape, k.shape, strides, pads))
+    ).reorders_any
+    assert len(timed) == 1
