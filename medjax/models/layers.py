@@ -883,6 +883,10 @@ def _conv3d_depth_fold_large_is_faster(
 
 
 _ONEDNN_MIN_POSITIONS = 1 << 12
+# Stride-1 convolutions from 512 output positions (oneDNN's faster exact form of each is timed,
+# ``medjax.models.onednn``): 8 x 16^2, 128 -> 128, forward + backward 5.6 against 6.7 ms;
+# 2 x 8^3, 256 -> 128, 13.9 against 16.8; below that XLA's (2 x 4^3, 128 -> 256: 2.8 against 4.5).
+_ONEDNN_STRIDE_1_MIN_POSITIONS = 1 << 9
 _ONEDNN_SPATIAL_DIMS = (2, 3)
 # Strided convolutions: 2D only, with at least 8 input channels (below that oneDNN's strided
 # kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
@@ -894,11 +898,12 @@ def _onednn_is_faster(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> bool:
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
-    (:func:`medjax.models.onednn.applies`): convolutions with at least
-    ``_ONEDNN_MIN_POSITIONS`` output positions (batch x spatial) that are either stride-1 with
-    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D), except those that Winograd's algorithm
-    computes (``_winograd_is_faster``), or strided with ``_ONEDNN_STRIDED_DIMS`` spatial axes
-    (2D) and at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels.
+    (:func:`medjax.models.onednn.applies`): stride-1 convolutions with
+    ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
+    ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial), except those that
+    Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
+    ``_ONEDNN_STRIDED_DIMS`` spatial axes (2D), at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input
+    channels and ``_ONEDNN_MIN_POSITIONS`` output positions.
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -920,11 +925,12 @@ def _onednn_is_faster(
     if all(s == 1 for s in strides):
         if d not in _ONEDNN_SPATIAL_DIMS or (d == 2 and _winograd_is_faster(x, kernel, out)):
             return False
+        least = _ONEDNN_STRIDE_1_MIN_POSITIONS
     elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
-    return x.shape[0] * int(np.prod(out)) >= _ONEDNN_MIN_POSITIONS and onednn.applies(
-        x, kernel, strides, pads
-    )
+    else:
+        least = _ONEDNN_MIN_POSITIONS
+    return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
 
 def conv_nd(

@@ -104,11 +104,13 @@ def _graph(fn, *shapes, dtype=jnp.float32):
     [
         ((2, 64, 64, 64), 32, 1, jnp.float32, True),  # U-Net 3D's levels
         ((2, 16, 16, 16), 128, 1, jnp.float32, True),  # 2^13 positions
-        ((1, 8, 8, 8), 256, 1, jnp.float32, False),  # 2^9 positions
+        ((1, 8, 8, 8), 256, 1, jnp.float32, True),  # 2^9 positions, stride 1
+        ((1, 4, 8, 8), 256, 1, jnp.float32, False),  # 2^8 positions
         ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # strided 3D: its depth-stacked 2D form
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
-        ((8, 16, 16), 256, 1, jnp.float32, False),  # 2^11 positions
+        ((8, 16, 16), 256, 1, jnp.float32, True),  # 2^11 positions, stride 1
+        ((2, 16, 8), 256, 1, jnp.float32, False),  # 2^8 positions
         ((64, 32, 32), 64, 2, jnp.float32, True),  # strided 2D (DCGAN)
         ((4, 128, 128), 3, 2, jnp.float32, False),  # strided 2D, < 8 input channels
         ((64, 8, 8), 256, 2, jnp.float32, False),  # strided 2D, 2^10 positions
@@ -212,7 +214,7 @@ def test_conv_nd_keeps_xla_when_switched_off_and_off_the_cpu(monkeypatch):
 
 def test_a_3d_conv_module_on_the_route_equals_the_plain_one(monkeypatch):
     # a whole fast Conv (parameters, 'SAME' padding, bias) on the route equals `fast=False`
-    monkeypatch.setattr(layers, "_ONEDNN_MIN_POSITIONS", 1)
+    monkeypatch.setattr(layers, "_ONEDNN_STRIDE_1_MIN_POSITIONS", 1)
     x = randn((2, 6, 7, 5, 3))
     fast, plain = Conv(4, 3, spatial_dims=3), Conv(4, 3, spatial_dims=3, fast=False)
     params = plain.init(jax.random.PRNGKey(0), x)
