@@ -386,3 +386,18 @@ def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_
         onednn._key("forward", onednn._geometry(shape, k.shape, strides, pads))
     ).reorders_any
     assert len(timed) == 1
+
+
+@pytest.mark.parametrize("flip_s,want", [(0.5, True), (1.0, False)])
+def test_the_other_form_pays_for_its_kernel_flip(monkeypatch, flip_s, want):
+    # the other form takes 1.0 s against 2.0 s for its own; the kernel's flip adds flip_s, and
+    # the other form needs to stay 10 % faster with it
+    dnn = onednn._load()
+    monkeypatch.setattr(dnn, "_choices", {})
+    geometry = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
+    other = onednn._other_form("forward", geometry)
+    dnn.plan(onednn._key("forward", geometry))
+    dnn.plan(onednn._key(*other))
+    monkeypatch.setattr(onednn, "_time_plans", lambda plans: [2.0, 1.0])
+    monkeypatch.setattr(onednn, "_time_flip", lambda kernel_shape: flip_s)
+    assert onednn._prefers_other("forward", geometry, other) == want
