@@ -886,7 +886,10 @@ _ONEDNN_MIN_POSITIONS = 1 << 12
 # Stride-1 convolutions from 512 output positions (oneDNN's faster exact form of each is timed,
 # ``medjax.models.onednn``): 8 x 16^2, 128 -> 128, forward + backward 5.6 against 6.7 ms;
 # 2 x 8^3, 256 -> 128, 13.9 against 16.8; below that XLA's (2 x 4^3, 128 -> 256: 2.8 against 4.5).
+# With fewer than 8 output channels from 2^12 positions as before (the PatchGAN's last layer,
+# 1 x 31^2, 512 -> 1, k4: 1.84 against 1.24 ms; CycleGAN's 1 x 256^2, 64 -> 3, k7: 37 against 82).
 _ONEDNN_STRIDE_1_MIN_POSITIONS = 1 << 9
+_ONEDNN_FEW_OUT_CHANNELS = 8
 _ONEDNN_SPATIAL_DIMS = (2, 3)
 # Strided convolutions: 2D only, with at least 8 input channels (below that oneDNN's strided
 # kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
@@ -900,8 +903,9 @@ def _onednn_is_faster(
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
     (:func:`medjax.models.onednn.applies`): stride-1 convolutions with
     ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
-    ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial), except those that
-    Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
+    ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial;
+    ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs), except
+    those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     ``_ONEDNN_STRIDED_DIMS`` spatial axes (2D), at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input
     channels and ``_ONEDNN_MIN_POSITIONS`` output positions.
 
@@ -925,7 +929,8 @@ def _onednn_is_faster(
     if all(s == 1 for s in strides):
         if d not in _ONEDNN_SPATIAL_DIMS or (d == 2 and _winograd_is_faster(x, kernel, out)):
             return False
-        least = _ONEDNN_STRIDE_1_MIN_POSITIONS
+        few = kernel.shape[-1] < _ONEDNN_FEW_OUT_CHANNELS
+        least = _ONEDNN_MIN_POSITIONS if few else _ONEDNN_STRIDE_1_MIN_POSITIONS
     elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:

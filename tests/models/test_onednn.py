@@ -125,6 +125,19 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
     assert ("ffi_call" in graph) == routed
 
 
+@pytest.mark.parametrize(
+    "shape,cout,routed",
+    [
+        ((1, 31, 31), 1, False),  # the PatchGAN's last layer: < 8 outputs, < 2^12 positions
+        ((1, 31, 31), 8, True),
+        ((1, 64, 64), 3, True),  # CycleGAN's output layer: 2^12 positions
+    ],
+)
+def test_stride_1_convolutions_with_few_outputs_need_more_positions(shape, cout, routed):
+    graph = _graph(lambda x, k: conv_nd(x, k, 1, "SAME"), (*shape, 64), (4, 4, 64, cout))
+    assert ("ffi_call" in graph) == routed
+
+
 TRANSPOSE_CASES = [
     # shape, kernel extents, strides, pads of the convolution whose input gradient it is
     ((2, 5, 6, 3), (4, 4), (2, 2), [(1, 1), (1, 1)]),  # ConvTranspose4's
@@ -215,6 +228,7 @@ def test_conv_nd_keeps_xla_when_switched_off_and_off_the_cpu(monkeypatch):
 def test_a_3d_conv_module_on_the_route_equals_the_plain_one(monkeypatch):
     # a whole fast Conv (parameters, 'SAME' padding, bias) on the route equals `fast=False`
     monkeypatch.setattr(layers, "_ONEDNN_STRIDE_1_MIN_POSITIONS", 1)
+    monkeypatch.setattr(layers, "_ONEDNN_MIN_POSITIONS", 1)  # 4 outputs: the few-outputs rule
     x = randn((2, 6, 7, 5, 3))
     fast, plain = Conv(4, 3, spatial_dims=3), Conv(4, 3, spatial_dims=3, fast=False)
     params = plain.init(jax.random.PRNGKey(0), x)
