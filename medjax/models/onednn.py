@@ -23,8 +23,11 @@ its input with the kernel flipped and its channel axes swapped, and the input gr
 convolution's forward primitive. oneDNN's kernels for the two differ by up to 3x (2 x 16^3,
 256 -> 128: forward 113 ms, backward data 34 ms; 8 x 128^2, 32 -> 32: 5.5 against 7.6 ms the
 other way round), so the first trace of each shape times both on scratch arrays and keeps the
-faster, as cuDNN's benchmark mode does (:func:`_prefers_other`; ``MEDJAX_ONEDNN_AUTOTUNE=0``
-keeps each primitive's own form).
+faster, as cuDNN's benchmark mode does (:func:`_prefers_other`), and each primitive likewise
+runs on the arrays' channels-last layouts or on oneDNN's own (:meth:`_OneDNN.plan`). The
+choices are kept in a file per machine (:class:`_Choices`, ``MEDJAX_ONEDNN_CACHE``), so every
+process makes the same ones and a resumed run stays bit for bit the uninterrupted one.
+``MEDJAX_ONEDNN_AUTOTUNE=0`` times nothing: each primitive in its own form and layouts.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import contextvars
 import ctypes
 import functools
 import importlib.metadata
+import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -123,7 +127,7 @@ class _OneDNN:
         self._plans: dict[tuple, _Plan] = {}
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
-        self._choices: dict[tuple, bool] = {}
+        self._saved = _Choices(_choices_path())
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -192,10 +196,10 @@ class _OneDNN:
             plan = _Plan(self, *key)
             if _autotune() and not plan.reorders_any:
                 chosen = _Plan(self, *key, layouts="any")
-                if chosen.reorders_any:
-                    own, alternative = _time_plans([plan, chosen])
-                    if alternative < _AUTOTUNE_MARGIN * own:
-                        plan = chosen
+                if chosen.reorders_any and self._saved.get(
+                    "layouts", key, lambda: _faster(plan, chosen)
+                ):
+                    plan = chosen
             with self._lock:
                 plan = self._plans.setdefault(key, plan)
         return plan
@@ -218,15 +222,12 @@ class _OneDNN:
     def prefers(self, key: tuple, other: tuple) -> bool:
         """Whether the primitive for ``other`` (the same convolution's other exact form), with
         the kernel's flip (:func:`_time_flip`), ran clearly faster than ``key``'s: timed once
-        per ``key`` (:func:`_time_plans`), then remembered for this process."""
-        with self._lock:
-            choice = self._choices.get(key)
-        if choice is None:
-            own, alternative = _time_plans([self.plan(key), self.plan(other)])
-            choice = alternative + _time_flip(key[2]) < _AUTOTUNE_MARGIN * own
-            with self._lock:
-                choice = self._choices.setdefault(key, choice)
-        return choice
+        per ``key`` on this machine (:func:`_time_plans`), then kept (:class:`_Choices`)."""
+
+        def measure() -> bool:
+            return _faster(self.plan(key), self.plan(other), _time_flip(key[2]))
+
+        return self._saved.get("forms", key, measure)
 
 
 def _dims(values: Sequence[int]) -> _Dims:
@@ -249,6 +250,81 @@ def _aligned(size: int, keep: list) -> int:
 
 _AUTOTUNE_ROUNDS = 3
 _AUTOTUNE_MARGIN = 0.9  # the other form is kept only when it is at least 10 % faster
+
+
+def _faster(own: _Plan, other: _Plan, extra: float = 0.0) -> bool:
+    """Whether ``other`` (plus ``extra`` seconds) ran at least 10 % faster than ``own``."""
+    t_own, t_other = _time_plans([own, other])
+    return t_other + extra < _AUTOTUNE_MARGIN * t_own
+
+
+def _choices_path() -> Path | None:
+    """Where the timed choices are kept between processes: ``MEDJAX_ONEDNN_CACHE`` (a file;
+    empty: nowhere), by default ``~/.cache/medjax/onednn-<version>-<cpu>.json`` (per CPU model
+    and core count, so a home directory shared by different machines keeps each one's)."""
+    value = os.environ.get("MEDJAX_ONEDNN_CACHE")
+    if value is not None:
+        return Path(value) if value else None
+    cpu = "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1]
+                break
+    slug = "-".join("".join(c if c.isalnum() else " " for c in cpu).split()).lower()
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory: choices stay per process
+        return None
+    version = ".".join(map(str, _VERSION))
+    return base / "medjax" / f"onednn-{version}-{slug}-{os.cpu_count()}.json"
+
+
+class _Choices:
+    """The timed choices (``forms``: a convolution as its other exact form; ``layouts``: a
+    primitive on oneDNN's own layouts), kept in a JSON file so that every process on this
+    machine makes the same ones: a run resumed from a checkpoint then computes bit for bit what
+    the uninterrupted run would have (timings alone differ from process to process)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.lock = threading.Lock()
+        self.known: dict[str, dict[str, bool]] = {"forms": {}, "layouts": {}}
+        self._merge(self._read())
+
+    def _read(self) -> dict:
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # absent, unreadable or torn: time again
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _merge(self, data: dict) -> None:
+        for kind, table in self.known.items():
+            entries = data.get(kind)
+            if isinstance(entries, dict):
+                table.update({k: v for k, v in entries.items() if isinstance(v, bool)})
+
+    def get(self, kind: str, key: tuple, measure: Callable[[], bool]) -> bool:
+        """The kept choice for ``key``, or ``measure()``'s, then kept (the file is re-read and
+        replaced atomically, so concurrent processes lose nothing but a timing)."""
+        name = repr(key)
+        with self.lock:
+            if name in self.known[kind]:
+                return self.known[kind][name]
+        choice = bool(measure())
+        with self.lock:
+            self._merge(self._read())
+            choice = self.known[kind].setdefault(name, choice)
+            if self.path is not None:
+                with contextlib.suppress(OSError):  # a read-only home: choices stay per process
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(self.known, indent=0, sort_keys=True))
+                    os.replace(tmp, self.path)
+        return choice
 
 
 def _autotune() -> bool:

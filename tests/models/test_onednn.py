@@ -338,7 +338,7 @@ def test_the_other_form_of_a_convolution_hand_computed():
 
 def test_the_faster_form_is_timed_once_and_kept(monkeypatch):
     dnn = onednn._load()
-    monkeypatch.setattr(dnn, "_choices", {})
+    monkeypatch.setattr(dnn, "_saved", onednn._Choices(None))  # nothing kept from other runs
     a = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
     b = onednn._geometry((1, 9, 9, 3), (3, 3, 3, 5), (1, 1), [(1, 1)] * 2)
     for kind, geometry in [("forward", a), ("data", b)]:  # built (and their layouts chosen)
@@ -380,6 +380,7 @@ def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_
     # equal lax
     dnn = onednn._load()
     monkeypatch.setattr(dnn, "_plans", {})
+    monkeypatch.setattr(dnn, "_saved", onednn._Choices(None))
     timed = []
 
     def fake_times(plans):
@@ -395,6 +396,7 @@ def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_
     plan = dnn.plan(onednn._key("forward", onednn._geometry(shape, k.shape, strides, pads)))
     assert plan.reorders_any == blocked_faster
     monkeypatch.setattr(dnn, "_plans", {})
+    monkeypatch.setattr(dnn, "_saved", onednn._Choices(None))
     monkeypatch.setenv("MEDJAX_ONEDNN_AUTOTUNE", "0")
     assert not dnn.plan(
         onednn._key("forward", onednn._geometry(shape, k.shape, strides, pads))
@@ -407,7 +409,7 @@ def test_the_other_form_pays_for_its_kernel_flip(monkeypatch, flip_s, want):
     # the other form takes 1.0 s against 2.0 s for its own; the kernel's flip adds flip_s, and
     # the other form needs to stay 10 % faster with it
     dnn = onednn._load()
-    monkeypatch.setattr(dnn, "_choices", {})
+    monkeypatch.setattr(dnn, "_saved", onednn._Choices(None))
     geometry = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
     other = onednn._other_form("forward", geometry)
     dnn.plan(onednn._key("forward", geometry))
@@ -415,3 +417,56 @@ def test_the_other_form_pays_for_its_kernel_flip(monkeypatch, flip_s, want):
     monkeypatch.setattr(onednn, "_time_plans", lambda plans: [2.0, 1.0])
     monkeypatch.setattr(onednn, "_time_flip", lambda kernel_shape: flip_s)
     assert onednn._prefers_other("forward", geometry, other) == want
+
+
+@pytest.mark.parametrize("shape,routed", [((2, 32, 16, 6), True), ((1, 8, 16, 6), False)])
+def test_an_upsample_on_the_onednn_route_equals_linen(shape, routed):
+    # a 2D UpSample with 2^10 output positions or more runs as oneDNN's transposed convolution
+    # and equals Linen's ConvTranspose (k2 s2 'SAME') with the same parameters; values and
+    # gradients; a smaller one and a 3D one keep the 1x1 convolution + depth-to-space
+    import flax.linen as nn
+
+    x = randn(shape)
+    fast = layers.UpSample(5)
+    plain = nn.ConvTranspose(5, (2, 2), strides=(2, 2), padding="SAME")
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert ("ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))) == routed
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
+    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
+    want = jax.grad(loss(plain), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    if routed:
+        x3 = randn((2, 8, 8, 8, 3))  # 3D, 2^13 output positions
+        up3 = layers.UpSample(4, spatial_dims=3)
+        p3 = up3.init(jax.random.PRNGKey(1), x3)
+        assert "ffi_call" not in str(jax.make_jaxpr(lambda p: up3.apply(p, x3))(p3))
+
+
+def test_timed_choices_are_kept_for_the_next_process(tmp_path, monkeypatch):
+    # a choice is timed once, written to the file, and a new process (a new _Choices on the
+    # same file) takes it without timing; two writers keep each other's; a torn file is
+    # ignored; the default file is per oneDNN version, CPU model and core count
+    path = tmp_path / "choices.json"
+    key_a, key_b = ("forward", (1, 9, 9, 2)), ("data", (1, 9, 9, 3))
+    first, second = onednn._Choices(path), onednn._Choices(path)
+    assert first.get("forms", key_a, lambda: True) is True
+    assert second.get("layouts", key_b, lambda: False) is False
+    later = onednn._Choices(path)
+    assert later.get("forms", key_a, lambda: pytest.fail("timed again")) is True
+    assert later.get("layouts", key_b, lambda: pytest.fail("timed again")) is False
+    assert later.get("forms", key_b, lambda: False) is False  # a new key: timed
+    path.write_text('{"forms": {')
+    assert onednn._Choices(path).get("forms", key_a, lambda: False) is False
+    monkeypatch.setenv("MEDJAX_ONEDNN_CACHE", str(tmp_path / "x.json"))
+    assert onednn._choices_path() == tmp_path / "x.json"
+    monkeypatch.setenv("MEDJAX_ONEDNN_CACHE", "")
+    assert onednn._choices_path() is None
+    monkeypatch.delenv("MEDJAX_ONEDNN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    default = onednn._choices_path()
+    assert default.parent == tmp_path / "medjax" and default.name.startswith("onednn-3.2-")
