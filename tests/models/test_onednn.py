@@ -43,8 +43,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,ks,strides,pads", CASES)
-def test_convolution_and_its_gradients_equal_lax(shape, ks, strides, pads):
+def _assert_gradients_equal(ours, ref, x, k, y_shape):
+    w = randn(y_shape, 2)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def _penalty_grads(conv, x, k):
+    # a WGAN-GP critic's penalty: the input gradient, differentiated again
+    def penalty(x, k):
+        g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
+        return jnp.sum(g**2)
+
+    return jax.grad(penalty, (0, 1))(x, k)
+
+
+def _assert_penalty_grads_equal(ours, ref, x, k):
+    got = jax.jit(lambda x, k: _penalty_grads(ours, x, k))(x, k)
+    want = _penalty_grads(ref, x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+
+
+def _values_equal_lax(shape, ks, strides, pads):
+    """(x, k, lax's convolution, oneDNN's, lax's output), oneDNN's output checked against it."""
     x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
     ref = _lax(strides, pads)
 
@@ -53,11 +77,13 @@ def test_convolution_and_its_gradients_equal_lax(shape, ks, strides, pads):
 
     y = ref(x, k)
     np.testing.assert_allclose(jax.jit(ours)(x, k), y, atol=1e-5, rtol=1e-5)
-    w = randn(y.shape, 2)
-    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
-    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    return x, k, ref, ours, y
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", CASES)
+def test_convolution_and_its_gradients_equal_lax(shape, ks, strides, pads):
+    x, k, ref, ours, y = _values_equal_lax(shape, ks, strides, pads)
+    _assert_gradients_equal(ours, ref, x, k, y.shape)
 
 
 @pytest.mark.parametrize("shape,ks,strides,pads", [CASES[0], CASES[2], CASES[4]])
@@ -65,18 +91,8 @@ def test_gradient_penalty_second_derivatives_equal_lax(shape, ks, strides, pads)
     # a WGAN-GP critic's penalty: the input gradient, differentiated again (each primitive's
     # VJP is made of the other two)
     x, k = randn(shape), randn((*ks, shape[-1], 3), 1)
-
-    def penalty_grads(conv):
-        def penalty(x, k):
-            g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
-            return jnp.sum(g**2)
-
-        return jax.grad(penalty, (0, 1))(x, k)
-
-    got = jax.jit(lambda x, k: penalty_grads(lambda x, k: onednn.conv(x, k, strides, pads)))(x, k)
-    want = penalty_grads(_lax(strides, pads))
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+    ours = lambda x, k: onednn.conv(x, k, strides, pads)  # noqa: E731
+    _assert_penalty_grads_equal(ours, _lax(strides, pads), x, k)
 
 
 def test_hand_computed_1d():
@@ -92,6 +108,20 @@ def test_vmap_over_a_batch_of_kernels():
     got = jax.vmap(lambda k: onednn.conv(x, k, (1, 1, 1), [(1, 1)] * 3))(ks)
     want = jnp.stack([_lax((1, 1, 1), [(1, 1)] * 3)(x, k) for k in ks])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _assert_module_equals(fast, plain, params, x, atol=1e-4, rtol=1e-5):
+    """``fast`` (on a oneDNN route) against ``plain`` with the same parameters: values, and the
+    gradients of a nonlinear loss with respect to the parameters and the input."""
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
+    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
+    want = jax.grad(loss(plain), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
 
 
 def _graph(fn, *shapes, dtype=jnp.float32):
@@ -196,15 +226,7 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(shape):
     assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
     small = randn((shape[0], shape[1] // 2, *shape[2:]))
     assert "ffi_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, small))(params))
-
-    def loss(module):
-        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-
-    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
-    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
-    want = jax.grad(loss(plain), (0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-4)
+    _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
 
 
 def test_winograd_convolutions_stay_off_the_onednn_route():
@@ -233,15 +255,7 @@ def test_a_3d_conv_module_on_the_route_equals_the_plain_one(monkeypatch):
     fast, plain = Conv(4, 3, spatial_dims=3), Conv(4, 3, spatial_dims=3, fast=False)
     params = plain.init(jax.random.PRNGKey(0), x)
     assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
-
-    def loss(module):
-        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-
-    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
-    got = jax.grad(loss(fast), (0, 1))(params, x)
-    want = jax.grad(loss(plain), (0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    _assert_module_equals(fast, plain, params, x)
 
 
 def test_implementation_names_the_kernel():
@@ -283,38 +297,17 @@ def test_stride_1_convolutions_in_either_exact_form_equal_lax(
         return call(kind, a, b, geometry)
 
     monkeypatch.setattr(onednn, "_call", record)
-    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
-    ref = _lax(strides, pads)
-
-    def ours(x, k):
-        return onednn.conv(x, k, strides, pads)
-
-    y = ref(x, k)
-    np.testing.assert_allclose(jax.jit(ours)(x, k), y, atol=1e-5, rtol=1e-5)
+    x, k, ref, ours, y = _values_equal_lax(shape, ks, strides, pads)
     # the forward convolution of x, or the backward data of the adjoint one (input: y's shape)
     assert calls == ([("data", y.shape)] if other else [("forward", x.shape)])
-    w = randn(y.shape, 2)
-    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
-    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    _assert_gradients_equal(ours, ref, x, k, y.shape)
     # the backward pass: the input gradient in the same form, the weights gradient as it is
     own = {("forward", x.shape), ("data", x.shape), ("weights", x.shape)}
     assert set(calls[1:]) == (
         {("data", y.shape), ("forward", y.shape), ("weights", x.shape)} if other else own
     )
 
-    def penalty_grads(conv):
-        def penalty(x, k):
-            g = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, k))))(x)
-            return jnp.sum(g**2)
-
-        return jax.grad(penalty, (0, 1))(x, k)
-
-    got = jax.jit(lambda x, k: penalty_grads(ours))(x, k)
-    want = penalty_grads(ref)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
+    _assert_penalty_grads_equal(ours, ref, x, k)
 
 
 def test_the_other_form_of_a_convolution_hand_computed():
@@ -431,15 +424,7 @@ def test_an_upsample_on_the_onednn_route_equals_linen(shape, routed):
     plain = nn.ConvTranspose(5, (2, 2), strides=(2, 2), padding="SAME")
     params = plain.init(jax.random.PRNGKey(0), x)
     assert ("ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))) == routed
-
-    def loss(module):
-        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-
-    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
-    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
-    want = jax.grad(loss(plain), (0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    _assert_module_equals(fast, plain, params, x)
     if routed:
         x3 = randn((2, 8, 8, 8, 3))  # 3D, 2^13 output positions
         up3 = layers.UpSample(4, spatial_dims=3)
