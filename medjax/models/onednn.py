@@ -195,11 +195,14 @@ class _OneDNN:
         if plan is None:
             plan = _Plan(self, *key)
             if _autotune() and not plan.reorders_any:
-                chosen = _Plan(self, *key, layouts="any")
-                if chosen.reorders_any and self._saved.get(
-                    "layouts", key, lambda: _faster(plan, chosen)
-                ):
-                    plan = chosen
+                built: list[_Plan] = []  # oneDNN's layouts, built only to be timed or run
+
+                def measure() -> bool:
+                    built.append(_Plan(self, *key, layouts="any"))
+                    return built[0].reorders_any and _faster(plan, built[0])
+
+                if self._saved.get("layouts", key, measure):
+                    plan = built[0] if built else _Plan(self, *key, layouts="any")
             with self._lock:
                 plan = self._plans.setdefault(key, plan)
         return plan
