@@ -1116,11 +1116,22 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     against 0.9 / 1.8; equal at 64 x 4^2, 128 -> 64 and 1 x 16^2, 64 -> 32. U-Net 2D's step
     (8 x 128^2, one process, interleaved): 281 against 286 ms. In 3D it loses (2 x 32^3,
     32 -> 32: 7.5 / 23.4 against 13.2 / 14.9)."""
+    return _onednn_doubling_applies(
+        x, kernel, _ONEDNN_UPSAMPLE_SPATIAL_DIMS, _ONEDNN_UPSAMPLE_MIN_POSITIONS, pad=0
+    )
+
+
+def _onednn_doubling_applies(
+    x: Array, kernel: Array, dims: Sequence[int], least: int, pad: int
+) -> bool:
+    """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) has
+    ``dims`` spatial axes, at least ``least`` output positions (batch x 2^d x spatial) and
+    oneDNN can run it (:func:`medjax.models.onednn.applies`)."""
     d = x.ndim - 2
     return (
-        d in _ONEDNN_UPSAMPLE_SPATIAL_DIMS
-        and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= _ONEDNN_UPSAMPLE_MIN_POSITIONS
-        and onednn.applies(x, kernel, (2,) * d, [(0, 0)] * d)
+        d in dims
+        and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least
+        and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
     )
 
 
@@ -1246,12 +1257,8 @@ def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     2 x 12^3, 128 -> 32, 16.8 against 34.7 ms, 2 x 24^3, 64 -> 16, 35.0 against 44.6, but 16.6
     against 12.4 at 2 x 6^3, 256 -> 64 (3456 output positions); Vox2Vox's step 94 against 110
     ms."""
-    d = x.ndim - 2
-    out = x.shape[0] * 2**d * int(np.prod(x.shape[1:-1]))
-    return (
-        d in _ONEDNN_TRANSPOSE_SPATIAL_DIMS
-        and out >= _ONEDNN_TRANSPOSE_MIN_POSITIONS
-        and onednn.applies(x, kernel, (2,) * d, [(1, 1)] * d)
+    return _onednn_doubling_applies(
+        x, kernel, _ONEDNN_TRANSPOSE_SPATIAL_DIMS, _ONEDNN_TRANSPOSE_MIN_POSITIONS, pad=1
     )
 
 

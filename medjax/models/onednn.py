@@ -428,11 +428,15 @@ class _Plan:
                 self.reorders.append(dnn.reorder(actual, user))
             else:
                 self.reorders.append(dnn.reorder(user, actual))
-        self.reorders_any = any(r is not None for r in self.reorders)
         scratch = dnn.lib.dnnl_primitive_desc_query_md(pd, _QUERY_SCRATCHPAD, 0)
         self.scratch_md = _H(scratch) if scratch else None
         self.scratch_size = dnn.lib.dnnl_memory_desc_get_size(self.scratch_md) if scratch else 0
         self.primitive = dnn.primitive(pd)
+
+    @property
+    def reorders_any(self) -> bool:
+        """Whether it computes in oneDNN's own layouts (reordering some of the arrays)."""
+        return any(r is not None for r in self.reorders)
 
     def info(self, pd: _H) -> str:
         s = ctypes.c_char_p()

@@ -357,12 +357,24 @@ def test_the_faster_form_is_timed_once_and_kept(monkeypatch):
     assert len(timed) == 2
 
 
-def test_timing_runs_the_primitives():
+def test_timing_runs_the_primitives(monkeypatch):
+    # one untimed run of each plan, then the plans interleaved for the timed rounds, each on
+    # page-aligned scratch arrays of its own shapes
     dnn = onednn._load()
     geometry = onednn._geometry((1, 9, 9, 2), (3, 3, 2, 5), (1, 1), [(1, 1)] * 2)
     other = onednn._other_form("forward", geometry)
     plans = [dnn.plan(onednn._key("forward", geometry)), dnn.plan(onednn._key(*other))]
-    times = onednn._time_plans(plans)
+    runs = []
+    run = onednn._Plan.run
+
+    def record(plan, pointers):
+        runs.append((plans.index(plan), [p % onednn._ALIGN for p in pointers]))
+        return run(plan, pointers)
+
+    monkeypatch.setattr(onednn._Plan, "run", record)
+    times = onednn._time_plans(plans, rounds=3)
+    assert [i for i, _ in runs] == [0, 1] * 4
+    assert all(offsets == [0, 0, 0] for _, offsets in runs)
     assert len(times) == 2 and all(0 < t < 1 for t in times)
 
 
