@@ -7,8 +7,13 @@ or `evaluate` (`evaluate_workdir` of that run's latest checkpoint). After `train
 writes its final parameters to `WORKDIR/params_<process>.npz`; after `evaluate`, process 0 prints
 the number of rows and the summary. Each process has the simulated CPU devices its XLA_FLAGS
 give it; with NUM_PROCESSES=1 it is an ordinary single-process run.
+
+Once its work is done a process prints `DONE` and exits as usual (JAX's shutdown barrier);
+one that has not exited 120 s later prints every thread's stack and exits with status 1, so a
+process that hangs at exit says where (tests/train/test_multihost.py reports it).
 """
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -50,5 +55,10 @@ def main(mode, workdir, port, num_processes, process_id, *changes):
             print(json.dumps({"ids": ids, "summary": summary}))
 
 
+DONE = "DONE"  # printed once a process's work is done, before it exits
+
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    print(DONE, flush=True)
+    sys.stderr.flush()
+    faulthandler.dump_traceback_later(120, exit=True)
