@@ -20,7 +20,12 @@ faster). Every case runs in a new Python process, as a training run has its proc
 
 Also: compile time, XLA's memory of the compiled step (arguments + temporaries), FLOPs per step
 (XLA's cost analysis; torch's `FlopCounterMode`) and the achieved FLOP/s as a fraction of the
-machine's measured peak (a large float32 matrix product through XLA, `--peak-size`).
+machine's measured peak (a large matrix product in the compute dtype through XLA, `--peak-size`).
+
+On a GPU (JAX's default backend) both sides compute in bfloat16 by default (`--dtype`):
+medjax's model dtype, PyTorch's `torch.autocast` on CUDA with cuDNN's benchmark mode; float32
+parameters and Adam on both. Set `XLA_PYTHON_CLIENT_PREALLOCATE=false` there so that JAX and
+PyTorch share the card. `unet3d_128` (4 x 128^3) runs on accelerators only, unless named.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -60,6 +66,7 @@ class Case:
     arg: str = ""
     max_rounds: int = 0  # a cap on --rounds for the slowest steps (0: none)
     apart: bool = False  # time the two sides one after the other, each in its own process
+    accelerator: bool = False  # a size for GPUs and TPUs: run there (or when --only names it)
 
     def capped(self, rounds: int) -> int:
         """`rounds`, capped by `max_rounds` for the slowest steps."""
@@ -149,6 +156,9 @@ CASES = (
     Case("unet3d_64", "U-Net 3D, 2 x 64^3", "unet3d_brats",
          {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "patch_size": (64, 64, 64),
           "batch_size": 2}, _unet),
+    Case("unet3d_128", "U-Net 3D, 4 x 128^3", "unet3d_brats",
+         {**NO_AUG, "model.features": (32, 32, 64, 128, 256), "patch_size": (128, 128, 128),
+          "batch_size": 4}, _unet, accelerator=True),
     Case("dcgan_64", "DCGAN 64^2, batch 64 (D + G)", "dcgan_medmnist",
          {"data.channels": 3, "model.generator.base_features": 512, "batch_size": 64,
           "model.generator.latent_dim": 100, **PAPER_HEAD}, _dcgan, "64"),
@@ -190,15 +200,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measured_peak(n: int) -> float:
-    """FLOP/s of an n x n x n float32 matrix product through XLA: the fastest of 20 calls.
+def measured_peak(n: int, dtype: str = "float32") -> float:
+    """FLOP/s of an n x n x n matrix product in `dtype` through XLA: the fastest of 20 calls.
     A peak is the best rate the machine reaches; on a shared virtual machine the median of 5
     calls at start-up varied from run to run (2-core AMD EPYC: 126 to 198 GFLOP/s, against
     196 to 214 for the fastest of 20; BENCHMARKS.md)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(f(a, a))
     ts = []
@@ -241,6 +251,8 @@ def compiled_step(cfg: Any) -> tuple[Any, Any, dict, dict]:
     # traced without them).
     with onednn.enabled(False):
         flops = _flops(loop.Trainer(cfg).train_step.lower(state, batch))
+    if not math.isfinite(flops):  # no cost analysis of a lowering (jax 0.11 on a GPU)
+        flops = _flops(compiled)
     try:
         shape = trainer.task.example_shape()
     except Exception:  # noqa: BLE001 - a task without a segmentation-style shape
@@ -259,13 +271,28 @@ def compiled_step(cfg: Any) -> tuple[Any, Any, dict, dict]:
     return compiled, state, batch, facts
 
 
-def medjax_step(case: Case, devices: int):
-    """(step() -> None, facts, config) of the case's compiled medjax training step."""
+def set_compute_dtype(cfg: Any, dtype: str) -> None:
+    """Every compute `dtype` of `cfg.model` (the model's, or its generator's and
+    discriminator's) set to `dtype`; parameters and the optimizer stay float32."""
+    stack = [cfg.model]
+    while stack:
+        node = stack.pop()
+        for k in node:
+            if k == "dtype":
+                node[k] = dtype
+            elif hasattr(node[k], "keys"):
+                stack.append(node[k])
+
+
+def medjax_step(case: Case, devices: int, dtype: str = "float32"):
+    """(step() -> None, facts, config) of the case's compiled medjax training step, computing
+    in `dtype`."""
     import jax
 
     cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
     for k, v in case.overrides.items():
         _set(cfg, k, v)
+    set_compute_dtype(cfg, dtype)
     gb = int(cfg.batch_size)
     if gb % devices:
         cfg.batch_size = max(devices, gb - gb % devices)
@@ -299,7 +326,16 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated case names")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timed steps per side")
     p.add_argument("--no-torch", action="store_true", help="medjax alone")
-    p.add_argument("--peak-size", type=int, default=2048)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="compute dtype of both sides (auto: float32 on the CPU, bfloat16 on GPUs and TPUs: "
+        "medjax's model dtype, PyTorch's autocast); the peak is a matrix product in it",
+    )
+    p.add_argument(
+        "--peak-size", type=int, default=0, help="peak matrix size (0: 2048 on CPU, 8192 else)"
+    )
     p.add_argument(
         "--warmup-max", type=int, default=8, help="most interleaved warm-up rounds per case"
     )
@@ -352,15 +388,25 @@ def main() -> None:
     import flax
     import jax
 
+    accelerator = jax.default_backend() != "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if accelerator else "float32"
     torch = None
     if not args.no_torch:
         try:
             import monai
             import torch
+            import torch_reference
 
             torch.set_num_threads(os.cpu_count() or 1)
         except ImportError as exc:
             sys.exit(f"{exc}: install the bench extra (pip install -e '.[bench]') or --no-torch")
+        if accelerator and jax.default_backend() == "gpu" and torch.cuda.is_available():
+            torch_reference.use("cuda", torch.bfloat16 if args.dtype == "bfloat16" else None)
+        elif accelerator:
+            sys.exit(f"PyTorch has no device for JAX's {jax.default_backend()}: use --no-torch")
+        elif args.dtype == "bfloat16":
+            torch_reference.use("cpu", torch.bfloat16)
     dev = jax.devices()
     machine = {
         "cpu": cpu_name(),
@@ -370,9 +416,11 @@ def main() -> None:
         "python": sys.version.split()[0],
         "jax": jax.__version__,
         "flax": flax.__version__,
+        "dtype": args.dtype,
         "torch": torch.__version__ if torch else None,
         "monai": monai.__version__ if torch else None,
         "torch_threads": torch.get_num_threads() if torch else None,
+        "torch_device": str(torch.get_default_device()) if torch else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         # process-wide (exec_with_host_tunables): PyTorch's steps get the same allocator
         "host_malloc": (
@@ -390,7 +438,8 @@ def main() -> None:
         f"{where}, interleaved warm-up until settled (at most {args.warmup_max} rounds, last two "
         f"steps within {args.warmup_tol:.0%} of the fastest), {args.rounds} timed rounds"
     )
-    peak = args.peak_gflops * 1e9 if args.peak_gflops else measured_peak(args.peak_size)
+    peak_size = args.peak_size or (8192 if accelerator else 2048)
+    peak = args.peak_gflops * 1e9 if args.peak_gflops else measured_peak(peak_size, args.dtype)
     machine["peak_gflops"] = peak / 1e9
     if not args.row_json:
         print(" | ".join(f"{k} {v}" for k, v in machine.items() if v is not None), flush=True)
@@ -400,7 +449,7 @@ def main() -> None:
         sys.exit(f"unknown cases {sorted(unknown)}; --list shows them")
     rows = []
     for case in CASES if "steps" in sections else ():
-        if only and case.name not in only:
+        if (only and case.name not in only) or (not only and case.accelerator and not accelerator):
             continue
         if args.same_process:
             row = step_row(case, args, torch, len(dev), peak)
@@ -450,7 +499,7 @@ def step_row(case: Case, args: Any, torch: Any, devices: int, peak: float) -> di
     """One case's row, in this process: its medjax step and (with `torch`) its PyTorch
     reference, warmed up until they settle (`settle`), then timed interleaved for `args.rounds`
     rounds. `args.side` "medjax" or "torch" times that side alone."""
-    step, facts, cfg = medjax_step(case, devices)
+    step, facts, cfg = medjax_step(case, devices, args.dtype)
     sides: dict[str, Callable[[], None]] = {}
     if args.side != "torch":
         sides["medjax"] = step
@@ -522,7 +571,8 @@ def step_row_in_fresh_process(case: Case, args: Any, peak: float) -> dict:
             cmd = [sys.executable, os.path.abspath(__file__), "--only", case.name, "--section",
                    "steps", "--rounds", str(args.rounds), "--warmup-max", str(args.warmup_max),
                    "--warmup-tol", repr(args.warmup_tol), "--same-process", "--row-json", out,
-                   "--peak-gflops", repr(peak / 1e9), "--side", side]  # fmt: skip
+                   "--peak-gflops", repr(peak / 1e9), "--side", side,
+                   "--dtype", args.dtype]  # fmt: skip
             if args.no_torch:
                 cmd.append("--no-torch")
             subprocess.run(cmd, check=True)
@@ -736,19 +786,32 @@ def per_round(row: dict) -> str:
     return f"{q['median']:.2f} ({q['q1']:.2f}-{q['q3']:.2f})" if q else "-"
 
 
+def _ms(seconds: float) -> str:
+    """A step time in ms, to three figures from 10 ms down (accelerators' steps)."""
+    ms = seconds * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"
+
+
 def markdown(machine: dict, rows: list[dict]) -> str:
     head = (
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['devices']}; "
         f"jax {machine['jax']}, flax {machine['flax']}"
         + (
-            f", torch {machine['torch']} ({machine['torch_threads']} threads), monai "
+            f", torch {machine['torch']} ("
+            + (
+                f"{machine['torch_threads']} threads"
+                if machine.get("torch_device", "cpu") == "cpu"
+                else machine["torch_device"]
+            )
+            + f"), monai "
             f"{machine['monai']}"
             if machine.get("torch")
             else ""
         )  # fmt: skip
         + f". Host malloc: {machine['host_malloc']}"
         + (f". Harness: {machine['harness']}" if machine.get("harness") else "")
-        + f". Measured float32 GEMM peak {machine['peak_gflops']:.1f} GFLOP/s.\n\n"
+        + f". Compute dtype {machine.get('dtype', 'float32')}; measured "
+        f"{machine.get('dtype', 'float32')} GEMM peak {machine['peak_gflops']:.1f} GFLOP/s.\n\n"
     )
     if not rows:
         return head.rstrip()
@@ -760,16 +823,16 @@ def markdown(machine: dict, rows: list[dict]) -> str:
         has = "ratio" in r
         what = r["what"] + (" (the two steps timed apart)" if r.get("sides_apart") else "")
         lines.append(
-            f"| {what} | {r['batch']} | {r['medjax_s'] * 1e3:.0f} ms | "
+            f"| {what} | {r['batch']} | {_ms(r['medjax_s'])} | "
             f"{r['medjax_ex_per_s']:.1f} | {r['compile_s']:.1f} s | {r['memory_mib']:.0f} MiB | "
             f"{r['medjax_gflop']:.1f} / {r['torch_gflop']:.1f} | " if has else
-            f"| {what} | {r['batch']} | {r['medjax_s'] * 1e3:.0f} ms | "
+            f"| {what} | {r['batch']} | {_ms(r['medjax_s'])} | "
             f"{r['medjax_ex_per_s']:.1f} | {r['compile_s']:.1f} s | {r['memory_mib']:.0f} MiB | "
             f"{r['medjax_gflop']:.1f} / - | "
         )  # fmt: skip
         lines[-1] += (
             f"{r['medjax_peak_frac']:.0%} / {r['torch_peak_frac']:.0%} | "
-            f"{r['torch_s'] * 1e3:.0f} ms | **{r['ratio']:.2f}** | {per_round(r)} |"
+            f"{_ms(r['torch_s'])} | **{r['ratio']:.2f}** | {per_round(r)} |"
             if has
             else f"{r['medjax_peak_frac']:.0%} / - | - | - | - |"
         )

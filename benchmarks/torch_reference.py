@@ -12,11 +12,13 @@ each, at the shapes, batch, optimizer and thread count of the medjax step they f
   `cycle_gan_model` (vanilla GAN + 100 L1; LSGAN + 10 cycle + 0.5 x 10 identity).
 
 Needs the optional `bench` extra (`pip install -e .[bench]`: torch's CPU build and monai);
-nothing in medjax imports this file.
+nothing in medjax imports this file. `use("cuda", torch.bfloat16)` first builds every later step
+on a GPU under bf16 autocast (the suite does, when JAX's default backend is a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -34,12 +36,44 @@ class TorchStep:
     flops: float = 0.0
 
 
+# Where the steps run, and the dtype autocast computes in (None: float32 throughout).
+_DEVICE = torch.device("cpu")
+_AUTOCAST: torch.dtype | None = None
+
+
+def use(device: str = "cpu", autocast: torch.dtype | None = None) -> None:
+    """Builds the steps that follow on `device` (their networks, data and every tensor they
+    make) and runs each under `torch.autocast(device, autocast)` when given: bf16 mixed
+    precision as PyTorch recommends it (float32 parameters and optimizer, the autocast ops in
+    bf16, no loss scaling; the backward passes follow the forward's dtypes)."""
+    global _DEVICE, _AUTOCAST
+    _DEVICE, _AUTOCAST = torch.device(device), autocast
+    torch.set_default_device(_DEVICE)
+    if _DEVICE.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # cuDNN's kernels timed per shape, as XLA's are
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=_DEVICE).manual_seed(seed)
+
+
 def _count(modules: list[nn.Module]) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def _finish(run: Callable[[], None], modules: list[nn.Module]) -> TorchStep:
+def _finish(step: Callable[[], None], modules: list[nn.Module]) -> TorchStep:
+    """The TorchStep of `step` (run under the autocast of `use`; on a GPU it returns once the
+    step's kernels finished, as the medjax step it faces is waited for)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    device, dtype = _DEVICE, _AUTOCAST
+
+    def run() -> None:
+        cast = torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+        with cast:
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     run()  # warm-up (allocator, oneDNN primitive caches)
     counter = FlopCounterMode(display=False)
@@ -69,7 +103,7 @@ def unet_step(
     net = BasicUNet(spatial_dims, in_channels, classes, features=feats)
     loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(0)
+    g = _generator()
     x = torch.randn((batch, in_channels, *size), generator=g)
     y = torch.randint(0, classes, (batch, 1, *size), generator=g)
     net.train()
@@ -127,7 +161,7 @@ def dcgan_step(batch: int, channels: int = 3, nz: int = 100, ngf: int = 64, ndf:
     bce = nn.BCEWithLogitsLoss()
     opt_g = torch.optim.Adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
     real = torch.rand((batch, channels, 64, 64), generator=gen) * 2 - 1
     ones, zeros = torch.ones(batch), torch.zeros(batch)
 
@@ -276,7 +310,7 @@ def pix2pix_step(
     d = nlayer_discriminator(channels + out, ndf, norm=norm, dims=dims)
     opt_g, opt_d = _adam(g), _adam(d)
     gan, l1 = nn.BCEWithLogitsLoss(), nn.L1Loss()
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
     a = torch.rand((batch, channels, *shape), generator=gen) * 2 - 1
     b = torch.rand((batch, out, *shape), generator=gen) * 2 - 1
 
@@ -309,7 +343,7 @@ def cyclegan_step(batch: int, size: int, channels: int = 3, n_blocks: int = 9) -
     )
     opt_g, opt_d = _adam(g_a, g_b), _adam(d_a, d_b)
     mse, l1 = nn.MSELoss(), nn.L1Loss()
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
     real_a = torch.rand((batch, channels, size, size), generator=gen) * 2 - 1
     real_b = torch.rand((batch, channels, size, size), generator=gen) * 2 - 1
 
@@ -357,7 +391,7 @@ def wgan_gp_step(
     d = nn.Sequential(*[m for m in d if not isinstance(m, nn.BatchNorm2d)])
     opt_g = torch.optim.Adam(g.parameters(), 1e-4, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(d.parameters(), 1e-4, betas=(0.0, 0.9))
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
     reals = torch.rand((n_critic, critic_batch, channels, 64, 64), generator=gen) * 2 - 1
 
     def run() -> None:
@@ -399,7 +433,7 @@ def classifier_step(
                nn.Dropout(dropout), nn.Linear(cin, classes)]  # fmt: skip
     net = nn.Sequential(*layers)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen = _generator()
     x = torch.randn((batch, channels, *size), generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)
     ce = nn.CrossEntropyLoss()

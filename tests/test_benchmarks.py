@@ -79,7 +79,9 @@ def test_warm_up_stops_at_its_cap_when_a_side_never_settles(monkeypatch):
 
 def test_a_case_is_timed_in_a_new_process_and_its_row_comes_back():
     case = next(c for c in suite.CASES if c.name == "classifier")
-    args = argparse.Namespace(rounds=1, no_torch=True, warmup_max=2, warmup_tol=0.2, side="both")
+    args = argparse.Namespace(
+        rounds=1, no_torch=True, warmup_max=2, warmup_tol=0.2, side="both", dtype="float32"
+    )
     row = suite.step_row_in_fresh_process(case, args, peak=1e11)
     assert row["case"] == "classifier" and row["batch"] == 64
     assert row["medjax_s"] > 0 and row["medjax_gflop"] > 0
@@ -116,3 +118,19 @@ def test_the_ratio_per_round_pairs_each_torch_step_with_its_medjax_step():
     machine.update(host_malloc="glibc", peak_gflops=10.0)
     table = suite.markdown(machine, [row | {"what": "x", "compile_s": 1.0, "memory_mib": 1.0}])
     assert table.splitlines()[-1].endswith("| **1.50** | 1.50 (1.25-1.50) |")
+
+
+def test_the_compute_dtype_reaches_every_network_of_a_config():
+    from medjax.configs import pix2pix_folder, unet3d_brats
+
+    gan, unet = pix2pix_folder.get_config(), unet3d_brats.get_config()
+    for cfg in (gan, unet):
+        suite.set_compute_dtype(cfg, "bfloat16")
+    expected_gan, expected_unet = pix2pix_folder.get_config(), unet3d_brats.get_config()
+    expected_gan.model.generator.dtype = expected_gan.model.discriminator.dtype = "bfloat16"
+    expected_unet.model.dtype = "bfloat16"  # and nothing else changed
+    assert gan.to_dict() == expected_gan.to_dict() and unet.to_dict() == expected_unet.to_dict()
+
+
+def test_step_times_keep_three_figures():
+    assert [suite._ms(s) for s in (1.2345, 0.01234, 0.003304)] == ["1234 ms", "12.3 ms", "3.30 ms"]
