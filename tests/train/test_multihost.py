@@ -99,6 +99,11 @@ def _check_exits(procs: list[subprocess.Popen], outs: list[str]) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _printed_json(out: str) -> dict:
+    """The last JSON line a process printed (the evaluation's ids and summary)."""
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
 def _params(path: Path) -> list[np.ndarray]:
     with np.load(path) as z:
         return [z[f"p{i}"] for i in range(len(z.files))]
@@ -130,8 +135,8 @@ def test_two_processes_preempted_resumed_equal_one_process(tmp_path):
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(p0, ref, strict=True))
     assert diff < 1e-4, diff  # 30 Adam steps; only the order of the gradient sums differs
 
-    ev2 = json.loads(_launch("evaluate", two, 2, 2)[0].strip().splitlines()[-1])
-    ev1 = json.loads(_launch("evaluate", one, 1, 4)[0].strip().splitlines()[-1])
+    ev2 = _printed_json(_launch("evaluate", two, 2, 2)[0])
+    ev1 = _printed_json(_launch("evaluate", one, 1, 4)[0])
     assert ev2["ids"] == ev1["ids"] and len(set(ev2["ids"])) == len(ev2["ids"])
     assert ev2["summary"]["cases"] == len(ev2["ids"]) > 1
     for k, v in ev1["summary"].items():
