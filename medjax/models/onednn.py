@@ -24,7 +24,9 @@ convolution's forward primitive. oneDNN's kernels for the two differ by up to 3x
 256 -> 128: forward 113 ms, backward data 34 ms; 8 x 128^2, 32 -> 32: 5.5 against 7.6 ms the
 other way round), so the first trace of each shape times both on scratch arrays and keeps the
 faster, as cuDNN's benchmark mode does (:func:`_prefers_other`), and each primitive likewise
-runs on the arrays' channels-last layouts or on oneDNN's own (:meth:`_OneDNN.plan`). The
+runs on the arrays' channels-last layouts or on oneDNN's own (:meth:`_OneDNN.plan`; the
+backward-weights kernels take channels-last activations with the kernel in oneDNN's layout,
+which spares reordering the two large arrays: 97 -> 78 ms at 2 x 64^3, 32 -> 32). The
 choices are kept in a file per machine (:class:`_Choices`, ``MEDJAX_ONEDNN_CACHE``), so every
 process makes the same ones and a resumed run stays bit for bit the uninterrupted one.
 ``MEDJAX_ONEDNN_AUTOTUNE=0`` times nothing: each primitive in its own form and layouts.
@@ -186,20 +188,21 @@ class _OneDNN:
 
     def plan(self, key: tuple) -> _Plan:
         """The primitive for ``key`` = (kind, input, kernel and output shapes, strides, pads),
-        built on first use: on the arrays' channels-last layouts, or on the layouts oneDNN
-        chooses (with reorders) where that ran clearly faster (:func:`_autotune`; strided
-        forward convolutions with many channels, e.g. 1 x 32^2, 256 -> 512, k4 s2: 5.7
-        against 3.2 ms)."""
+        built on first use: on the arrays' channels-last layouts (where oneDNN has no fast
+        kernel for those, with the kernel alone in its own layout: :class:`_Plan`), or on the
+        layouts oneDNN chooses for all three (with reorders) where that ran clearly faster
+        (:func:`_autotune`; strided forward convolutions with many channels, e.g. 1 x 32^2,
+        256 -> 512, k4 s2: 5.7 against 3.2 ms)."""
         with self._lock:
             plan = self._plans.get(key)
         if plan is None:
             plan = _Plan(self, *key)
-            if _autotune() and not plan.reorders_any:
+            if _autotune():
                 built: list[_Plan] = []  # oneDNN's layouts, built only to be timed or run
 
                 def measure() -> bool:
                     built.append(_Plan(self, *key, layouts="any"))
-                    return built[0].reorders_any and _faster(plan, built[0])
+                    return built[0].reordered != plan.reordered and _faster(plan, built[0])
 
                 if self._saved.get("layouts", key, measure):
                     plan = built[0] if built else _Plan(self, *key, layouts="any")
@@ -387,10 +390,13 @@ class _Plan:
     """One primitive (``kind`` of ``forward``, ``data``, ``weights``) for one geometry, with
     reorders between the arrays' plain channels-last layouts and the layouts it computes in.
 
-    It first asks for the plain layouts; where oneDNN then has only a GEMM or reference
-    implementation (its backward passes on channels-last arrays), it lets oneDNN choose the
-    layouts (blocked ``nCdhw16c`` and the like) and adds the reorders: 2 x 64^3, 32 -> 32,
-    backward data 358 -> 127 ms, backward weights 180 -> 128 ms with them."""
+    It first asks for the plain layouts. Where oneDNN then has only a GEMM or reference
+    implementation (its backward passes on channels-last arrays), it asks again with the
+    kernel in oneDNN's own layout and the two activations channels-last, then with all three
+    in oneDNN's layouts (blocked ``nCdhw16c`` and the like), adding the reorders: 2 x 64^3,
+    32 -> 32, backward weights 180 ms on channels-last arrays (GEMM), 97 ms on oneDNN's
+    layouts (14 of them reordering the activations), 78 ms with only the kernel's layout
+    oneDNN's. ``layouts="any"`` builds the last directly (:meth:`_OneDNN.plan` times the two)."""
 
     def __init__(
         self, dnn: _OneDNN, kind, in_shape, kernel_shape, out_shape, strides, pads, layouts="plain"
@@ -413,6 +419,9 @@ class _Plan:
         dnn._check(dnn.lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "attr")
         self._keep = [attr]
         pd = None if layouts == "any" else self._descriptor(self.user, geometry, attr)
+        if pd is not None and any(s in self.info(pd) for s in ("gemm", "ref")):
+            kernel_own = [self.user[0], dnn.memory_desc(dims[1], _TAG_ANY), self.user[2]]
+            pd = self._descriptor(kernel_own, geometry, attr)
         if pd is None or any(s in self.info(pd) for s in ("gemm", "ref")):
             any_mds = [dnn.memory_desc(v, _TAG_ANY) for v in dims]
             pd = self._descriptor(any_mds, geometry, attr)
@@ -434,9 +443,14 @@ class _Plan:
         self.primitive = dnn.primitive(pd)
 
     @property
+    def reordered(self) -> tuple[bool, bool, bool]:
+        """Which of (input, kernel, output) it computes on in oneDNN's own layouts."""
+        return tuple(r is not None for r in self.reorders)
+
+    @property
     def reorders_any(self) -> bool:
         """Whether it computes in oneDNN's own layouts (reordering some of the arrays)."""
-        return any(r is not None for r in self.reorders)
+        return any(self.reordered)
 
     def info(self, pd: _H) -> str:
         s = ctypes.c_char_p()

@@ -409,6 +409,41 @@ def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_
     assert len(timed) == 1
 
 
+def _fast(pd_info: str) -> bool:
+    return not any(s in pd_info for s in ("gemm", "ref"))
+
+
+@pytest.mark.parametrize("all_own_faster", [True, False])
+def test_backward_weights_keep_the_activations_channels_last(monkeypatch, all_own_faster):
+    # oneDNN's backward-weights kernels want their kernel in oneDNN's own layout; asked for
+    # channels-last activations and that kernel layout, the plan reorders the kernel alone (not
+    # the two activation-sized arrays), or all three where that timed faster; the kernel
+    # gradient equals lax's either way
+    dnn = onednn._load()
+    monkeypatch.setattr(dnn, "_plans", {})
+    monkeypatch.setattr(dnn, "_saved", onednn._Choices(None))
+    shape, ks, strides, pads = (2, 6, 7, 5, 16), (3, 3, 3), (1, 1, 1), [(1, 1)] * 3
+    key = onednn._key("weights", onednn._geometry(shape, (*ks, 16, 32), strides, pads))
+    if "avx512_core" not in onednn._Plan(dnn, *key, layouts="any").info_str:
+        pytest.skip("oneDNN's channels-last backward-weights kernel checked on AVX-512 only")
+    plain = onednn._Plan(dnn, *key)
+    assert _fast(plain.info_str) and plain.reordered == (False, True, False), plain.info_str
+    timed = []
+
+    def fake_times(plans):
+        timed.append([p.reordered for p in plans])
+        return [2.0, 1.0] if all_own_faster else [1.0, 2.0]
+
+    monkeypatch.setattr(onednn, "_time_plans", fake_times)
+    monkeypatch.setattr(dnn, "_plans", {})
+    assert dnn.plan(key).reordered == ((True,) * 3 if all_own_faster else (False, True, False))
+    assert timed == [[(False, True, False), (True, True, True)]]
+    x, k = randn(shape), randn((*ks, 16, 32), 1)
+    _assert_gradients_equal(
+        lambda x, k: onednn.conv(x, k, strides, pads), _lax(strides, pads), x, k, (2, 6, 7, 5, 32)
+    )
+
+
 @pytest.mark.parametrize("flip_s,want", [(0.5, True), (1.0, False)])
 def test_the_other_form_pays_for_its_kernel_flip(monkeypatch, flip_s, want):
     # the other form takes 1.0 s against 2.0 s for its own; the kernel's flip adds flip_s, and
