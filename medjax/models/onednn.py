@@ -254,6 +254,9 @@ def _aligned(size: int, keep: list) -> int:
     return -(-buffer.ctypes.data // _ALIGN) * _ALIGN
 
 
+# How plans are built (:class:`_Plan`): 2 since the backward kernels take channels-last
+# activations with the kernel alone in oneDNN's layout.
+_PLANS = 2
 _AUTOTUNE_ROUNDS = 3
 _AUTOTUNE_MARGIN = 0.9  # the other form is kept only when it is at least 10 % faster
 
@@ -266,8 +269,10 @@ def _faster(own: _Plan, other: _Plan, extra: float = 0.0) -> bool:
 
 def _choices_path() -> Path | None:
     """Where the timed choices are kept between processes: ``MEDJAX_ONEDNN_CACHE`` (a file;
-    empty: nowhere), by default ``~/.cache/medjax/onednn-<version>-<cpu>.json`` (per CPU model
-    and core count, so a home directory shared by different machines keeps each one's)."""
+    empty: nowhere), by default ``~/.cache/medjax/onednn-<version>-p<plans>-<cpu>-<cores>.json``
+    (per CPU model and core count, so a home directory shared by different machines keeps each
+    one's; per :data:`_PLANS`, so choices timed against plans built another way are not
+    reused)."""
     value = os.environ.get("MEDJAX_ONEDNN_CACHE")
     if value is not None:
         return Path(value) if value else None
@@ -283,7 +288,7 @@ def _choices_path() -> Path | None:
     except RuntimeError:  # no home directory: choices stay per process
         return None
     version = ".".join(map(str, _VERSION))
-    return base / "medjax" / f"onednn-{version}-{slug}-{os.cpu_count()}.json"
+    return base / "medjax" / f"onednn-{version}-p{_PLANS}-{slug}-{os.cpu_count()}.json"
 
 
 class _Choices:
