@@ -85,9 +85,9 @@ def _launch(mode: str, workdir: Path, processes: int, devices: int, stop_at: str
 
 def _check_exits(procs: list[subprocess.Popen], outs: list[str]) -> None:
     """Every process must finish its work (print DONE). One that did, then failed to exit
-    (JAX's CPU shutdown barrier timed out in 1 of ~30 CI runs: a process was still not at the
-    barrier 300 s later, cause unknown), is reported with its output, the stacks of a hung
-    process included, as a warning: the work this test checks was all done."""
+    (once in CI, JAX's CPU shutdown barrier timed out: one process was still not at the
+    barrier 300 s later, cause unknown), is reported with every process's output, the stacks
+    of a hung process included, as a warning: the work this test checks was all done."""
     done = [any(line == DONE for line in out.splitlines()) for out in outs]
     report = "\n".join(
         f"--- process {i} (exit status {p.returncode}):\n{out[-4000:]}"
