@@ -383,6 +383,11 @@ def _time_flip(kernel_shape: Sequence[int], rounds: int = _AUTOTUNE_ROUNDS) -> f
     return best
 
 
+def _generic(implementation: str) -> bool:
+    """Whether oneDNN's implementation name is its GEMM or reference one (no direct kernel)."""
+    return any(s in implementation for s in ("gemm", "ref"))
+
+
 def _activation_dims(shape: Sequence[int]) -> tuple[int, ...]:
     return (shape[0], shape[-1], *shape[1:-1])  # [B, *S, C] -> oneDNN's (N, C, *S)
 
@@ -424,11 +429,11 @@ class _Plan:
         dnn._check(dnn.lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "attr")
         self._keep = [attr]
         pd = None if layouts == "any" else self._descriptor(self.user, geometry, attr)
-        if pd is not None and any(s in self.info(pd) for s in ("gemm", "ref")):
+        if pd is not None and _generic(self.info(pd)):
             kernel_own = [self.user[0], dnn.memory_desc(dims[1], _TAG_ANY), self.user[2]]
             with contextlib.suppress(RuntimeError):  # none: all three in oneDNN's layouts next
                 pd = self._descriptor(kernel_own, geometry, attr)
-        if pd is None or any(s in self.info(pd) for s in ("gemm", "ref")):
+        if pd is None or _generic(self.info(pd)):
             any_mds = [dnn.memory_desc(v, _TAG_ANY) for v in dims]
             pd = self._descriptor(any_mds, geometry, attr)
         self.pd = pd
