@@ -258,7 +258,7 @@ def _aligned(size: int, keep: list) -> int:
 # activations with the kernel alone in oneDNN's layout.
 _PLANS = 2
 _AUTOTUNE_ROUNDS = 3
-_AUTOTUNE_MARGIN = 0.9  # the other form is kept only when it is at least 10 % faster
+_AUTOTUNE_MARGIN = 0.9  # an alternative (form, layouts) is kept only when >= 10 % faster
 
 
 def _faster(own: _Plan, other: _Plan, extra: float = 0.0) -> bool:
@@ -457,11 +457,6 @@ class _Plan:
     def reordered(self) -> tuple[bool, bool, bool]:
         """Which of (input, kernel, output) it computes on in oneDNN's own layouts."""
         return tuple(r is not None for r in self.reorders)
-
-    @property
-    def reorders_any(self) -> bool:
-        """Whether it computes in oneDNN's own layouts (reordering some of the arrays)."""
-        return any(self.reordered)
 
     def info(self, pd: _H) -> str:
         s = ctypes.c_char_p()
