@@ -11,7 +11,9 @@ overrides listed, state donated, batch on every visible device; random data from
 contract's `synthetic_batch`; on-device augmentation off so both sides do the same work) and,
 where one exists, the PyTorch reference step (`benchmarks/torch_reference.py`: MONAI
 `BasicUNet`, the canonical DCGAN, pytorch-CycleGAN-and-pix2pix's networks) at the same shapes,
-batch and optimizer, with `torch.set_num_threads(<cores>)`. The two are timed INTERLEAVED (one
+batch and optimizer, with `torch.set_num_threads(<cores>)`, in a process of its own
+(`TorchProcess`: one process shares one OpenMP runtime between medjax's oneDNN convolutions and
+PyTorch's, which slowed PyTorch's steps by up to 45 %). The two are timed INTERLEAVED (one
 medjax step, one torch step, `--rounds` times), so both see the same machine state, after an
 interleaved warm-up that runs until both sides' step times settle (`--warmup-max`,
 `--warmup-tol`); the table gives medians. `ratio` = torch time / medjax time (> 1: medjax is
@@ -31,15 +33,20 @@ PyTorch share the card. `unet3d_128` (4 x 128^3) runs on accelerators only, unle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -311,14 +318,111 @@ def medjax_step(case: Case, devices: int, dtype: str = "float32"):
     return step, facts, cfg
 
 
-def timed_interleaved(steps: list[Callable[[], None]], rounds: int) -> list[list[float]]:
+def timed_interleaved(steps: list[Callable[[], Any]], rounds: int) -> list[list[float]]:
+    """`rounds` rounds of one call of each step in turn: their times (s) per step. A step that
+    returns a float has timed itself (`TorchProcess.run`: the step in its process, without
+    the message that asked for it); otherwise the call is timed here."""
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
         for i, fn in enumerate(steps):
             t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
+            own = fn()
+            t = time.perf_counter() - t0
+            times[i].append(own if isinstance(own, float) else t)
     return times
+
+
+class TorchProcess:
+    """A PyTorch reference in a process of its own (spawned), built there by `build(*args)` (an
+    object with `run()`, and `params` and `flops` where it counts them) and stepped on request:
+    `run()` returns the seconds the step took there. `setup` configures PyTorch first
+    (`threads`, `device`, `autocast`: a dtype name or None); None leaves it alone.
+
+    Why not in medjax's process: oneDNN (medjax's convolutions) and PyTorch's CPU build both
+    use GNU OpenMP, and one process loads one libgomp.so.1. oneDNN runs from XLA's threads,
+    each of which starts its own OpenMP team; once the runtime manages more threads than
+    there are cores, it cuts every thread's spin-wait before sleeping from ~300000 polls to
+    100, and PyTorch's many short parallel regions then wait on wake-ups: its Vox2Vox step
+    took 103-105 ms after one medjax step had run in its process, 72-77 ms in a fresh one
+    (U-Net 2D 8 x 128^2 442-482 against 409-419, the classifier 76-80 against 63-66; 2-core
+    Xeon, BENCHMARKS.md). Apart, each side keeps its own runtime and they still alternate."""
+
+    def __init__(self, build: Callable[..., Any], *args: Any, setup: dict | None = None):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, build, args, setup), daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            reply = self._reply()
+        except BaseException:
+            self.close()
+            raise
+        self.params, self.flops, self.info = reply["params"], reply["flops"], reply["info"]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def _reply(self) -> Any:
+        try:
+            reply = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the PyTorch process exited (code {self._proc.exitcode})") from None
+        if isinstance(reply, dict) and "error" in reply:
+            raise RuntimeError(f"in the PyTorch process:\n{reply['error']}")
+        return reply
+
+    def run(self) -> float:
+        self._conn.send("run")
+        return self._reply()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send("stop")
+            self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+    def __enter__(self) -> TorchProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve(conn: Any, build: Callable[..., Any], args: tuple, setup: dict | None) -> None:
+    """`TorchProcess`'s process: set PyTorch up, build the step, report what it counts, then
+    run it on every "run" until "stop", reporting the seconds each took (or the error)."""
+    try:
+        info = _torch_setup(setup) if setup is not None else None
+        ref = build(*args)
+        conn.send({"params": getattr(ref, "params", None), "flops": getattr(ref, "flops", None),
+                   "info": info})  # fmt: skip
+        while conn.recv() == "run":
+            t0 = time.perf_counter()
+            ref.run()
+            conn.send(time.perf_counter() - t0)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def _torch_setup(setup: dict) -> dict:
+    import torch
+    import torch_reference
+
+    torch.set_num_threads(setup["threads"])
+    device, autocast = setup["device"], setup["autocast"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PyTorch has no CUDA device here (JAX has a GPU): use --no-torch")
+    if device != "cpu" or autocast:
+        torch_reference.use(device, getattr(torch, autocast) if autocast else None)
+    return {"threads": torch.get_num_threads(), "device": str(torch.get_default_device())}
 
 
 def main() -> None:
@@ -391,22 +495,20 @@ def main() -> None:
     accelerator = jax.default_backend() != "cpu"
     if args.dtype == "auto":
         args.dtype = "bfloat16" if accelerator else "float32"
+    # PyTorch runs in processes of its own (TorchProcess), set up by `torch`; never imported here
     torch = None
     if not args.no_torch:
-        try:
-            import monai
-            import torch
-            import torch_reference
-
-            torch.set_num_threads(os.cpu_count() or 1)
-        except ImportError as exc:
-            sys.exit(f"{exc}: install the bench extra (pip install -e '.[bench]') or --no-torch")
-        if accelerator and jax.default_backend() == "gpu" and torch.cuda.is_available():
-            torch_reference.use("cuda", torch.bfloat16 if args.dtype == "bfloat16" else None)
-        elif accelerator:
+        missing = [m for m in ("torch", "monai") if importlib.util.find_spec(m) is None]
+        if missing:
+            sys.exit(f"no {', '.join(missing)}: install the bench extra (pip install -e "
+                     "'.[bench]') or --no-torch")  # fmt: skip
+        if accelerator and jax.default_backend() != "gpu":
             sys.exit(f"PyTorch has no device for JAX's {jax.default_backend()}: use --no-torch")
-        elif args.dtype == "bfloat16":
-            torch_reference.use("cpu", torch.bfloat16)
+        torch = {
+            "threads": os.cpu_count() or 1,
+            "device": "cuda" if accelerator else "cpu",
+            "autocast": "bfloat16" if args.dtype == "bfloat16" else None,
+        }
     dev = jax.devices()
     machine = {
         "cpu": cpu_name(),
@@ -417,10 +519,10 @@ def main() -> None:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "dtype": args.dtype,
-        "torch": torch.__version__ if torch else None,
-        "monai": monai.__version__ if torch else None,
-        "torch_threads": torch.get_num_threads() if torch else None,
-        "torch_device": str(torch.get_default_device()) if torch else None,
+        "torch": importlib.metadata.version("torch") if torch else None,
+        "monai": importlib.metadata.version("monai") if torch else None,
+        "torch_threads": torch["threads"] if torch else None,
+        "torch_device": torch["device"] if torch else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         # process-wide (exec_with_host_tunables): PyTorch's steps get the same allocator
         "host_malloc": (
@@ -432,7 +534,8 @@ def main() -> None:
     where = (
         "every case in one process"
         if args.same_process
-        else "a new process per case (a case marked apart: its two steps one after the other)"
+        else "a new process per case, PyTorch's step in a process of its own beside it (a case "
+        "marked apart: the two sides one after the other)"
     )
     machine["harness"] = (
         f"{where}, interleaved warm-up until settled (at most {args.warmup_max} rounds, last two "
@@ -475,7 +578,7 @@ def main() -> None:
 
 
 def settle(
-    steps: list[Callable[[], None]], max_rounds: int, tol: float, min_rounds: int = 2
+    steps: list[Callable[[], Any]], max_rounds: int, tol: float, min_rounds: int = 2
 ) -> list[list[float]]:
     """Interleaved warm-up rounds until every side has settled: its last two steps within `tol`
     of its fastest warm-up step (at least `min_rounds`, at most `max_rounds` rounds). Returns
@@ -495,21 +598,23 @@ def settle(
     return times
 
 
-def step_row(case: Case, args: Any, torch: Any, devices: int, peak: float) -> dict:
-    """One case's row, in this process: its medjax step and (with `torch`) its PyTorch
-    reference, warmed up until they settle (`settle`), then timed interleaved for `args.rounds`
-    rounds. `args.side` "medjax" or "torch" times that side alone."""
+def step_row(case: Case, args: Any, torch: dict | None, devices: int, peak: float) -> dict:
+    """One case's row: its medjax step in this process and (with `torch`, `TorchProcess`'s
+    setup) its PyTorch reference in a process of its own, warmed up until they settle
+    (`settle`), then timed interleaved for `args.rounds` rounds. `args.side` "medjax" or
+    "torch" times that side alone."""
     step, facts, cfg = medjax_step(case, devices, args.dtype)
-    sides: dict[str, Callable[[], None]] = {}
+    sides: dict[str, Callable[[], Any]] = {}
     if args.side != "torch":
         sides["medjax"] = step
-    ref = None
-    if torch is not None and case.torch is not None and args.side != "medjax":
-        ref = case.torch(cfg, facts)
-        sides["torch"] = ref.run
-    steps = list(sides.values())
-    warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol)
-    times = timed_interleaved(steps, case.capped(args.rounds))
+    with contextlib.ExitStack() as stack:
+        ref = None
+        if torch is not None and case.torch is not None and args.side != "medjax":
+            ref = stack.enter_context(TorchProcess(case.torch, cfg, facts, setup=torch))
+            sides["torch"] = ref.run
+        steps = list(sides.values())
+        warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol)
+        times = timed_interleaved(steps, case.capped(args.rounds))
     row = {
         "case": case.name,
         "what": case.what,
@@ -687,11 +792,14 @@ def data_markdown(rows: list[dict]) -> str:
 BRATS_VOLUME = (240, 240, 155)
 
 
-def inference_section(torch, rounds: int, features=(16, 16, 32, 64, 128)) -> list[dict]:
+def inference_section(
+    torch: dict | None, rounds: int, features=(16, 16, 32, 64, 128)
+) -> list[dict]:
     """Gaussian-blended sliding-window inference of a 3D U-Net over one BraTS-size volume
     (240 x 240 x 155, 4 modalities -> 4 classes; 96^3 windows, overlap 0.5, 2 windows per
     call): `medjax.inference.sliding_window_inference` (jitted, the windows in one compiled
-    loop) beside MONAI's `sliding_window_inference` with `BasicUNet`, timed interleaved."""
+    loop) beside MONAI's `sliding_window_inference` with `BasicUNet` (in a `TorchProcess` set up by
+    `torch`), timed interleaved."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -713,20 +821,12 @@ def inference_section(torch, rounds: int, features=(16, 16, 32, 64, 128)) -> lis
     t_compile = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, vol))
     steps = [lambda: jax.block_until_ready(compiled(params, vol))]
-    if torch is not None:
-        from monai.inferers import sliding_window_inference as monai_swi
-        from monai.networks.nets import BasicUNet
-
-        net = BasicUNet(3, c_in, c_out, features=tuple(features) + (features[0],)).eval()
-        tv = torch.randn(1, c_in, *BRATS_VOLUME)
-
-        def ref() -> None:
-            with torch.no_grad():
-                monai_swi(tv, window, wb, net, overlap=0.5, mode="gaussian", sigma_scale=0.125)
-
-        ref()
-        steps.append(ref)
-    times = timed_interleaved(steps, max(1, min(rounds, 3)))
+    with contextlib.ExitStack() as stack:
+        if torch is not None:
+            ref = TorchProcess(_monai_inference, features, c_in, c_out, window, wb, setup=torch)
+            steps.append(stack.enter_context(ref).run)
+            ref.run()
+        times = timed_interleaved(steps, max(1, min(rounds, 3)))
     n_win = len(window_starts(BRATS_VOLUME, window, 0.5))
     row = {
         "volume": BRATS_VOLUME,
@@ -746,6 +846,26 @@ def inference_section(torch, rounds: int, features=(16, 16, 32, 64, 128)) -> lis
         flush=True,
     )
     return [row]
+
+
+def _monai_inference(features, c_in: int, c_out: int, window, window_batch: int) -> Any:
+    """MONAI's Gaussian-blended `sliding_window_inference` with `BasicUNet` over one random
+    BraTS-size volume (`TorchProcess` builds it in its process)."""
+    import types
+
+    import torch
+    from monai.inferers import sliding_window_inference as monai_swi
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(3, c_in, c_out, features=tuple(features) + (features[0],)).eval()
+    tv = torch.randn(1, c_in, *BRATS_VOLUME)
+
+    def run() -> None:
+        with torch.no_grad():
+            monai_swi(tv, window, window_batch, net, overlap=0.5, mode="gaussian",
+                      sigma_scale=0.125)  # fmt: skip
+
+    return types.SimpleNamespace(run=run)
 
 
 def inference_markdown(rows: list[dict]) -> str:

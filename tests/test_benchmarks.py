@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -134,3 +138,21 @@ def test_the_compute_dtype_reaches_every_network_of_a_config():
 
 def test_step_times_keep_three_figures():
     assert [suite._ms(s) for s in (1.2345, 0.01234, 0.003304)] == ["1234 ms", "12.3 ms", "3.30 ms"]
+
+
+def test_the_reference_runs_in_a_process_of_its_own_and_times_itself():
+    # (a stand-in for a PyTorch step: the process machinery needs no torch)
+    build = functools.partial(
+        types.SimpleNamespace, run=functools.partial(time.sleep, 0.05), params=3, flops=2.0
+    )
+    with suite.TorchProcess(build) as ref:
+        assert ref.pid != os.getpid()
+        assert (ref.params, ref.flops, ref.info) == (3, 2.0, None)
+        times = suite.timed_interleaved([ref.run, lambda: 0.25], 2)
+    assert all(0.05 <= t < 1.0 for t in times[0]) and times[1] == [0.25, 0.25]
+    assert not ref._proc.is_alive()
+
+
+def test_an_error_in_the_reference_process_is_raised_here_with_its_traceback():
+    with pytest.raises(RuntimeError, match="in the PyTorch process:(.|\n)*ValueError"):
+        suite.TorchProcess(functools.partial(int, "not a number"))
