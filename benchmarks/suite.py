@@ -358,7 +358,7 @@ class TorchProcess:
         except BaseException:
             self.close()
             raise
-        self.params, self.flops, self.info = reply["params"], reply["flops"], reply["info"]
+        self.params, self.flops = reply["params"], reply["flops"]
 
     @property
     def pid(self) -> int | None:
@@ -398,10 +398,10 @@ def _serve(conn: Any, build: Callable[..., Any], args: tuple, setup: dict | None
     """`TorchProcess`'s process: set PyTorch up, build the step, report what it counts, then
     run it on every "run" until "stop", reporting the seconds each took (or the error)."""
     try:
-        info = _torch_setup(setup) if setup is not None else None
+        if setup is not None:
+            _torch_setup(setup)
         ref = build(*args)
-        conn.send({"params": getattr(ref, "params", None), "flops": getattr(ref, "flops", None),
-                   "info": info})  # fmt: skip
+        conn.send({"params": getattr(ref, "params", None), "flops": getattr(ref, "flops", None)})
         while conn.recv() == "run":
             t0 = time.perf_counter()
             ref.run()
@@ -412,7 +412,7 @@ def _serve(conn: Any, build: Callable[..., Any], args: tuple, setup: dict | None
         conn.close()
 
 
-def _torch_setup(setup: dict) -> dict:
+def _torch_setup(setup: dict) -> None:
     import torch
     import torch_reference
 
@@ -422,7 +422,6 @@ def _torch_setup(setup: dict) -> dict:
         raise RuntimeError("PyTorch has no CUDA device here (JAX has a GPU): use --no-torch")
     if device != "cpu" or autocast:
         torch_reference.use(device, getattr(torch, autocast) if autocast else None)
-    return {"threads": torch.get_num_threads(), "device": str(torch.get_default_device())}
 
 
 def main() -> None:
