@@ -494,8 +494,8 @@ def main() -> None:
     accelerator = jax.default_backend() != "cpu"
     if args.dtype == "auto":
         args.dtype = "bfloat16" if accelerator else "float32"
-    # PyTorch runs in processes of its own (TorchProcess), set up by `torch`; never imported here
-    torch = None
+    # PyTorch runs in processes of its own (TorchProcess) set up by this; never imported here
+    torch_setup = None
     if not args.no_torch:
         missing = [m for m in ("torch", "monai") if importlib.util.find_spec(m) is None]
         if missing:
@@ -503,7 +503,7 @@ def main() -> None:
                      "'.[bench]') or --no-torch")  # fmt: skip
         if accelerator and jax.default_backend() != "gpu":
             sys.exit(f"PyTorch has no device for JAX's {jax.default_backend()}: use --no-torch")
-        torch = {
+        torch_setup = {
             "threads": os.cpu_count() or 1,
             "device": "cuda" if accelerator else "cpu",
             "autocast": "bfloat16" if args.dtype == "bfloat16" else None,
@@ -518,10 +518,10 @@ def main() -> None:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "dtype": args.dtype,
-        "torch": importlib.metadata.version("torch") if torch else None,
-        "monai": importlib.metadata.version("monai") if torch else None,
-        "torch_threads": torch["threads"] if torch else None,
-        "torch_device": torch["device"] if torch else None,
+        "torch": importlib.metadata.version("torch") if torch_setup else None,
+        "monai": importlib.metadata.version("monai") if torch_setup else None,
+        "torch_threads": torch_setup["threads"] if torch_setup else None,
+        "torch_device": torch_setup["device"] if torch_setup else None,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         # process-wide (exec_with_host_tunables): PyTorch's steps get the same allocator
         "host_malloc": (
@@ -554,7 +554,7 @@ def main() -> None:
         if (only and case.name not in only) or (not only and case.accelerator and not accelerator):
             continue
         if args.same_process:
-            row = step_row(case, args, torch, len(dev), peak)
+            row = step_row(case, args, torch_setup, len(dev), peak)
         else:
             row = step_row_in_fresh_process(case, args, peak)
         if args.row_json:
@@ -564,7 +564,7 @@ def main() -> None:
         rows.append(row)
         print(_line(row), flush=True)
     data = data_section(args) if "data" in sections else []
-    infer = inference_section(torch, args.rounds) if "inference" in sections else []
+    infer = inference_section(torch_setup, args.rounds) if "inference" in sections else []
     table = markdown(machine, rows) + data_markdown(data) + inference_markdown(infer)
     print("\n" + table)
     if args.json:
@@ -597,8 +597,8 @@ def settle(
     return times
 
 
-def step_row(case: Case, args: Any, torch: dict | None, devices: int, peak: float) -> dict:
-    """One case's row: its medjax step in this process and (with `torch`, `TorchProcess`'s
+def step_row(case: Case, args: Any, torch_setup: dict | None, devices: int, peak: float) -> dict:
+    """One case's row: its medjax step in this process and (with `torch_setup`, `TorchProcess`'s
     setup) its PyTorch reference in a process of its own, warmed up until they settle
     (`settle`), then timed interleaved for `args.rounds` rounds. `args.side` "medjax" or
     "torch" times that side alone."""
@@ -608,8 +608,8 @@ def step_row(case: Case, args: Any, torch: dict | None, devices: int, peak: floa
         sides["medjax"] = step
     with contextlib.ExitStack() as stack:
         ref = None
-        if torch is not None and case.torch is not None and args.side != "medjax":
-            ref = stack.enter_context(TorchProcess(case.torch, cfg, facts, setup=torch))
+        if torch_setup is not None and case.torch is not None and args.side != "medjax":
+            ref = stack.enter_context(TorchProcess(case.torch, cfg, facts, setup=torch_setup))
             sides["torch"] = ref.run
         steps = list(sides.values())
         warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol)
@@ -792,13 +792,13 @@ BRATS_VOLUME = (240, 240, 155)
 
 
 def inference_section(
-    torch: dict | None, rounds: int, features=(16, 16, 32, 64, 128)
+    torch_setup: dict | None, rounds: int, features=(16, 16, 32, 64, 128)
 ) -> list[dict]:
     """Gaussian-blended sliding-window inference of a 3D U-Net over one BraTS-size volume
     (240 x 240 x 155, 4 modalities -> 4 classes; 96^3 windows, overlap 0.5, 2 windows per
     call): `medjax.inference.sliding_window_inference` (jitted, the windows in one compiled
-    loop) beside MONAI's `sliding_window_inference` with `BasicUNet` (in a `TorchProcess` set up by
-    `torch`), timed interleaved."""
+    loop) beside MONAI's `sliding_window_inference` with `BasicUNet` (in a `TorchProcess` set up
+    by `torch_setup`), timed interleaved."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -821,8 +821,10 @@ def inference_section(
     jax.block_until_ready(compiled(params, vol))
     steps = [lambda: jax.block_until_ready(compiled(params, vol))]
     with contextlib.ExitStack() as stack:
-        if torch is not None:
-            ref = TorchProcess(_monai_inference, features, c_in, c_out, window, wb, setup=torch)
+        if torch_setup is not None:
+            ref = TorchProcess(
+                _monai_inference, features, c_in, c_out, window, wb, setup=torch_setup
+            )
             steps.append(stack.enter_context(ref).run)
             ref.run()
         times = timed_interleaved(steps, max(1, min(rounds, 3)))
@@ -836,12 +838,12 @@ def inference_section(
         "compile_s": t_compile,
         "medjax_s": statistics.median(times[0]),
     }
-    if torch is not None:
+    if torch_setup is not None:
         row["torch_s"] = statistics.median(times[1])
         row["ratio"] = row["torch_s"] / row["medjax_s"]
     print(
         f"inference {n_win} windows: medjax {row['medjax_s']:.1f} s/volume"
-        + (f", MONAI {row['torch_s']:.1f} s, ratio {row['ratio']:.2f}" if torch else ""),
+        + (f", MONAI {row['torch_s']:.1f} s, ratio {row['ratio']:.2f}" if torch_setup else ""),
         flush=True,
     )
     return [row]
