@@ -16,7 +16,11 @@ output up to float rounding:
   convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x faster than
   with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core AVX-512 Xeon), which
   every other backend keeps. Strided 3D convolutions and the Winograd ones keep XLA's
-  formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``).
+  formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``). In a
+  ``dtype=jnp.bfloat16`` model every convolution and transposed convolution oneDNN can run
+  goes to it, where the CPU has its bfloat16 kernels (:func:`medjax.models.onednn.bfloat16_kernels`:
+  AMX on Sapphire Rapids and later): XLA:CPU's own bfloat16 convolutions are no faster than
+  its float32 ones, oneDNN's on AMX 4-10x faster than its float32 ones.
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -243,17 +247,22 @@ def _window_max_jvp(axes, primals, tangents):
     (xr,), (dxr,) = primals, tangents
     y = jnp.max(xr, axis=axes)
     taken = jnp.zeros(y.shape, bool)
-    dy = jnp.zeros(y.shape, dxr.dtype)
+    # The compares and selects run in at least float32: XLA:CPU computes bfloat16 ones by
+    # converting to float32 and back, and the transpose repeats that per window position
+    # (U-Net 3D's 2 x 64^3 pooling's gradient in bfloat16: 287 ms against 17 ms in float32).
+    wide = jnp.promote_types(dxr.dtype, jnp.float32)
+    xw, yw, dxw = xr.astype(wide), y.astype(wide), dxr.astype(wide)  # exact
+    dy = jnp.zeros(y.shape, wide)
     # Window positions in row-major order; the first maximum takes the whole tangent.
     for pos in np.ndindex(*(xr.shape[a] for a in axes)):
         index = [slice(None)] * xr.ndim
         for a, p in zip(axes, pos, strict=True):
             index[a] = p
         index = tuple(index)
-        first = (xr[index] == y) & ~taken
-        dy = jnp.where(first, dxr[index], dy)
+        first = (xw[index] == yw) & ~taken
+        dy = jnp.where(first, dxw[index], dy)
         taken = taken | first
-    return y, dy
+    return y, dy.astype(dxr.dtype)
 
 
 def match_spatial(x: Array, shape: Sequence[int]) -> Array:
@@ -901,7 +910,8 @@ def _onednn_is_faster(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> bool:
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
-    (:func:`medjax.models.onednn.applies`): stride-1 convolutions with
+    (:func:`medjax.models.onednn.applies`): every bfloat16 convolution, and float32 ones as
+    follows. Stride-1 convolutions with
     ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
     ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial;
     ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs), except
@@ -924,6 +934,8 @@ def _onednn_is_faster(
     formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
     depth-stacked 2D convolution then takes this route: 2 x 64^3, 32 -> 64, k3 s2 123.7
     against 218.5 ms forward + backward (Vox2Vox's k4 s2 ones: 114 against 115 ms a step)."""
+    if x.dtype == jnp.bfloat16:
+        return onednn.applies(x, kernel, strides, pads)
     d = x.ndim - 2
     out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:d], strides, pads)
     if all(s == 1 for s in strides):
@@ -1046,6 +1058,35 @@ def conv_nd(
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
 
 
+def add_bias(y: Array, bias: Array) -> Array:
+    """``y + bias.astype(y.dtype)`` over the last axis. For a ``y`` narrower than float32
+    (bfloat16) the gradient of ``bias`` is summed in float32 in two stages and never rounded to
+    ``y``'s dtype: XLA:CPU reduced a bfloat16 gradient inside a training step by a float32 copy
+    and a reduce-window (DCGAN's 64 x 32^2 x 64 first layer: 31 ms a step)."""
+    if jnp.finfo(y.dtype).bits >= 32:
+        return y + bias.astype(y.dtype)
+    return _add_bias_narrow(y, bias)
+
+
+@jax.custom_vjp
+def _add_bias_narrow(y: Array, bias: Array) -> Array:
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_narrow_fwd(y, bias):
+    return _add_bias_narrow(y, bias), bias  # [C]: only its dtype is used
+
+
+def _add_bias_narrow_bwd(bias, g):
+    rows = g.reshape(-1, g.shape[-1])
+    block = next(b for b in (256, 64, 16, 4, 1) if rows.shape[0] % b == 0)
+    partial = jnp.sum(rows.reshape(-1, block, rows.shape[-1]), axis=1, dtype=jnp.float32)
+    return g, jnp.sum(partial, axis=0).astype(bias.dtype)
+
+
+_add_bias_narrow.defvjp(_add_bias_narrow_fwd, _add_bias_narrow_bwd)
+
+
 # --------------------------------------------------------------------------------------
 # Convolutions
 # --------------------------------------------------------------------------------------
@@ -1095,7 +1136,7 @@ class Conv(nn.Module):
         y = conv_nd(x, kernel.astype(self.dtype), self.strides, "SAME", fast=self.fast)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias)
         return y
 
 
@@ -1124,15 +1165,14 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
 def _onednn_doubling_applies(
     x: Array, kernel: Array, dims: Sequence[int], least: int, pad: int
 ) -> bool:
-    """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) has
-    ``dims`` spatial axes, at least ``least`` output positions (batch x 2^d x spatial) and
-    oneDNN can run it (:func:`medjax.models.onednn.applies`)."""
+    """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) is
+    bfloat16 or has ``dims`` spatial axes and at least ``least`` output positions (batch x
+    2^d x spatial), and oneDNN can run it (:func:`medjax.models.onednn.applies`)."""
     d = x.ndim - 2
     return (
-        d in dims
-        and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least
-        and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
-    )
+        x.dtype == jnp.bfloat16
+        or (d in dims and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least)
+    ) and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
 
 
 class UpSample(nn.Module):
@@ -1189,7 +1229,7 @@ class UpSample(nn.Module):
             )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias)
         return y
 
 
@@ -1235,7 +1275,7 @@ class StridedConv4(nn.Module):
         y = conv_nd(x, kernel, 2, "SAME", fast=self.fast)  # fast: conv_space_to_depth
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias)
         return y
 
 
@@ -1431,7 +1471,7 @@ class ConvTranspose4(nn.Module):
             )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias)
         return y
 
 

@@ -431,23 +431,23 @@ def test_conv_overlap_add_equals_lax(ks, pads):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3), (1, 5, 4, 7, 2)])
-def test_max_pool_values_and_gradients_equal_linen(shape):
+def test_max_pool_values_and_gradients_equal_linen(shape, dtype):
     # Ties included (values rounded to halves): the gradient of each window must go to its
     # first maximum, exactly as XLA's select_and_scatter routes it.
     d = len(shape) - 2
-    x = jnp.round(_rand(shape) * 2) / 2
+    x = (jnp.round(_rand(shape) * 2) / 2).astype(dtype)
 
     def ref(v):
         return nn.max_pool(v, (2,) * d, strides=(2,) * d, padding="VALID")
 
     np.testing.assert_array_equal(max_pool(x, 2), ref(x))
-    w = _rand(ref(x).shape, 1)
-    np.testing.assert_array_equal(
-        jax.grad(lambda v: jnp.sum(max_pool(v, 2) * w))(x),
-        jax.grad(lambda v: jnp.sum(ref(v) * w))(x),
-    )
-    t = _rand(shape, 2)
+    w = _rand(ref(x).shape, 1).astype(dtype)
+    got = jax.grad(lambda v: jnp.sum(max_pool(v, 2) * w))(x)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, jax.grad(lambda v: jnp.sum(ref(v) * w))(x))
+    t = _rand(shape, 2).astype(dtype)
     np.testing.assert_array_equal(jax.jvp(lambda v: max_pool(v, 2), (x,), (t,))[1],
                                   jax.jvp(ref, (x,), (t,))[1])  # fmt: skip
 

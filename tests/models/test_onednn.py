@@ -137,7 +137,9 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((1, 8, 8, 8), 256, 1, jnp.float32, True),  # 2^9 positions, stride 1
         ((1, 4, 8, 8), 256, 1, jnp.float32, False),  # 2^8 positions
         ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # strided 3D: its depth-stacked 2D form
-        ((2, 64, 64, 64), 32, 1, jnp.bfloat16, False),
+        ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
+        ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
+        ((4, 16, 16, 16), 3, 2, jnp.bfloat16, "bf16"),  # ... and strided 3D too
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
         ((8, 16, 16), 256, 1, jnp.float32, True),  # 2^11 positions, stride 1
         ((2, 16, 8), 256, 1, jnp.float32, False),  # 2^8 positions
@@ -148,6 +150,8 @@ def _graph(fn, *shapes, dtype=jnp.float32):
     ],
 )
 def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
+    if routed == "bf16":
+        routed = onednn.bfloat16_kernels() is not None
     ks = (3,) * len(shape[1:])
     graph = _graph(
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
@@ -314,7 +318,7 @@ def test_the_other_form_of_a_convolution_hand_computed():
     # x [2, 11, 3], k3 -> 4 channels, padding (2, 0): y [2, 11, 4]; the adjoint convolution maps
     # y back onto x with the kernel [3, 4, 3] and padding (3 - 1 - 2, 3 - 1 - 0) = (0, 2)
     geometry = onednn._geometry((2, 11, 3), (3, 3, 4), (1,), [(2, 0)])
-    want = ((2, 11, 4), (3, 4, 3), (1,), ((0, 2),))
+    want = ((2, 11, 4), (3, 4, 3), (1,), ((0, 2),), "float32")
     assert onednn._other_form("forward", geometry) == ("data", want)
     assert onednn._other_form("data", geometry) == ("forward", want)
     assert onednn._other_form("weights", geometry) is None
@@ -452,7 +456,7 @@ def test_the_other_form_pays_for_its_kernel_flip(monkeypatch, flip_s, want):
     dnn.plan(onednn._key("forward", geometry))
     dnn.plan(onednn._key(*other))
     monkeypatch.setattr(onednn, "_time_plans", lambda plans: [2.0, 1.0])
-    monkeypatch.setattr(onednn, "_time_flip", lambda kernel_shape: flip_s)
+    monkeypatch.setattr(onednn, "_time_flip", lambda kernel_shape, dtype: flip_s)
     assert onednn._prefers_other("forward", geometry, other) == want
 
 
@@ -499,3 +503,57 @@ def test_timed_choices_are_kept_for_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     default = onednn._choices_path()
     assert default.parent == tmp_path / "medjax" and default.name.startswith("onednn-3.2-")
+
+
+needs_bfloat16 = pytest.mark.skipif(
+    onednn.bfloat16_kernels() is None, reason="oneDNN has no bfloat16 kernels on this CPU"
+)
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("shape,ks,strides,pads", CASES[:5])
+def test_bfloat16_convolution_and_its_gradients_equal_float32_on_the_same_values(
+    shape, ks, strides, pads
+):
+    # bfloat16 in and out, float32 accumulation: lax's float32 convolution of the same
+    # (bfloat16-exact) values, rounded once to bfloat16, is the reference.
+    x = randn(shape).astype(jnp.bfloat16)
+    k = (randn((*ks, shape[-1], 4), 1) / np.sqrt(np.prod(ks) * shape[-1])).astype(jnp.bfloat16)
+    ref = _lax(strides, pads)
+
+    def f32(fn):
+        return lambda x, k: fn(x.astype(jnp.float32), k.astype(jnp.float32))
+
+    def ours(x, k):
+        return onednn.conv(x, k, strides, pads)
+
+    y = jax.jit(ours)(x, k)
+    want = ref(x.astype(jnp.float32), k.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(y.astype(jnp.float32), want, atol=2**-8 * scale, rtol=2**-8)
+    w = randn(want.shape, 2).astype(jnp.bfloat16)
+    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k).astype(jnp.float32) * w), (0, 1)))(x, k)
+    exact = jax.grad(lambda x, k: jnp.sum(f32(ref)(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, exact, strict=True):
+        assert a.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a.astype(jnp.float32), b, atol=2**-7 * scale, rtol=2**-7)
+
+
+@needs_bfloat16
+def test_bfloat16_primitives_are_kept_apart_from_float32_ones():
+    dnn = onednn._load()
+    geometry = [(1, 8, 8, 16), (3, 3, 16, 16), (1, 1), [(1, 1)] * 2]
+    f32 = dnn.plan(onednn._key("forward", onednn._geometry(*geometry)))
+    bf16 = dnn.plan(onednn._key("forward", onednn._geometry(*geometry, "bfloat16")))
+    assert (f32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    assert f32 is not bf16
+    assert onednn.bfloat16_kernels() in bf16.info_str
+
+
+def test_mixed_dtypes_stay_off_the_route():
+    x = jnp.zeros((2, 16, 16, 16, 8), jnp.bfloat16)
+    k = jnp.zeros((3, 3, 3, 8, 8), jnp.float32)
+    assert not onednn.applies(x, k, (1, 1, 1), [(1, 1)] * 3)
+    assert onednn.applies(x.astype(jnp.float32), k, (1, 1, 1), [(1, 1)] * 3)
