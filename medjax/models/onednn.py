@@ -133,6 +133,7 @@ class _OneDNN:
         self._check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, 0), "engine")
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._running = threading.Lock()  # one primitive at a time: each uses every core
         self._plans: dict[tuple, _Plan] = {}
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
@@ -230,7 +231,14 @@ class _OneDNN:
             return self._keys[plan_id]
 
     def run(self, plan_id: int, pointers: Sequence[int]) -> None:
-        self.plan(self.key(plan_id)).run(pointers)
+        """Runs a primitive for XLA. XLA's threads may call two at once, and each call starts
+        an OpenMP team as large as the machine; two teams oversubscribe the cores, and
+        oneDNN's bfloat16 kernels then slowed down 17x (WGAN-GP's critic, 64 x 8^2, 256 ->
+        512, k4 s2, weights: 520 against 30 ms; its step 3670 against 1763 ms), so the
+        calls take turns. (float32 steps were the same either way.)"""
+        plan = self.plan(self.key(plan_id))
+        with self._running:
+            plan.run(pointers)
 
     def prefers(self, key: tuple, other: tuple) -> bool:
         """Whether the primitive for ``other`` (the same convolution's other exact form), with
