@@ -557,3 +557,31 @@ def test_mixed_dtypes_stay_off_the_route():
     k = jnp.zeros((3, 3, 3, 8, 8), jnp.float32)
     assert not onednn.applies(x, k, (1, 1, 1), [(1, 1)] * 3)
     assert onednn.applies(x.astype(jnp.float32), k, (1, 1, 1), [(1, 1)] * 3)
+
+
+def test_primitives_called_from_two_threads_take_turns(monkeypatch):
+    # each primitive's OpenMP team uses every core: two at once would oversubscribe them
+    import threading
+    import time
+
+    dnn = onednn._load()
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    class Slow:
+        def run(self, pointers):
+            with guard:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(dnn, "key", lambda plan_id: ("forward",))
+    monkeypatch.setattr(dnn, "plan", lambda key: Slow())
+    threads = [threading.Thread(target=dnn.run, args=(0, [0, 0, 0])) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
