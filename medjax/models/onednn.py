@@ -754,7 +754,7 @@ def applies(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tupl
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
         and available()
-        and (x.dtype != jnp.bfloat16 or bfloat16_kernels())
+        and (x.dtype != jnp.bfloat16 or bfloat16_kernels() is not None)
     )
 
 
