@@ -24,6 +24,7 @@ from medjax.models.layers import (
     ResidualBlock,
     StridedConv4,
     UpSample,
+    add_bias,
     conv_im2col,
     conv_nd,
     conv_overlap_add,
@@ -450,6 +451,24 @@ def test_max_pool_values_and_gradients_equal_linen(shape, dtype):
     t = _rand(shape, 2).astype(dtype)
     np.testing.assert_array_equal(jax.jvp(lambda v: max_pool(v, 2), (x,), (t,))[1],
                                   jax.jvp(ref, (x,), (t,))[1])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 16, 16, 8), (3, 5, 7, 6), (2, 3, 4, 5, 3)])
+def test_add_bias_gradients_equal_float64_sums(shape, dtype):
+    # the bias gradient is the output gradient summed over every axis but the last, computed
+    # in float32 for a bfloat16 output (never rounded to bfloat16): numpy's float64 sum is exact
+    y = randn(shape).astype(dtype)
+    bias = randn(shape[-1:], 1)
+    g = randn(shape, 2).astype(dtype)
+    out, vjp = jax.vjp(add_bias, y, bias)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, y + bias.astype(dtype))
+    dy, dbias = vjp(g)
+    assert (dy.dtype, dbias.dtype) == (dtype, jnp.float32)
+    np.testing.assert_array_equal(dy, g)
+    want = np.asarray(g, np.float64).reshape(-1, shape[-1]).sum(0)
+    np.testing.assert_allclose(dbias, want, rtol=1e-6, atol=1e-5)
 
 
 def test_max_pool_hand_computed_tie():
