@@ -906,12 +906,20 @@ _ONEDNN_STRIDED_DIMS = (2,)
 _ONEDNN_STRIDED_MIN_CHANNELS = 8
 
 
+def _onednn_takes_every(x: Array) -> bool:
+    """Whether every convolution of ``x`` that oneDNN can run goes to it, whatever its shape:
+    bfloat16, which XLA:CPU convolves no faster than float32 while oneDNN's AMX kernels are
+    4-10x faster. Keeping XLA's routes for some was slower (float32's thresholds: pix2pix 633
+    and DCGAN 548 ms a step against 494 and 357; ``BENCHMARKS.md``)."""
+    return x.dtype == jnp.bfloat16
+
+
 def _onednn_is_faster(
     x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]
 ) -> bool:
     """The route to :func:`medjax.models.onednn.conv`, where oneDNN can run
-    (:func:`medjax.models.onednn.applies`): every bfloat16 convolution, and float32 ones as
-    follows. Stride-1 convolutions with
+    (:func:`medjax.models.onednn.applies`): every bfloat16 one (``_onednn_takes_every``), and
+    float32 ones as follows. Stride-1 convolutions with
     ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
     ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial;
     ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs), except
@@ -934,7 +942,7 @@ def _onednn_is_faster(
     formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
     depth-stacked 2D convolution then takes this route: 2 x 64^3, 32 -> 64, k3 s2 123.7
     against 218.5 ms forward + backward (Vox2Vox's k4 s2 ones: 114 against 115 ms a step)."""
-    if x.dtype == jnp.bfloat16:
+    if _onednn_takes_every(x):
         return onednn.applies(x, kernel, strides, pads)
     d = x.ndim - 2
     out = _conv_out_sizes(x.shape[1:-1], kernel.shape[:d], strides, pads)
@@ -1166,12 +1174,13 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
 def _onednn_doubling_applies(
     x: Array, kernel: Array, dims: Sequence[int], least: int, pad: int
 ) -> bool:
-    """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) is
-    bfloat16 or has ``dims`` spatial axes and at least ``least`` output positions (batch x
-    2^d x spatial), and oneDNN can run it (:func:`medjax.models.onednn.applies`)."""
+    """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) is one
+    oneDNN takes whatever its shape (``_onednn_takes_every``) or has ``dims`` spatial axes and
+    at least ``least`` output positions (batch x 2^d x spatial), and oneDNN can run it
+    (:func:`medjax.models.onednn.applies`)."""
     d = x.ndim - 2
     return (
-        x.dtype == jnp.bfloat16
+        _onednn_takes_every(x)
         or (d in dims and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least)
     ) and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
 

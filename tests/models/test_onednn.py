@@ -528,7 +528,7 @@ def test_bfloat16_convolution_and_its_gradients_equal_float32_on_the_same_values
         return onednn.conv(x, k, strides, pads)
 
     y = jax.jit(ours)(x, k)
-    want = ref(x.astype(jnp.float32), k.astype(jnp.float32))
+    want = f32(ref)(x, k)
     assert y.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(y.astype(jnp.float32), want, atol=2**-8 * scale, rtol=2**-8)
