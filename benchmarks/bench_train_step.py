@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from medjax.train.platform import configure_xla, exec_with_host_tunables
+from medjax.train.platform import HeapGuard, configure_xla, exec_with_host_tunables
 
 
 def load_config(path: str, arg: str | None):
@@ -34,11 +34,12 @@ def load_config(path: str, arg: str | None):
 
 
 def measure(cfg, steps: int = 30, seconds: float = 0.0) -> dict:
-    """Input pipeline alone, compiled step alone and both as the training loop runs them (the
-    next batch is made while the previous step runs; at most two steps in flight), for `cfg`'s
+    """Input pipeline alone, compiled step alone and both as the training loop runs them (in
+    `loop.run`'s order; the pipeline's threads make the next batches while a step runs), for `cfg`'s
     task on its real data. `seconds` > 0 caps each part near that long (at least 3 steps).
     `wait_frac` = the share of a loop step spent waiting for data (0 when the pipeline keeps
-    up)."""
+    up): on one CPU process, where the loop fetches between steps, the time blocked in
+    `next`."""
     import jax
 
     from medjax.train import loop
@@ -71,15 +72,27 @@ def measure(cfg, steps: int = 30, seconds: float = 0.0) -> dict:
     jax.block_until_ready(b)
     t_pipe = (time.perf_counter() - t0) / n
 
-    prev = None
+    # As `loop.run` steps: on one CPU process, wait for the previous step, fetch, dispatch;
+    # elsewhere one step in flight. The wait is the time blocked in `next` (the batch not made
+    # yet, and its transfer to the mesh); with a step in flight, only the part by which the
+    # loop's step exceeds the step alone (the device idles only then).
+    one_at_a_time = trainer.steps_one_at_a_time
+    heap_guard, prev, fetching = HeapGuard(), None, 0.0
     t0 = time.perf_counter()
     for _ in range(n):
-        state, m = compiled(state, next(it))
-        if prev is not None:
+        if one_at_a_time and prev is not None:
+            jax.block_until_ready(prev)
+            heap_guard()
+        t1 = time.perf_counter()
+        batch = next(it)
+        fetching += time.perf_counter() - t1
+        state, m = compiled(state, batch)
+        if not one_at_a_time and prev is not None:
             jax.block_until_ready(prev)
         prev = m
     jax.block_until_ready(m)
     t_loop = (time.perf_counter() - t0) / n
+    waited = fetching / n if one_at_a_time else max(0.0, t_loop - t_step)
     return {
         "task": str(cfg.task),
         "batch": gb,
@@ -92,7 +105,7 @@ def measure(cfg, steps: int = 30, seconds: float = 0.0) -> dict:
         "step_min_s": min(times),
         "pipeline_s": t_pipe,
         "loop_s": t_loop,
-        "wait_frac": max(0.0, (t_loop - t_step) / t_loop),
+        "wait_frac": waited / t_loop,
         "progress": {k: float(m[k]) for k in trainer.task.progress_keys if k in m},
     }
 

@@ -772,7 +772,8 @@ def data_markdown(rows: list[dict]) -> str:
         return ""
     lines = [
         "\n\nInput pipeline of every shipped config on its real data (step alone vs. as the loop "
-        "runs it; wait = the share of a loop step spent waiting for data):\n",
+        "runs it; wait = the share of a loop step spent waiting for data: on one CPU process, "
+        "blocked fetching the next batch between steps):\n",
         "| config | task | batch | pipeline alone | step alone | loop step | wait |",
         "|---|---|---|---|---|---|---|",
     ]

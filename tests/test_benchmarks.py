@@ -43,6 +43,25 @@ def test_measure_runs_the_loop_pattern_on_real_data():
     assert r["progress"] and all(math.isfinite(v) for v in r["progress"].values())
 
 
+def test_measure_counts_the_time_blocked_fetching_batches(monkeypatch):
+    # every batch's transfer to the mesh (in the main thread, inside `next`) takes 60 ms more:
+    # the loop waits that long per step, and on one CPU process that is what wait_frac counts
+    from medjax import parallel
+
+    slow = 0.06
+    real = parallel.global_batch
+
+    def global_batch(*args, **kwargs):
+        time.sleep(slow)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(parallel, "global_batch", global_batch)
+    cfg = classifier_medmnist.get_config("smoke")
+    r = bench_train_step.measure(cfg, steps=4)
+    assert slow <= r["wait_frac"] * r["loop_s"] < slow + 0.03
+    assert r["loop_s"] >= r["step_s"] + slow * 0.9
+
+
 def test_config_overrides_are_checked():
     cfg = classifier_medmnist.get_config("smoke")
     suite._set(cfg, "data.max_examples", 7)

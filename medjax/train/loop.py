@@ -329,6 +329,14 @@ class Trainer:
             self.state_sh = parallel.state_sharding(abstract, self.mesh, replica_axis=True)
         return jax.jit(init_all, out_shardings=self.state_sh)(keys)
 
+    @property
+    def steps_one_at_a_time(self) -> bool:
+        """Whether the training loop dispatches a step only after the previous one finished
+        and the next batch was fetched: a single-process CPU run, where XLA allocates a step's
+        temporaries when it is dispatched (see `run`). Accelerators and runs of many processes
+        keep one step in flight."""
+        return self.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
+
     @functools.cached_property
     def train_step(self) -> Callable[..., Any]:
         one = self.task.train_step
@@ -642,11 +650,11 @@ def run(config: Any, workdir: str | Path) -> dict[str, float]:
     # allocate in stream order and keep one step in flight, and so do runs of many processes,
     # whose hosts agree on a preemption step through JAX's sync point (a two-process CPU run
     # with the wait once hung at shutdown in the test suite; not understood, so not changed).
-    on_cpu = trainer.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
+    one_at_a_time = trainer.steps_one_at_a_time
     heap_guard, previous = platform.HeapGuard(), None
     try:
         for step in range(start + 1, num_steps + 1):
-            if on_cpu and previous is not None:
+            if one_at_a_time and previous is not None:
                 jax.block_until_ready(previous)
                 heap_guard()
             batch = next(it)
