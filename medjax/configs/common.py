@@ -66,7 +66,7 @@ def segmentation(source: str, num_classes: int) -> ml_collections.ConfigDict:
     c.model.activation = "leaky_relu"
     c.model.residual = False
     c.model.attention_gates = False
-    c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPUs, TPUs and AMX CPUs
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPUs, TPUs and bf16 CPUs
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "dice_ce"
@@ -227,7 +227,7 @@ def gan(task: str) -> ml_collections.ConfigDict:
     c.loss.kind = "non_saturating"
     c.model = ml_collections.ConfigDict()
     c.model.generator = ml_collections.ConfigDict()
-    c.model.generator.dtype = "float32"  # compute dtype; "bfloat16" on GPUs, TPUs and AMX CPUs
+    c.model.generator.dtype = "float32"  # compute dtype; "bfloat16" on GPUs, TPUs and bf16 CPUs
     c.model.discriminator = ml_collections.ConfigDict()
     c.model.discriminator.dtype = "float32"
     c.data = data_block()

@@ -19,8 +19,9 @@ output up to float rounding:
   formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``). In a
   ``dtype=jnp.bfloat16`` model every convolution and transposed convolution oneDNN can run
   goes to it, where the CPU has its bfloat16 kernels (:func:`medjax.models.onednn.bfloat16_kernels`:
-  AMX on Sapphire Rapids and later): XLA:CPU's own bfloat16 convolutions are no faster than
-  its float32 ones, oneDNN's on AMX 4-10x faster than its float32 ones.
+  AMX on Sapphire Rapids and later, AVX-512 BF16 on AMD's Zen 4): XLA:CPU's own bfloat16
+  convolutions are no faster than its float32 ones, oneDNN's on AMX 4-10x faster than its
+  float32 ones.
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -909,8 +910,9 @@ _ONEDNN_STRIDED_MIN_CHANNELS = 8
 def _onednn_takes_every(x: Array) -> bool:
     """Whether every convolution of ``x`` that oneDNN can run goes to it, whatever its shape:
     bfloat16, which XLA:CPU convolves no faster than float32 while oneDNN's AMX kernels are
-    4-10x faster. Keeping XLA's routes for some was slower (float32's thresholds: pix2pix 633
-    and DCGAN 548 ms a step against 494 and 357; ``BENCHMARKS.md``)."""
+    4-10x faster. Keeping XLA's routes for some was slower (float32's thresholds, 2-core Xeon
+    with AMX: pix2pix 633 and DCGAN 548 ms a step against 494 and 357; 2-core EPYC with
+    AVX-512 BF16 and no AMX: DCGAN 722 against 532; ``BENCHMARKS.md``)."""
     return x.dtype == jnp.bfloat16
 
 

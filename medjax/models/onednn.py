@@ -36,6 +36,8 @@ float32 and round the result once, where this CPU has kernels for them
 (:func:`bfloat16_kernels`). With Intel's AMX tiles (Sapphire Rapids and later) they are 4-10x
 faster than the float32 ones (forward 8 x 128^2, 32 -> 32: 1.05 against 7.45 ms; 2 x 64^3:
 9.6 against 84 ms), while XLA:CPU's own bfloat16 convolutions are no faster than its float32.
+With AVX-512 BF16 and no AMX (AMD's Zen 4) most steps still run 1.2-2.0x faster than in
+float32 (pix2pix's no faster; `BENCHMARKS.md`).
 """
 
 from __future__ import annotations
