@@ -224,12 +224,46 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(shape):
 
     d = len(shape) - 2
     x = randn(shape)
-    fast = layers.ConvTranspose4(5, spatial_dims=d)
-    plain = nn.ConvTranspose(5, (4,) * d, strides=(2,) * d, padding="SAME")
+    fast = layers.ConvTranspose4(8, spatial_dims=d)
+    plain = nn.ConvTranspose(8, (4,) * d, strides=(2,) * d, padding="SAME")
     params = plain.init(jax.random.PRNGKey(0), x)
     assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
     small = randn((shape[0], shape[1] // 2, *shape[2:]))
     assert "ffi_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, small))(params))
+    _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
+
+
+def _onednn_calls(fn, *args) -> int:
+    """How many oneDNN calls the compiled ``fn`` makes (XLA has removed those whose results
+    nothing uses)."""
+    return jax.jit(fn).lower(*args).compile().as_text().count('"medjax_onednn_convolution"')
+
+
+@pytest.mark.parametrize(
+    "shape,features,forward_calls",
+    [
+        ((1, 64, 64, 3), 3, 0),  # 2D, 48 tap columns: the overlap-add, no oneDNN call
+        ((2, 16, 8, 8, 3), 1, 0),  # 3D, 64 tap columns: the overlap-add
+        ((2, 16, 8, 8, 3), 5, 1),  # 320 tap columns: the shuffle's one convolution
+    ],
+)
+def test_conv_transpose4_with_few_outputs_runs_its_gradients_on_onednn(
+    shape, features, forward_calls
+):
+    # fewer than 8 output channels on the oneDNN route: the forward is an XLA formulation
+    # (oneDNN's transposed-convolution kernel is slow there), the gradients are oneDNN's (its
+    # strided convolution for the input, its weights gradient for the kernel); values and
+    # gradients equal Linen's ConvTranspose
+    import flax.linen as nn
+
+    d = len(shape) - 2
+    x = randn(shape)
+    fast = layers.ConvTranspose4(features, spatial_dims=d)
+    plain = nn.ConvTranspose(features, (4,) * d, strides=(2,) * d, padding="SAME")
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert _onednn_calls(fast.apply, params, x) == forward_calls
+    grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(fast.apply(p, x))), (0, 1))
+    assert _onednn_calls(grads, params, x) == forward_calls + 2
     _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
 
 
