@@ -902,6 +902,13 @@ _ONEDNN_MIN_POSITIONS = 1 << 12
 # 1 x 31^2, 512 -> 1, k4: 1.84 against 1.24 ms; CycleGAN's 1 x 256^2, 64 -> 3, k7: 37 against 82).
 _ONEDNN_STRIDE_1_MIN_POSITIONS = 1 << 9
 _ONEDNN_FEW_OUT_CHANNELS = 8
+# 3D ones from 200 output positions, whatever their channels: Vox2Vox's PatchGAN layer 2 x 6^3,
+# 64 -> 128, k4 p1 (250 positions, im2col's 64 taps) takes 3.6 against 6.4 ms forward +
+# backward, and Vox2Vox's step is 3 % faster (one process, interleaved, 120-150 rounds: per-round
+# ratios 1.031 and 1.046; 2-core EPYC). From 100 or 128 positions, which adds its 128 -> 1 head
+# (2 x 4^3 outputs), the step gained less (1.012, 1.019), and the Xeon's 2 x 4^3 case above
+# is XLA's.
+_ONEDNN_3D_STRIDE_1_MIN_POSITIONS = 200
 _ONEDNN_SPATIAL_DIMS = (2, 3)
 # Strided convolutions: 2D only, with at least 8 input channels (below that oneDNN's strided
 # kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
@@ -926,7 +933,8 @@ def _onednn_is_faster(
     float32 ones as follows. Stride-1 convolutions with
     ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
     ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial;
-    ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs), except
+    ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs; 3D ones
+    from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``), except
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     ``_ONEDNN_STRIDED_DIMS`` spatial axes (2D), at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input
     channels and ``_ONEDNN_MIN_POSITIONS`` output positions.
@@ -955,6 +963,8 @@ def _onednn_is_faster(
             return False
         few = kernel.shape[-1] < _ONEDNN_FEW_OUT_CHANNELS
         least = _ONEDNN_MIN_POSITIONS if few else _ONEDNN_STRIDE_1_MIN_POSITIONS
+        if d == 3:  # oneDNN's native 3D convolution against XLA's depth-stacked or im2col forms
+            least = min(least, _ONEDNN_3D_STRIDE_1_MIN_POSITIONS)
     elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:

@@ -135,7 +135,8 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 64, 64, 64), 32, 1, jnp.float32, True),  # U-Net 3D's levels
         ((2, 16, 16, 16), 128, 1, jnp.float32, True),  # 2^13 positions
         ((1, 8, 8, 8), 256, 1, jnp.float32, True),  # 2^9 positions, stride 1
-        ((1, 4, 8, 8), 256, 1, jnp.float32, False),  # 2^8 positions
+        ((1, 4, 8, 8), 256, 1, jnp.float32, True),  # 3D: 2^8 positions, from 200
+        ((2, 4, 4, 4), 256, 1, jnp.float32, False),  # 3D: 2^7 positions
         ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # strided 3D: its depth-stacked 2D form
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
