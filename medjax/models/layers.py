@@ -11,19 +11,19 @@ and meanings of :class:`flax.linen.Conv` / :class:`flax.linen.ConvTranspose`, so
 output up to float rounding:
 
 * On CPUs with oneDNN installed (``medjax[onednn]``, part of ``medjax[train]``), float32
-  convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions (stride-1 2D and 3D,
-  strided 2D) and the larger transposed ones of :class:`ConvTranspose4` run as oneDNN's
-  convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x faster than
-  with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core AVX-512 Xeon), which
+  convolutions with enough output positions (stride-1 2D and 3D, strided 2D; thresholds per kind
+  in ``_onednn_is_faster``) and the larger transposed ones of :class:`ConvTranspose4` run as
+  oneDNN's convolutions (:mod:`medjax.models.onednn`): U-Net 3D's step at 2 x 64^3 1.55x faster
+  than with the XLA formulations below, U-Net 2D's at 8 x 256^2 1.2x (2-core AVX-512 Xeon), which
   every other backend keeps. Strided 3D convolutions and the Winograd ones keep XLA's
   formulations: there oneDNN did not make the steps faster (``BENCHMARKS.md``). In a
-  ``dtype=jnp.bfloat16`` model every convolution and transposed convolution oneDNN can run
-  goes to it, where the CPU has its bfloat16 kernels (:func:`medjax.models.onednn.bfloat16_kernels`:
-  AMX on Sapphire Rapids and later, AVX-512 BF16 on AMD's Zen 4): XLA:CPU's own bfloat16
-  convolutions are no faster than its float32 ones, oneDNN's on AMX 4-10x faster than its
-  float32 ones. A transposed one to fewer than 8 channels (an output layer) runs only its
-  gradients there: oneDNN's kernel for its forward is slow, so that is an XLA formulation
-  below (``_conv_transpose4_few_out``; Vox2Vox's step 6 % faster).
+  ``dtype=jnp.bfloat16`` model every convolution and transposed convolution oneDNN can run goes to
+  it, where the CPU has its bfloat16 kernels (:func:`medjax.models.onednn.bfloat16_kernels`: AMX
+  on Sapphire Rapids and later, AVX-512 BF16 on AMD's Zen 4): XLA:CPU's own bfloat16 convolutions
+  are no faster than its float32 ones, oneDNN's on AMX 4-10x faster than its float32 ones. A
+  transposed one to fewer than 8 channels (an output layer) runs only its gradients there:
+  oneDNN's kernel for its forward is slow, so that is an XLA formulation below
+  (``_conv_transpose4_few_out``; Vox2Vox's step 6 % faster).
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -961,10 +961,12 @@ def _onednn_is_faster(
     if all(s == 1 for s in strides):
         if d not in _ONEDNN_SPATIAL_DIMS or (d == 2 and _winograd_is_faster(x, kernel, out)):
             return False
-        few = kernel.shape[-1] < _ONEDNN_FEW_OUT_CHANNELS
-        least = _ONEDNN_MIN_POSITIONS if few else _ONEDNN_STRIDE_1_MIN_POSITIONS
         if d == 3:  # oneDNN's native 3D convolution against XLA's depth-stacked or im2col forms
-            least = min(least, _ONEDNN_3D_STRIDE_1_MIN_POSITIONS)
+            least = _ONEDNN_3D_STRIDE_1_MIN_POSITIONS
+        elif kernel.shape[-1] < _ONEDNN_FEW_OUT_CHANNELS:
+            least = _ONEDNN_MIN_POSITIONS
+        else:
+            least = _ONEDNN_STRIDE_1_MIN_POSITIONS
     elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:
