@@ -112,6 +112,7 @@ __all__ = [
     "conv_space_to_depth",
     "conv_stride_phases",
     "conv_transpose4_overlap_add",
+    "conv_transpose4_one_position",
     "conv_transpose4_shuffle",
     "depth_to_space",
     "get_activation",
@@ -974,6 +975,34 @@ def _onednn_is_faster(
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
 
+def _used_taps(
+    spatial: Sequence[int],
+    ks: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+) -> list[tuple[int, int]] | None:
+    """Per spatial axis, the first and last kernel tap that meets the input at some output
+    position, when on some axis they are not all of them (with non-negative padding), else
+    None. The taps outside only ever multiply padding: on a 2 x 2 input the k4 s2 p1
+    convolution (pix2pix's innermost down-sampler, 512 -> 512 channels) reads the centre 2 x 2
+    of its 4 x 4 kernel, and its gradient is zero elsewhere.
+
+    Along an axis of ``n`` inputs with ``out`` outputs, output ``o`` reads input
+    ``o * s + t - lo`` at tap ``t``, which is in ``[0, n)`` for ``t`` from
+    ``lo - (out - 1) * s`` to ``lo + n - 1`` at some ``o``."""
+    if any(p < 0 for pair in pads for p in pair):
+        return None
+    used = []
+    for n, k, s, (lo, hi) in zip(spatial, ks, strides, pads, strict=True):
+        out = (n + lo + hi - k) // s + 1
+        if out < 1:
+            return None
+        used.append((max(0, lo - (out - 1) * s), min(k - 1, lo + n - 1)))
+    if all((a, b) == (0, k - 1) for (a, b), k in zip(used, ks, strict=True)):
+        return None
+    return used
+
+
 def conv_nd(
     x: Array,
     kernel: Array,
@@ -986,6 +1015,8 @@ def conv_nd(
 
     With ``fast=True`` the following exact reformulations are used:
 
+    * kernel taps that only ever meet the padding (a k4 s2 p1 kernel on a 2 x 2 input reads
+      its centre 2 x 2) are dropped first (``_used_taps``), the padding cut to match;
     * float32 convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions, on a CPU
       with oneDNN installed: stride-1 2D and 3D ones unless Winograd's algorithm takes them
       (see below), and strided 2D ones: oneDNN's convolution
@@ -1034,6 +1065,14 @@ def conv_nd(
     dn = _dimension_numbers(d)
     if not fast:
         return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=dn)
+
+    used = _used_taps(x.shape[1:-1], ks, strides, pads)
+    if used is not None:  # taps that only ever meet padding: drop them
+        taps = tuple(slice(a, b + 1) for a, b in used)
+        pads = [
+            (lo - a, hi - (k - 1 - b)) for (lo, hi), k, (a, b) in zip(pads, ks, used, strict=True)
+        ]
+        return conv_nd(x, kernel[taps], strides, pads, fast=True)
 
     if all(k == 1 for k in ks):
         if any(p != (0, 0) for p in pads):
@@ -1412,6 +1451,19 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
     return "overlap_add" if cin >= 4 * cout else "subpixel"
 
 
+def conv_transpose4_one_position(x: Array, kernel: Array) -> Array:
+    """Kernel-4 stride-2 'SAME' transposed convolution of an input with one position (every
+    spatial extent 1; pix2pix's innermost up-sampler, 512 -> 512 channels) as one matrix
+    product: output ``r`` (0 or 1 per axis) is ``x @ kernel[2 - r]``, so only the kernel's
+    centre ``2^d`` taps are read; the others only meet padding (their gradient is zero).
+    ``[B, 1, ..., 1, Cin]`` -> ``[B, 2, ..., 2, Cout]``."""
+    d = x.ndim - 2
+    b, cin, cout = x.shape[0], x.shape[-1], kernel.shape[-1]
+    centre = jnp.flip(kernel[(slice(1, 3),) * d], tuple(range(d)))  # [r] = kernel[2 - r]
+    y = channel_matmul(x.reshape(b, cin), jnp.moveaxis(centre, -2, 0).reshape(cin, -1))
+    return y.reshape(b, *(2,) * d, cout)
+
+
 def conv_transpose4_shuffle(x: Array, kernel: Array) -> Array:
     """Kernel-4 stride-2 'SAME' transposed convolution as ONE stride-1 kernel-2 convolution.
 
@@ -1488,7 +1540,9 @@ class ConvTranspose4(nn.Module):
     On CPUs with oneDNN, large ones are oneDNN's input gradient of the k4 s2 p1 convolution
     instead (``_onednn_transpose_is_faster``); with fewer than
     ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output channels only their gradients are oneDNN's,
-    the forward the overlap-add or the shuffle (``_conv_transpose4_few_out``).
+    the forward the overlap-add or the shuffle (``_conv_transpose4_few_out``). An input of
+    one position is one matrix product with the kernel's centre taps
+    (:func:`conv_transpose4_one_position`).
 
     Attributes:
       features: number of output channels.
@@ -1520,13 +1574,17 @@ class ConvTranspose4(nn.Module):
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         route = None
-        if self.fast:
+        if self.fast and all(n == 1 for n in x.shape[1:-1]):
+            route = "one_position"
+        elif self.fast:
             route = (
                 "onednn"
                 if _onednn_transpose_is_faster(x, kernel)
                 else _conv_transpose4_route(x.shape, self.features)
             )
-        if route == "onednn" and self.features < _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS:
+        if route == "one_position":
+            y = conv_transpose4_one_position(x, kernel)
+        elif route == "onednn" and self.features < _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS:
             y = _conv_transpose4_few_out(x, kernel)
         elif route == "onednn":
             y = _onednn_conv_transpose4(x, kernel)
