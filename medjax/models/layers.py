@@ -990,14 +990,13 @@ def _used_taps(
     Along an axis of ``n`` inputs with ``out`` outputs, output ``o`` reads input
     ``o * s + t - lo`` at tap ``t``, which is in ``[0, n)`` for ``t`` from
     ``lo - (out - 1) * s`` to ``lo + n - 1`` at some ``o``."""
-    if any(p < 0 for pair in pads for p in pair):
+    outs = _conv_out_sizes(spatial, ks, strides, pads)
+    if any(p < 0 for pair in pads for p in pair) or min(outs) < 1:
         return None
-    used = []
-    for n, k, s, (lo, hi) in zip(spatial, ks, strides, pads, strict=True):
-        out = (n + lo + hi - k) // s + 1
-        if out < 1:
-            return None
-        used.append((max(0, lo - (out - 1) * s), min(k - 1, lo + n - 1)))
+    used = [
+        (max(0, lo - (out - 1) * s), min(k - 1, lo + n - 1))
+        for n, k, s, (lo, _), out in zip(spatial, ks, strides, pads, outs, strict=True)
+    ]
     if all((a, b) == (0, k - 1) for (a, b), k in zip(used, ks, strict=True)):
         return None
     return used
