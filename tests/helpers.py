@@ -44,6 +44,15 @@ def randn(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
+def jit_grad(fn, argnums=0):
+    """``jax.grad(fn, argnums)`` compiled as one program. Op by op, each of a fast formulation's
+    many small operations compiles on its own: a 3D overlap-add's gradient took 4.8 s eagerly
+    against 0.3 s jitted (2-core EPYC)."""
+    import jax
+
+    return jax.jit(jax.grad(fn, argnums))
+
+
 def random_variables(module, *args, seed: int = 0, **kwargs):
     """Variables of a Flax ``module`` filled from numpy (``jax.random`` compiles slowly on CPU).
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medjax import losses
+from tests.helpers import jit_grad
 
 # --------------------------------------------------------------------------- references
 
@@ -221,7 +222,7 @@ def test_soft_dice_gradient_finite_difference():
     def f(z):
         return jnp.sum(losses.soft_dice_loss(z, labels, mask=mask, include_background=False))
 
-    grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(logits, jnp.float32)))
+    grad = np.asarray(jit_grad(f)(jnp.asarray(logits, jnp.float32)))
 
     def ref(z):
         return float(ref_dice_loss(z, labels, include_background=False, mask=mask)[0])

@@ -27,7 +27,7 @@ from medjax.models import (
     patchgan_receptive_field,
     reflect_pad,
 )
-from tests.helpers import randn, random_variables
+from tests.helpers import jit_grad, randn, random_variables
 
 _rand = randn
 _init = random_variables
@@ -268,12 +268,12 @@ def test_patchgan_receptive_field_by_gradient_support(d, layers, size, cell, sta
     x = _rand((1, *(size,) * d, 1), 3)
     v = _init(m, x, seed=1)
     idx = (0, *(cell,) * d, 0)
-    g = np.asarray(jax.jit(jax.grad(lambda x: m.apply(v, x)[idx]))(x))[0, ..., 0]
+    g = np.asarray(jit_grad(lambda x: m.apply(v, x)[idx])(x))[0, ..., 0]
     for ax in range(d):
         nz = np.nonzero(np.abs(g).sum(axis=tuple(a for a in range(d) if a != ax)))[0]
         assert nz[0] == start and nz[-1] - nz[0] + 1 == rf
     # the extreme cells reach the image border: their (clipped) support is shorter
-    g0 = np.asarray(jax.jit(jax.grad(lambda x: m.apply(v, x)[(0,) * (d + 2)]))(x))[0, ..., 0]
+    g0 = np.asarray(jit_grad(lambda x: m.apply(v, x)[(0,) * (d + 2)])(x))[0, ..., 0]
     nz0 = np.nonzero(np.abs(g0).sum(axis=tuple(range(1, d))))[0]
     offset = cell * 2**layers - start  # P above
     assert nz0[0] == 0 and nz0[-1] == rf - offset - 1

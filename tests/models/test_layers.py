@@ -42,7 +42,7 @@ from medjax.models.layers import (
     space_to_depth,
     winograd_convolutions,
 )
-from tests.helpers import randn, random_variables
+from tests.helpers import jit_grad, randn, random_variables
 
 ATOL = 1e-5
 
@@ -57,12 +57,7 @@ def _xla_formulations():
 
 _rand = randn
 _init = random_variables
-
-
-def _grad(fn, argnums=0):
-    """``jax.grad`` compiled as one program: op by op, the many small operations of a fast
-    formulation's gradient each compile on their own (a 3D overlap-add's: 4.8 against 0.3 s)."""
-    return jax.jit(jax.grad(fn, argnums))
+_grad = jit_grad
 
 
 @pytest.fixture

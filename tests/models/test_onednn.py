@@ -11,7 +11,7 @@ from jax import lax
 
 from medjax.models import layers, onednn
 from medjax.models.layers import Conv, conv_nd, winograd_convolutions
-from tests.helpers import randn
+from tests.helpers import jit_grad, randn
 
 pytestmark = pytest.mark.skipif(
     not onednn.available(), reason="oneDNN (the onednn-cpu-gomp wheel) is not installed"
@@ -45,7 +45,7 @@ CASES = [
 
 def _assert_gradients_equal(ours, ref, x, k, y_shape):
     w = randn(y_shape, 2)
-    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1)))(x, k)
+    got = jit_grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1))(x, k)
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
@@ -118,7 +118,7 @@ def _assert_module_equals(fast, plain, params, x, atol=1e-4, rtol=1e-5):
         return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
 
     np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=1e-5)
-    got = jax.jit(jax.grad(loss(fast), (0, 1)))(params, x)
+    got = jit_grad(loss(fast), (0, 1))(params, x)
     want = jax.grad(loss(plain), (0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
@@ -211,7 +211,7 @@ def test_conv_transpose_is_the_adjoint_of_the_convolution(shape, ks, strides, pa
             rtol=1e-5,
         )
     g = randn(y.shape, 2)
-    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * g), (0, 1)))(x, k)
+    got = jit_grad(lambda x, k: jnp.sum(ours(x, k) * g), (0, 1))(x, k)
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * g), (0, 1))(x, k)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
@@ -568,7 +568,7 @@ def test_bfloat16_convolution_and_its_gradients_equal_float32_on_the_same_values
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(y.astype(jnp.float32), want, atol=2**-8 * scale, rtol=2**-8)
     w = randn(want.shape, 2).astype(jnp.bfloat16)
-    got = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k).astype(jnp.float32) * w), (0, 1)))(x, k)
+    got = jit_grad(lambda x, k: jnp.sum(ours(x, k).astype(jnp.float32) * w), (0, 1))(x, k)
     exact = jax.grad(lambda x, k: jnp.sum(f32(ref)(x, k) * w), (0, 1))(x, k)
     for a, b in zip(got, exact, strict=True):
         assert a.dtype == jnp.bfloat16
