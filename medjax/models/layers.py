@@ -953,8 +953,9 @@ def _onednn_is_faster(
     256 -> 512 (1024 output positions, under the threshold); steps: DCGAN 652 against 690,
     WGAN-GP 3100 against 3339, pix2pix 544 against 556. Strided 3D ones keep XLA's
     formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
-    depth-stacked 2D convolution then takes this route: 2 x 64^3, 32 -> 64, k3 s2 123.7
-    against 218.5 ms forward + backward (Vox2Vox's k4 s2 ones: 114 against 115 ms a step)."""
+    stride-1 convolution then takes this route: the depth-stacked 2D one of a k3 s2 (2 x
+    64^3, 32 -> 64: 123.7 against 218.5 ms forward + backward), the kernel-2 3D one of a k4
+    s2's space-to-depth form."""
     if _onednn_takes_every(x):
         return onednn.applies(x, kernel, strides, pads)
     d = x.ndim - 2
@@ -1027,10 +1028,14 @@ def conv_nd(
       faster than the native 3D convolution, forward and backward. Large float32 stride-1
       ones (``_conv3d_depth_fold_large_is_faster``) stack the depth taps along the output
       channels instead in the forward and compute the kernel gradient as one matrix product
-      (:func:`_conv3d_depth_fold_large`).
+      (:func:`_conv3d_depth_fold_large`). Strided ones that the next route takes go there.
     * stride ``s > 1`` (the same on every axis) with kernel extents that are multiples of
       ``s`` (PyTorch's k4 s2 p1 down-sampler): :func:`conv_space_to_depth`, a stride-1
-      convolution of the space-to-depth input, which then takes the routes below; other
+      convolution of the space-to-depth input, which then takes the routes above (a 3D one:
+      one copy of the input, folded in all three axes, and a kernel-2 3D convolution, which
+      oneDNN runs from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``; before, the depth stack's four
+      depth views and then a 2D space-to-depth copied the input twice, each copy four times
+      its size: Vox2Vox's step 3-5 % slower, ``BENCHMARKS.md``); other
       strides ``s > 1`` at batch sizes up to ``_SMALL_BATCH``: :func:`conv_stride_phases`,
       one stride-1 convolution per phase.
     * stride 1 with very few output channels: :func:`conv_overlap_add`
@@ -1098,14 +1103,17 @@ def conv_nd(
     if _im2col_is_faster(x, ks, strides, pads):
         return conv_im2col(x, kernel, pads, strides)
 
-    if d == 3 and ks[0] > 1:
+    s = strides[0]
+    uniform = all(v == s for v in strides) and all(p >= 0 for pp in pads for p in pp)
+    space_to_depth_applies = uniform and s > 1 and all(k % s == 0 for k in ks)
+
+    if d == 3 and ks[0] > 1 and not space_to_depth_applies:
         if _conv3d_depth_fold_large_is_faster(x, kernel, strides, pads):
             return _conv3d_depth_fold_large(x, kernel, tuple(tuple(p) for p in pads))
         return _conv3d_input_stacked(x, kernel, strides, pads)
 
-    s = strides[0]
-    if all(v == s for v in strides) and all(p >= 0 for pp in pads for p in pp):
-        if s > 1 and all(k % s == 0 for k in ks):
+    if uniform:
+        if space_to_depth_applies:
             return conv_space_to_depth(x, kernel, s, pads)
         if s > 1 and x.shape[0] <= _SMALL_BATCH:
             return conv_stride_phases(x, kernel, s, pads)

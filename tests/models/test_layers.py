@@ -299,7 +299,7 @@ def _assert_conv_and_grads(fn, x, k, strides, pads):
         ((7, 9), (4, 2), 2, [(1, 2), (0, 1)]),  # odd sizes: the high end is cropped
         ((9, 9), (2, 2), 2, [(0, 0), (0, 0)]),
         ((10, 11), (6, 3), 3, [(2, 2), (1, 0)]),
-        ((6, 5, 7), (4, 2, 4), 2, [(1, 1), (0, 1), (1, 2)]),  # 3D through conv_nd's depth stack
+        ((6, 5, 7), (4, 2, 4), 2, [(1, 1), (0, 1), (1, 2)]),  # 3D: folded in all three axes
         ((11,), (4,), 2, [(1, 2)]),
     ],
 )
@@ -314,6 +314,33 @@ def test_strided_convolution_by_space_to_depth_equals_lax(spatial, ks, stride, p
     # conv_nd routes it there: no strided convolution is left in its graph
     graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, stride, pads))(x, k))
     assert f"window_strides=({stride}," not in graph, graph
+
+
+@pytest.mark.parametrize(
+    "ks,stride,folded",
+    [
+        ((4, 4, 4), 2, True),  # Vox2Vox's and the 3D PatchGAN's k4 s2 p1
+        ((2, 2, 2), 2, True),
+        ((3, 3, 3), 2, False),  # not a multiple of the stride: the depth stack
+        ((4, 4, 4), 1, False),
+    ],
+)
+def test_strided_3d_convolutions_fold_all_three_axes(monkeypatch, ks, stride, folded):
+    # traced on abstract shapes (nothing is computed): a strided 3D convolution whose kernel
+    # extents are multiples of the stride is ONE 3D space-to-depth and a stride-1 3D one, not
+    # the depth stack's views of the input followed by a 2D space-to-depth
+    calls, original = [], layers.conv_space_to_depth
+
+    def spy(x, kernel, s, pads):
+        calls.append((x.shape, kernel.shape, s))
+        return original(x, kernel, s, pads)
+
+    monkeypatch.setattr(layers, "conv_space_to_depth", spy)
+    x = jax.ShapeDtypeStruct((2, 24, 24, 24, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((*ks, 16, 32), jnp.float32)
+    graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, stride, [(1, 1)] * 3))(x, k))
+    assert calls == ([((2, 24, 24, 24, 16), (*ks, 16, 32), 2)] if folded else [])
+    assert ("window_strides=(2," in graph) == (not folded and stride == 2)
 
 
 @pytest.mark.parametrize(

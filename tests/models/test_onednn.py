@@ -137,7 +137,7 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((1, 8, 8, 8), 256, 1, jnp.float32, True),  # 2^9 positions, stride 1
         ((1, 4, 8, 8), 256, 1, jnp.float32, True),  # 3D: 2^8 positions, from 200
         ((2, 4, 4, 4), 256, 1, jnp.float32, False),  # 3D: 2^7 positions
-        ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # strided 3D: its depth-stacked 2D form
+        ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # k3 s2 3D: its depth-stacked 2D form
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
         ((4, 16, 16, 16), 3, 2, jnp.bfloat16, "bf16"),  # ... and strided 3D too
@@ -158,6 +158,26 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
     )
     assert ("ffi_call" in graph) == routed
+
+
+def test_a_k4_s2_3d_convolution_is_one_3d_space_to_depth_and_a_kernel_2_3d_one():
+    # Vox2Vox's and the 3D PatchGAN's 2 x 24^3, 16 -> 32: oneDNN convolves the input folded in
+    # all three axes ([2, 13, 13, 13, 8 x 16]) with the kernel [2, 2, 2, 128, 32], not a
+    # depth-stacked 2D form ([2 x 12, 13, 13, 4 x 4 x 16])
+    graph = _graph(
+        lambda x, k: conv_nd(x, k, 2, [(1, 1)] * 3), (2, 24, 24, 24, 16), (4, 4, 4, 16, 32)
+    )
+    assert "ffi_call" in graph
+    assert "f32[2,13,13,13,128]" in graph and "f32[2,2,2,128,32]" in graph
+    assert "f32[24,13,13,256]" not in graph
+    x, k = randn((2, 24, 24, 24, 16)), 0.05 * randn((4, 4, 4, 16, 32), 1)
+    ours, ref = jax.jit(lambda x, k: conv_nd(x, k, 2, [(1, 1)] * 3)), _lax((2,) * 3, [(1, 1)] * 3)
+    np.testing.assert_allclose(ours(x, k), ref(x, k), atol=1e-4, rtol=1e-5)
+    w = randn((2, 12, 12, 12, 32), 2)
+    got = jit_grad(lambda x, k: jnp.sum(ours(x, k) * w), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * w), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):  # the kernel's sums over 3456 positions: ~80
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(b))), rtol=0)
 
 
 @pytest.mark.parametrize(
