@@ -4,6 +4,7 @@ gradients of gradients, and the route that medjax.models.layers.conv_nd takes to
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -235,6 +236,51 @@ def test_conv_transpose_is_the_adjoint_of_the_convolution(shape, ks, strides, pa
     want = jax.grad(lambda x, k: jnp.sum(ref(x, k) * g), (0, 1))(x, k)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def _ffi_outputs(jaxpr) -> list[tuple[int, ...]]:
+    """The output shapes of every ffi_call in ``jaxpr`` and its sub-jaxprs."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "ffi_call":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _ffi_outputs(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", TRANSPOSE_CASES)
+def test_conv_transpose_kernel_gradient_is_written_in_the_kernels_layout(shape, ks, strides, pads):
+    # oneDNN writes the kernel gradient as [*k, Cin, Cout], the kernel's own layout: XLA is left
+    # the spatial flip, and no consumer (Adam's updates) reads it through a channel transpose.
+    # Its second derivatives (through the swapped primitive's own VJP) equal the reference's.
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+    d = len(ks)
+
+    def ref(x, k):
+        w = jnp.swapaxes(jnp.flip(k, tuple(range(d))), -1, -2)
+        y_shape = jax.eval_shape(lambda: onednn.conv_transpose(x, k, strides, pads)).shape
+        _, vjp = jax.vjp(lambda y: _lax(strides, pads)(y, w), jnp.zeros(y_shape))
+        return vjp(x)[0]
+
+    def ours(x, k):
+        return onednn.conv_transpose(x, k, strides, pads)
+
+    grad = jax.grad(lambda k: jnp.sum(jnp.sin(ours(x, k))))
+    outputs = _ffi_outputs(jax.make_jaxpr(grad)(k).jaxpr)
+    assert k.shape in outputs and (*ks, 4, shape[-1]) not in outputs, outputs
+
+    def penalty(conv):  # the kernel gradient's norm, differentiated again
+        def p(x, k):
+            g = jax.grad(lambda k: jnp.sum(jnp.sin(conv(x, k))), argnums=0)(k)
+            return jnp.sum(g**2)
+
+        return p
+
+    got = jit_grad(penalty(ours), (0, 1))(x, k)
+    want = jax.grad(penalty(ref), (0, 1))(x, k)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(np.max(np.abs(b))), rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 64, 3), (2, 16, 8, 8, 3)])
