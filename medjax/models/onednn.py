@@ -85,25 +85,26 @@ _CONVOLUTION_DIRECT = 1
 _SCRATCHPAD_USER = 1
 _QUERY_IMPL_INFO = 8
 _QUERY_SCRATCHPAD = 136
+# The weights primitive writing the kernel gradient with its channel axes swapped, [*k, Cout,
+# Cin] (the gradient of a transposed convolution's kernel, :func:`conv_transpose`).
+_SWAPPED = "weights_swapped"
 _QUERY = {  # (input/diff_input, weights/diff_weights, output/diff_output) memory descriptors
     "forward": (129, 131, 133),
     "data": (130, 131, 134),
     "weights": (129, 132, 134),
+    _SWAPPED: (129, 132, 134),
 }
 _ARG = {  # execution arguments, same order
     "forward": (1, 33, 17),
     "data": (129, 33, 145),
     "weights": (1, 161, 145),
+    _SWAPPED: (1, 161, 145),
 }
 _ARG_SCRATCHPAD = 80
 _ARG_FROM, _ARG_TO = 1, 17
-_OUTPUT = {"forward": 2, "data": 0, "weights": 1}  # which of the three each primitive writes
-_INPUTS = {"forward": (0, 1), "data": (2, 1), "weights": (0, 2)}  # what its two inputs are
-# The weights primitive writing the kernel gradient with its channel axes swapped, [*k, Cout,
-# Cin] (the gradient of a transposed convolution's kernel, :func:`conv_transpose`).
-_SWAPPED = "weights_swapped"
-for _table in (_QUERY, _ARG, _OUTPUT, _INPUTS):
-    _table[_SWAPPED] = _table["weights"]
+# which of the three each primitive writes, and what its two inputs are
+_OUTPUT = {"forward": 2, "data": 0, "weights": 1, _SWAPPED: 1}
+_INPUTS = {"forward": (0, 1), "data": (2, 1), "weights": (0, 2), _SWAPPED: (0, 2)}
 
 _H = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12
