@@ -203,20 +203,28 @@ TRANSPOSE_CASES = [
 ]
 
 
+def _conv_transpose_reference(strides, pads, y_shape):
+    """The input gradient of lax's convolution (output ``y_shape`` -> the input ``x``) with the
+    flipped, channel-swapped kernel: what :func:`onednn.conv_transpose` computes."""
+
+    def ref(x, k):
+        d = k.ndim - 2
+        w = jnp.swapaxes(jnp.flip(k, tuple(range(d))), -1, -2)
+        _, vjp = jax.vjp(lambda y: _lax(strides, pads)(y, w), jnp.zeros(y_shape))
+        return vjp(x)[0]
+
+    return ref
+
+
 @pytest.mark.parametrize("shape,ks,strides,pads", TRANSPOSE_CASES)
 def test_conv_transpose_is_the_adjoint_of_the_convolution(shape, ks, strides, pads):
     # onednn.conv_transpose(x, k) is the input gradient of lax's strided convolution with the
     # flipped, channel-swapped kernel, and lax.conv_transpose where lax's 'SAME' means the
     # same padding (k4 s2 p1); values and gradients
     x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
-    d = len(ks)
     out = zip(shape[1:-1], strides, ks, pads, strict=True)
     y_shape = (shape[0], *((s - 1) * st + kk - lo - hi for s, st, kk, (lo, hi) in out), 4)
-
-    def ref(x, k):
-        w = jnp.swapaxes(jnp.flip(k, tuple(range(d))), -1, -2)
-        _, vjp = jax.vjp(lambda y: _lax(strides, pads)(y, w), jnp.zeros(y_shape))
-        return vjp(x)[0]
+    ref = _conv_transpose_reference(strides, pads, y_shape)
 
     def ours(x, k):
         return onednn.conv_transpose(x, k, strides, pads)
@@ -255,17 +263,12 @@ def test_conv_transpose_kernel_gradient_is_written_in_the_kernels_layout(shape, 
     # the spatial flip, and no consumer (Adam's updates) reads it through a channel transpose.
     # Its second derivatives (through the swapped primitive's own VJP) equal the reference's.
     x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
-    d = len(ks)
-
-    def ref(x, k):
-        w = jnp.swapaxes(jnp.flip(k, tuple(range(d))), -1, -2)
-        y_shape = jax.eval_shape(lambda: onednn.conv_transpose(x, k, strides, pads)).shape
-        _, vjp = jax.vjp(lambda y: _lax(strides, pads)(y, w), jnp.zeros(y_shape))
-        return vjp(x)[0]
+    assert shape[-1] != 4  # so that the two layouts have different shapes
 
     def ours(x, k):
         return onednn.conv_transpose(x, k, strides, pads)
 
+    ref = _conv_transpose_reference(strides, pads, jax.eval_shape(ours, x, k).shape)
     grad = jax.grad(lambda k: jnp.sum(jnp.sin(ours(x, k))))
     outputs = _ffi_outputs(jax.make_jaxpr(grad)(k).jaxpr)
     assert k.shape in outputs and (*ks, 4, shape[-1]) not in outputs, outputs
