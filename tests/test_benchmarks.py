@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_train_step  # noqa: E402
+import breakdown  # noqa: E402
 import suite  # noqa: E402
 
 
@@ -187,3 +188,47 @@ def test_the_reference_runs_in_a_process_of_its_own_and_times_itself():
 def test_an_error_in_the_reference_process_is_raised_here_with_its_traceback():
     with pytest.raises(RuntimeError, match="in the PyTorch process:(.|\n)*ValueError"):
         suite.TorchProcess(functools.partial(int, "not a number"))
+
+
+def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler():
+    import jax
+    import jax.numpy as jnp
+
+    from medjax.models import onednn
+
+    if not onednn.available():
+        pytest.skip("oneDNN (the onednn-cpu-gomp wheel) is not installed")
+    pads = [(1, 1), (1, 1)]
+
+    def loss(x, k):
+        return jnp.sum(onednn.conv(jnp.tanh(onednn.conv(x, k, (1, 1), pads)), k, (1, 1), pads))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    x = jnp.ones((2, 16, 16, 8), jnp.float32)
+    k = jnp.full((3, 3, 8, 8), 0.01, jnp.float32)
+    # the independent count: the FFI calls in XLA's compiled program (two forwards, and each
+    # convolution's input and kernel gradients, less the first's unused input gradient)
+    calls = grad.lower(x, k).compile().as_text().count(f'custom_call_target="{onednn._TARGET}"')
+    assert calls == 5
+    plan_run, handler_run = onednn._Plan.run, onednn._OneDNN.run
+
+    def step():
+        jax.block_until_ready(grad(x, k))
+
+    result = breakdown.breakdown(step, rounds=2, warmup=1)
+    assert (onednn._Plan.run, onednn._OneDNN.run) == (plan_run, handler_run)
+    assert result["onednn_calls_per_step"] == calls
+    assert sum(p["calls_per_step"] for p in result["plans"]) == calls
+    assert {p["kind"] for p in result["plans"]} <= {"forward", "data", "weights"}
+    assert all(p["alone_call_s"] > 0 and p["in_step_s"] > 0 for p in result["plans"])
+    assert result["step_s"] > 0 and result["xla_part_s"] > 0 and result["lock_wait_s"] >= 0
+    text = breakdown.report("toy", "float32", result, top=3)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + min(3, len(result["plans"]))  # the header, a row per primitive
+
+    # skipped primitives are not run: the recorder sees none of the step's calls
+    recorder = breakdown.Recorder()
+    with recorder.installed():
+        recorder.skip = True
+        step()
+    assert not recorder.inside and not recorder.waits

@@ -1,0 +1,205 @@
+"""Where one training step's time goes on the CPU: XLA's part, and oneDNN's convolutions in the
+step against the same primitives alone.
+
+    python benchmarks/breakdown.py vox2vox
+    python benchmarks/breakdown.py cyclegan_256_b1 --dtype bfloat16 --rounds 3 --top 12
+    python benchmarks/breakdown.py dcgan_64 --json build/bench/dcgan_breakdown.json
+
+For one case of the suite (``suite.py --list``: the same config, overrides, synthetic batch,
+XLA flags and malloc tunables), in one process, after compile and warm-up:
+
+* **step**: the compiled training step as it runs;
+* **XLA part**: the same step with oneDNN's primitives skipped (their outputs are left as they
+  were: a timing, never a result), interleaved round by round with the real step;
+* **oneDNN in the step**: every primitive timed inside the FFI handler, after the lock that makes
+  the calls take turns, and the time spent waiting for that lock;
+* **alone**: each of those primitives timed on scratch arrays of its shapes with nothing else
+  running (oneDNN's own autotuning timer), times its calls per step.
+
+When the primitives take longer in the step than alone, they share the cores with XLA's work
+running beside them on its other threads. The profiler's per-op durations in these steps were
+off by up to 60x (``BENCHMARKS.md``, session 41), hence these measurements. A CPU with oneDNN
+only (``medjax[onednn]``); not a test, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import suite  # noqa: E402
+
+from medjax.train.platform import configure_xla, exec_with_host_tunables  # noqa: E402
+
+
+class Recorder:
+    """Times every oneDNN primitive that medjax's FFI handler runs while :meth:`installed`:
+    ``inside[plan]`` its run times (seconds), ``waits`` the lock waits. With ``skip`` set the
+    primitives do not run at all (the XLA part's timing) and nothing is recorded."""
+
+    def __init__(self) -> None:
+        self.skip = False
+        self.inside: dict[Any, list[float]] = collections.defaultdict(list)
+        self.waits: list[float] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Recorder]:
+        from medjax.models import onednn
+
+        plan_run, handler_run = onednn._Plan.run, onednn._OneDNN.run
+        local = threading.local()  # the run time of this thread's call, for its lock wait
+
+        def timed_plan_run(plan, pointers) -> None:
+            local.run = 0.0
+            if self.skip:
+                return
+            t = time.perf_counter()
+            plan_run(plan, pointers)
+            local.run = time.perf_counter() - t
+            self.inside[plan].append(local.run)
+
+        def timed_handler_run(dnn, plan_id, pointers) -> None:
+            t = time.perf_counter()
+            handler_run(dnn, plan_id, pointers)
+            if not self.skip:
+                self.waits.append(time.perf_counter() - t - local.run)
+
+        onednn._Plan.run, onednn._OneDNN.run = timed_plan_run, timed_handler_run
+        try:
+            yield self
+        finally:
+            onednn._Plan.run, onednn._OneDNN.run = plan_run, handler_run
+
+
+def case_step(case: suite.Case, dtype: str) -> tuple[Callable[[], None], Any]:
+    """(step() -> None, compiled) for ``case`` computing in ``dtype``, warmed up."""
+    import jax
+
+    from medjax.train.platform import HeapGuard
+
+    cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
+    for k, v in case.overrides.items():
+        suite._set(cfg, k, v)
+    suite.set_compute_dtype(cfg, dtype)
+    compiled, state, batch, _ = suite.compiled_step(cfg)
+    holder = {"state": state}
+    heap_guard = HeapGuard()
+
+    def step() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+        heap_guard()
+
+    return step, compiled
+
+
+def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
+    """The measurements above for a compiled ``step`` (times in seconds; ``plans``: one row
+    per primitive, slowest in the step first)."""
+    from medjax.models import onednn
+
+    for _ in range(warmup):
+        step()
+    recorder = Recorder()
+    full, xla = [], []
+    with recorder.installed():
+        for _ in range(rounds):
+            recorder.skip = True
+            t = time.perf_counter()
+            step()
+            xla.append(time.perf_counter() - t)
+            recorder.skip = False
+            t = time.perf_counter()
+            step()
+            full.append(time.perf_counter() - t)
+    plans = []
+    for plan, times in recorder.inside.items():
+        alone = onednn._time_plans([plan], rounds=5)[0]
+        calls = len(times) / rounds
+        plans.append(
+            {
+                "kind": plan.kind,
+                "shapes": [list(s) for s in plan.shapes],
+                "dtype": plan.dtype,
+                "calls_per_step": calls,
+                "in_step_s": sum(times) / rounds,
+                "median_call_s": statistics.median(times),
+                "alone_call_s": alone,
+                "alone_s": alone * calls,
+            }
+        )
+    plans.sort(key=lambda r: -r["in_step_s"])
+    return {
+        "rounds": rounds,
+        "step_s": statistics.median(full),
+        "xla_part_s": statistics.median(xla),
+        "onednn_calls_per_step": sum(len(v) for v in recorder.inside.values()) / rounds,
+        "onednn_in_step_s": sum(r["in_step_s"] for r in plans),
+        "onednn_alone_s": sum(r["alone_s"] for r in plans),
+        "lock_wait_s": sum(recorder.waits) / rounds,
+        "plans": plans,
+    }
+
+
+def report(name: str, dtype: str, r: dict, top: int) -> str:
+    ms = 1e3
+    lines = [
+        f"{name} ({dtype}), medians of {r['rounds']} rounds:",
+        f"  step {r['step_s'] * ms:.1f} ms; XLA part (oneDNN skipped) "
+        f"{r['xla_part_s'] * ms:.1f} ms",
+        f"  oneDNN: {r['onednn_calls_per_step']:.0f} calls a step, {r['onednn_in_step_s'] * ms:.1f}"
+        f" ms in the step (lock wait {r['lock_wait_s'] * ms:.1f} ms), the same primitives alone"
+        f" {r['onednn_alone_s'] * ms:.1f} ms",
+        "",
+        "| primitive | input, kernel, output | calls | in step (ms) | per call | alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in r["plans"][:top]:
+        shapes = ", ".join("x".join(map(str, s)) for s in p["shapes"])
+        lines.append(
+            f"| {p['kind']} {p['dtype']} | {shapes} | {p['calls_per_step']:.0f} | "
+            f"{p['in_step_s'] * ms:.2f} | {p['median_call_s'] * ms:.2f} | "
+            f"{p['alone_call_s'] * ms:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("case", help="a case of benchmarks/suite.py (--list there)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step of each kind)")
+    p.add_argument("--top", type=int, default=15, help="primitives listed")
+    p.add_argument("--json", default="", help="write the measurements here")
+    args = p.parse_args()
+    names = {c.name: c for c in suite.CASES}
+    if args.case not in names:
+        sys.exit(f"unknown case {args.case!r}; one of {', '.join(names)}")
+    configure_xla()
+    from medjax.models import onednn
+
+    if not onednn.available():
+        sys.exit("oneDNN is not available here (pip install 'medjax[onednn]'; MEDJAX_ONEDNN)")
+    step, _ = case_step(names[args.case], args.dtype)
+    result = breakdown(step, args.rounds)
+    print(report(args.case, args.dtype, result, args.top))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"case": args.case, "dtype": args.dtype, **result}))
+
+
+if __name__ == "__main__":
+    exec_with_host_tunables()  # the suite's glibc malloc tunables: restarts this process once
+    main()
