@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import importlib
 import json
 import statistics
 import sys
@@ -81,28 +80,6 @@ class Recorder:
             yield self
         finally:
             onednn._Plan.run, onednn._OneDNN.run = plan_run, handler_run
-
-
-def case_step(case: suite.Case, dtype: str) -> tuple[Callable[[], None], Any]:
-    """(step() -> None, compiled) for ``case`` computing in ``dtype``, warmed up."""
-    import jax
-
-    from medjax.train.platform import HeapGuard
-
-    cfg = importlib.import_module(f"medjax.configs.{case.config}").get_config(case.arg or None)
-    for k, v in case.overrides.items():
-        suite._set(cfg, k, v)
-    suite.set_compute_dtype(cfg, dtype)
-    compiled, state, batch, _ = suite.compiled_step(cfg)
-    holder = {"state": state}
-    heap_guard = HeapGuard()
-
-    def step() -> None:
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-        heap_guard()
-
-    return step, compiled
 
 
 def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
@@ -192,7 +169,7 @@ def main() -> None:
 
     if not onednn.available():
         sys.exit("oneDNN is not available here (pip install 'medjax[onednn]'; MEDJAX_ONEDNN)")
-    step, _ = case_step(names[args.case], args.dtype)
+    step = suite.medjax_step(names[args.case], 1, args.dtype)[0]
     result = breakdown(step, args.rounds)
     print(report(args.case, args.dtype, result, args.top))
     if args.json:
