@@ -136,14 +136,15 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
 def report(name: str, dtype: str, r: dict, top: int) -> str:
     ms = 1e3
     lines = [
-        f"{name} ({dtype}), medians of {r['rounds']} rounds:",
+        f"{name} ({dtype}), {r['rounds']} rounds:",
         f"  step {r['step_s'] * ms:.1f} ms; XLA part (oneDNN skipped) "
-        f"{r['xla_part_s'] * ms:.1f} ms",
+        f"{r['xla_part_s'] * ms:.1f} ms (medians)",
         f"  oneDNN: {r['onednn_calls_per_step']:.0f} calls a step, {r['onednn_in_step_s'] * ms:.1f}"
-        f" ms in the step (lock wait {r['lock_wait_s'] * ms:.1f} ms), the same primitives alone"
-        f" {r['onednn_alone_s'] * ms:.1f} ms",
+        f" ms a step in the step (lock wait {r['lock_wait_s'] * ms:.1f} ms; means), the same"
+        f" primitives alone {r['onednn_alone_s'] * ms:.1f} ms",
         "",
-        "| primitive | input, kernel, output | calls | in step (ms) | per call | alone |",
+        "| primitive | input, kernel, output | calls | in step (ms a step) | per call (median) "
+        "| alone (fastest of 5) |",
         "|---|---|---|---|---|---|",
     ]
     for p in r["plans"][:top]:

@@ -190,7 +190,7 @@ def test_an_error_in_the_reference_process_is_raised_here_with_its_traceback():
         suite.TorchProcess(functools.partial(int, "not a number"))
 
 
-def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler():
+def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(monkeypatch):
     import jax
     import jax.numpy as jnp
 
@@ -235,15 +235,12 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler()
         plan_run(plan, pointers)
 
     recorder = breakdown.Recorder()
-    try:
-        onednn._Plan.run = spy
-        with recorder.installed():
-            recorder.skip = True
-            step()
-            assert not ran and not recorder.inside and not recorder.waits
-            recorder.skip = False
-            step()
-    finally:
-        onednn._Plan.run = plan_run
+    monkeypatch.setattr(onednn._Plan, "run", spy)
+    with recorder.installed():
+        recorder.skip = True
+        step()
+        assert not ran and not recorder.inside and not recorder.waits
+        recorder.skip = False
+        step()
     assert len(ran) == calls and sum(map(len, recorder.inside.values())) == calls
     assert len(recorder.waits) == calls
