@@ -915,6 +915,23 @@ _ONEDNN_SPATIAL_DIMS = (2, 3)
 # kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
 _ONEDNN_STRIDED_DIMS = (2,)
 _ONEDNN_STRIDED_MIN_CHANNELS = 8
+# ... and from 2^10 output positions, or 2^12 where oneDNN's bfloat16 kernels are AMX's (an Intel
+# Xeon). DCGAN's and WGAN-GP's critic layer 64 x 8^2, 256 -> 512, k4 s2 (1024 positions), in
+# float32: on the 2-core EPYC (AVX-512, no AMX) oneDNN's forward takes 19.1 against im2col's
+# 24.8 ms and the two gradients 46.2 against 52.7 ms, and the steps gain (one process, routes
+# interleaved, per-round ratios): WGAN-GP 1.080, DCGAN 1.034-1.039, pix2pix (two 32^2-output
+# layers) 0.989, within its noise. On the 2-core Xeon with AMX the same layer took 75.1 against
+# 61.5 ms forward + backward (``BENCHMARKS.md``).
+_ONEDNN_STRIDED_MIN_POSITIONS = 1 << 10
+_ONEDNN_STRIDED_MIN_POSITIONS_AMX = 1 << 12
+
+
+def _onednn_strided_min_positions() -> int:
+    """``_ONEDNN_STRIDED_MIN_POSITIONS``, or ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX`` on a CPU
+    with AMX (where :func:`medjax.models.onednn.bfloat16_kernels` says so)."""
+    if onednn.bfloat16_kernels() == "avx512_core_amx":
+        return _ONEDNN_STRIDED_MIN_POSITIONS_AMX
+    return _ONEDNN_STRIDED_MIN_POSITIONS
 
 
 def _onednn_takes_every(x: Array) -> bool:
@@ -938,7 +955,8 @@ def _onednn_is_faster(
     from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``), except
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     ``_ONEDNN_STRIDED_DIMS`` spatial axes (2D), at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input
-    channels and ``_ONEDNN_MIN_POSITIONS`` output positions.
+    channels and ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (on a CPU with AMX
+    ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``).
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -950,7 +968,8 @@ def _onednn_is_faster(
     rather than XLA's formulations (space-to-depth, one convolution per stride phase),
     forward + backward: CycleGAN's 1 x 256^2, 64 -> 128, k3 s2 31.2 against 54.5 ms, DCGAN's
     64 x 32^2, 64 -> 128, k4 s2 38.6 against 46.6, but 75.1 against 61.5 at 64 x 8^2,
-    256 -> 512 (1024 output positions, under the threshold); steps: DCGAN 652 against 690,
+    256 -> 512 (1024 output positions; the 2-core EPYC without AMX: 46.2 against 52.7 for
+    the gradients, see ``_ONEDNN_STRIDED_MIN_POSITIONS``); steps: DCGAN 652 against 690,
     WGAN-GP 3100 against 3339, pix2pix 544 against 556. Strided 3D ones keep XLA's
     formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
     stride-1 convolution then takes this route: the depth-stacked 2D one of a k3 s2 (2 x
@@ -972,7 +991,7 @@ def _onednn_is_faster(
     elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:
-        least = _ONEDNN_MIN_POSITIONS
+        least = _onednn_strided_min_positions()
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
 
@@ -1017,10 +1036,10 @@ def conv_nd(
 
     * kernel taps that only ever meet the padding (a k4 s2 p1 kernel on a 2 x 2 input reads
       its centre 2 x 2) are dropped first (``_used_taps``), the padding cut to match;
-    * float32 convolutions with at least ``_ONEDNN_MIN_POSITIONS`` output positions, on a CPU
-      with oneDNN installed: stride-1 2D and 3D ones unless Winograd's algorithm takes them
-      (see below), and strided 2D ones: oneDNN's convolution
-      (:func:`medjax.models.onednn.conv`, ``_onednn_is_faster``);
+    * float32 convolutions with enough output positions (``_onednn_is_faster``'s
+      thresholds), on a CPU with oneDNN installed: stride-1 2D and 3D ones unless Winograd's
+      algorithm takes them (see below), and strided 2D ones: oneDNN's convolution
+      (:func:`medjax.models.onednn.conv`);
     * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with

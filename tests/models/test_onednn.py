@@ -147,13 +147,16 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 16, 8), 256, 1, jnp.float32, False),  # 2^8 positions
         ((64, 32, 32), 64, 2, jnp.float32, True),  # strided 2D (DCGAN)
         ((4, 128, 128), 3, 2, jnp.float32, False),  # strided 2D, < 8 input channels
-        ((64, 8, 8), 256, 2, jnp.float32, False),  # strided 2D, 2^10 positions
+        ((64, 8, 8), 256, 2, jnp.float32, "strided"),  # strided 2D, 2^10 positions: no AMX
+        ((32, 8, 8), 256, 2, jnp.float32, False),  # strided 2D, 2^9 positions
         ((4, 2048), 8, 1, jnp.float32, False),  # 1D (2^13 positions)
     ],
 )
 def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
     if routed == "bf16":
         routed = onednn.bfloat16_kernels() is not None
+    elif routed == "strided":  # from 2^10 positions, 2^12 on a CPU with AMX
+        routed = onednn.available() and onednn.bfloat16_kernels() != "avx512_core_amx"
     ks = (3,) * len(shape[1:])
     graph = _graph(
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
