@@ -911,27 +911,33 @@ _ONEDNN_FEW_OUT_CHANNELS = 8
 # is XLA's.
 _ONEDNN_3D_STRIDE_1_MIN_POSITIONS = 200
 _ONEDNN_SPATIAL_DIMS = (2, 3)
-# Strided convolutions: 2D only, with at least 8 input channels (below that oneDNN's strided
-# kernels lose: 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms).
-_ONEDNN_STRIDED_DIMS = (2,)
+# Strided convolutions with at least 8 input channels (below that oneDNN's strided kernels lose:
+# 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms; Vox2Vox's first layers, 2 x
+# 48^3, 1 or 2 -> 16, k4 s2, the two gradients 7.1 / 6.1 against 3.8 / 2.0 ms) and at least this
+# many output positions, per number of spatial axes; where oneDNN's bfloat16 kernels are AMX's
+# (an Intel Xeon), ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``. Measured (float32, forward / the two
+# gradients, ms; steps: one process, routes interleaved, per-round ratios, ``BENCHMARKS.md``):
+# - 2D, the 2-core EPYC (AVX-512, no AMX): DCGAN's and WGAN-GP's critic layer 64 x 8^2, 256 ->
+#   512, k4 s2 (1024 positions) 19.1 / 46.2 against im2col's 24.8 / 52.7; steps WGAN-GP 1.080,
+#   DCGAN 1.034-1.039, pix2pix (two 32^2-output layers) 0.989, within its noise. On the 2-core
+#   Xeon with AMX that layer took 75.1 against 61.5 forward + backward.
+# - 3D, the 2-core EPYC, against the space-to-depth form (a kernel-2 convolution of the folded
+#   input): Vox2Vox's k4 s2 layers 2 x 24^3, 16 -> 32 1.02 / 2.56 against 1.88 / 3.65; 2 x
+#   12^3, 32 -> 64 0.50 / 1.32 against 1.36 / 2.37; 2 x 6^3, 64 -> 128 (54 positions) 0.32 /
+#   1.45 against 0.86 / 2.32; Vox2Vox's step 1.108 and 1.120 (60 rounds each; from 200 and from
+#   32 positions). On the Xeon, Vox2Vox's step took 122 against 113 ms with strided 3D
+#   convolutions on oneDNN (against the depth stack, before the space-to-depth form).
 _ONEDNN_STRIDED_MIN_CHANNELS = 8
-# ... and from 2^10 output positions, or 2^12 where oneDNN's bfloat16 kernels are AMX's (an Intel
-# Xeon). DCGAN's and WGAN-GP's critic layer 64 x 8^2, 256 -> 512, k4 s2 (1024 positions), in
-# float32: on the 2-core EPYC (AVX-512, no AMX) oneDNN's forward takes 19.1 against im2col's
-# 24.8 ms and the two gradients 46.2 against 52.7 ms, and the steps gain (one process, routes
-# interleaved, per-round ratios): WGAN-GP 1.080, DCGAN 1.034-1.039, pix2pix (two 32^2-output
-# layers) 0.989, within its noise. On the 2-core Xeon with AMX the same layer took 75.1 against
-# 61.5 ms forward + backward (``BENCHMARKS.md``).
-_ONEDNN_STRIDED_MIN_POSITIONS = 1 << 10
-_ONEDNN_STRIDED_MIN_POSITIONS_AMX = 1 << 12
+_ONEDNN_STRIDED_MIN_POSITIONS = {2: 1 << 10, 3: 1}
+_ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 12}
 
 
-def _onednn_strided_min_positions() -> int:
-    """``_ONEDNN_STRIDED_MIN_POSITIONS``, or ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX`` on a CPU
-    with AMX (where :func:`medjax.models.onednn.bfloat16_kernels` says so)."""
-    if onednn.bfloat16_kernels() == "avx512_core_amx":
-        return _ONEDNN_STRIDED_MIN_POSITIONS_AMX
-    return _ONEDNN_STRIDED_MIN_POSITIONS
+def _onednn_strided_min_positions(d: int) -> int | None:
+    """The fewest output positions from which a strided ``d``-D convolution goes to oneDNN
+    (``_ONEDNN_STRIDED_MIN_POSITIONS``, or ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX`` on a CPU with
+    AMX, where :func:`medjax.models.onednn.bfloat16_kernels` says so), or None for none."""
+    amx = onednn.bfloat16_kernels() == "avx512_core_amx"
+    return (_ONEDNN_STRIDED_MIN_POSITIONS_AMX if amx else _ONEDNN_STRIDED_MIN_POSITIONS).get(d)
 
 
 def _onednn_takes_every(x: Array) -> bool:
@@ -954,9 +960,9 @@ def _onednn_is_faster(
     ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs; 3D ones
     from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``), except
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
-    ``_ONEDNN_STRIDED_DIMS`` spatial axes (2D), at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input
-    channels and ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (on a CPU with AMX
-    ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``).
+    at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels and, per number of spatial axes,
+    ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (2D from 2^10, 3D all; on a CPU with
+    AMX ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``: 2D from 2^12, no 3D).
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -970,11 +976,11 @@ def _onednn_is_faster(
     64 x 32^2, 64 -> 128, k4 s2 38.6 against 46.6, but 75.1 against 61.5 at 64 x 8^2,
     256 -> 512 (1024 output positions; the 2-core EPYC without AMX: 46.2 against 52.7 for
     the gradients, see ``_ONEDNN_STRIDED_MIN_POSITIONS``); steps: DCGAN 652 against 690,
-    WGAN-GP 3100 against 3339, pix2pix 544 against 556. Strided 3D ones keep XLA's
-    formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
+    WGAN-GP 3100 against 3339, pix2pix 544 against 556. On the Xeon strided 3D ones keep
+    XLA's formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
     stride-1 convolution then takes this route: the depth-stacked 2D one of a k3 s2 (2 x
     64^3, 32 -> 64: 123.7 against 218.5 ms forward + backward), the kernel-2 3D one of a k4
-    s2's space-to-depth form."""
+    s2's space-to-depth form; on the EPYC oneDNN runs them directly."""
     if _onednn_takes_every(x):
         return onednn.applies(x, kernel, strides, pads)
     d = x.ndim - 2
@@ -988,10 +994,12 @@ def _onednn_is_faster(
             least = _ONEDNN_MIN_POSITIONS
         else:
             least = _ONEDNN_STRIDE_1_MIN_POSITIONS
-    elif d not in _ONEDNN_STRIDED_DIMS or x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
+    elif x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:
-        least = _onednn_strided_min_positions()
+        least = _onednn_strided_min_positions(d)
+        if least is None:
+            return False
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
 
@@ -1038,8 +1046,8 @@ def conv_nd(
       its centre 2 x 2) are dropped first (``_used_taps``), the padding cut to match;
     * float32 convolutions with enough output positions (``_onednn_is_faster``'s
       thresholds), on a CPU with oneDNN installed: stride-1 2D and 3D ones unless Winograd's
-      algorithm takes them (see below), and strided 2D ones: oneDNN's convolution
-      (:func:`medjax.models.onednn.conv`);
+      algorithm takes them (see below), and strided 2D ones (and 3D ones on a CPU without
+      AMX): oneDNN's convolution (:func:`medjax.models.onednn.conv`);
     * kernel of all ones (1x1): strided slicing + :func:`channel_matmul`;
     * 3D kernel with depth extent ``kd > 1``: pad depth, stack the ``kd`` shifted (strided)
       depth views along channels -> ``[B*D', H, W, kd*Cin]`` and run one 2D convolution with

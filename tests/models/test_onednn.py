@@ -142,6 +142,8 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
         ((4, 16, 16, 16), 3, 2, jnp.bfloat16, "bf16"),  # ... and strided 3D too
+        ((2, 6, 6, 6), 64, 2, jnp.float32, "strided"),  # strided 3D (54 positions): no AMX
+        ((2, 48, 48, 48), 2, 2, jnp.float32, False),  # strided 3D, < 8 input channels
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
         ((8, 16, 16), 256, 1, jnp.float32, True),  # 2^11 positions, stride 1
         ((2, 16, 8), 256, 1, jnp.float32, False),  # 2^8 positions
@@ -164,15 +166,19 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
     assert ("ffi_call" in graph) == routed
 
 
-def test_a_k4_s2_3d_convolution_is_one_3d_space_to_depth_and_a_kernel_2_3d_one():
-    # Vox2Vox's and the 3D PatchGAN's 2 x 24^3, 16 -> 32: oneDNN convolves the input folded in
-    # all three axes ([2, 13, 13, 13, 8 x 16]) with the kernel [2, 2, 2, 128, 32], not a
-    # depth-stacked 2D form ([2 x 12, 13, 13, 4 x 4 x 16])
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_k4_s2_3d_convolution_on_onednn(monkeypatch, direct):
+    # Vox2Vox's and the 3D PatchGAN's 2 x 24^3, 16 -> 32. Without oneDNN's strided 3D route
+    # (a CPU with AMX), oneDNN convolves the input folded in all three axes ([2, 13, 13, 13, 8 x
+    # 16]) with the kernel [2, 2, 2, 128, 32], not a depth-stacked 2D form ([2 x 12, 13, 13, 4
+    # x 4 x 16]); with it (a CPU without AMX), one strided oneDNN convolution of the input as it is
+    table = {3: 1} if direct else {}
+    monkeypatch.setattr(layers, "_onednn_strided_min_positions", lambda d: table.get(d))
     graph = _graph(
         lambda x, k: conv_nd(x, k, 2, [(1, 1)] * 3), (2, 24, 24, 24, 16), (4, 4, 4, 16, 32)
     )
     assert "ffi_call" in graph
-    assert "f32[2,13,13,13,128]" in graph and "f32[2,2,2,128,32]" in graph
+    assert ("f32[2,13,13,13,128]" in graph and "f32[2,2,2,128,32]" in graph) == (not direct)
     assert "f32[24,13,13,256]" not in graph
     x, k = randn((2, 24, 24, 24, 16)), 0.05 * randn((4, 4, 4, 16, 32), 1)
     ours, ref = jax.jit(lambda x, k: conv_nd(x, k, 2, [(1, 1)] * 3)), _lax((2,) * 3, [(1, 1)] * 3)
