@@ -932,12 +932,17 @@ _ONEDNN_STRIDED_MIN_POSITIONS = {2: 1 << 10, 3: 1}
 _ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 12}
 
 
+def _amx() -> bool:
+    """Whether oneDNN's bfloat16 kernels here are AMX's (Intel's Sapphire Rapids and later):
+    the CPU class whose measurements set the ``*_AMX`` thresholds of the oneDNN routes."""
+    return onednn.bfloat16_kernels() == "avx512_core_amx"
+
+
 def _onednn_strided_min_positions(d: int) -> int | None:
     """The fewest output positions from which a strided ``d``-D convolution goes to oneDNN
     (``_ONEDNN_STRIDED_MIN_POSITIONS``, or ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX`` on a CPU with
-    AMX, where :func:`medjax.models.onednn.bfloat16_kernels` says so), or None for none."""
-    amx = onednn.bfloat16_kernels() == "avx512_core_amx"
-    return (_ONEDNN_STRIDED_MIN_POSITIONS_AMX if amx else _ONEDNN_STRIDED_MIN_POSITIONS).get(d)
+    AMX), or None for none."""
+    return (_ONEDNN_STRIDED_MIN_POSITIONS_AMX if _amx() else _ONEDNN_STRIDED_MIN_POSITIONS).get(d)
 
 
 def _onednn_takes_every(x: Array) -> bool:
@@ -1378,14 +1383,24 @@ class StridedConv4(nn.Module):
         return y
 
 
-_ONEDNN_TRANSPOSE_MIN_POSITIONS = 1 << 14
+# From 2^10 output positions; from 2^14 where oneDNN's bfloat16 kernels are AMX's (an Intel Xeon,
+# where XLA's routes won below, see ``_onednn_transpose_is_faster``). On the 2-core EPYC (AVX-512,
+# no AMX), float32, forward / the two gradients, ms: pix2pix's 1 x 16^2, 1024 -> 256 (1024 output
+# positions) 16.0-16.5 / 30.3-33.2 against the kernel-2 convolution's 16.3-16.6 / 41.2-43.3;
+# DCGAN's 64 x 4^2, 512 -> 256 (4096) forward + backward 43.5-47.2 against 46.4-47.6; Vox2Vox's 2
+# x 6^3, 256 -> 64 (3456) 1.84 / 5.08 against 2.64 / 7.18 (session 41). Steps (one process,
+# routes interleaved, per-round ratios): pix2pix 1.036 (40 rounds), Vox2Vox 1.038 (50 rounds,
+# quartiles 0.946-1.103), DCGAN 1.002, the 3D DCGAN 1.000.
+_ONEDNN_TRANSPOSE_MIN_POSITIONS = 1 << 10
+_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = 1 << 14
 _ONEDNN_TRANSPOSE_SPATIAL_DIMS = (2, 3)
 
 
 def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     """The route of :class:`ConvTranspose4` to oneDNN (:func:`medjax.models.onednn.conv_transpose`,
     the input gradient of the k4 s2 p1 convolution), where oneDNN can run: 2D and 3D, with at
-    least ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial).
+    least ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial; on a CPU with
+    AMX ``_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX``).
 
     Measured forward + backward against the route below (2-core Xeon, ms): DCGAN's 64 x 16^2,
     128 -> 64, 42.2 against 57.1 and 64 x 8^2, 256 -> 128, 46.8 against 50.3; pix2pix's 1 x
@@ -1395,10 +1410,9 @@ def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     5644, pix2pix 567 against 576, WGAN-GP 3092 against 3099. In 3D (Vox2Vox's up-samplers):
     2 x 12^3, 128 -> 32, 16.8 against 34.7 ms, 2 x 24^3, 64 -> 16, 35.0 against 44.6, but 16.6
     against 12.4 at 2 x 6^3, 256 -> 64 (3456 output positions); Vox2Vox's step 94 against 110
-    ms."""
-    return _onednn_doubling_applies(
-        x, kernel, _ONEDNN_TRANSPOSE_SPATIAL_DIMS, _ONEDNN_TRANSPOSE_MIN_POSITIONS, pad=1
-    )
+    ms (the EPYC's numbers are at ``_ONEDNN_TRANSPOSE_MIN_POSITIONS``)."""
+    least = _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX if _amx() else _ONEDNN_TRANSPOSE_MIN_POSITIONS
+    return _onednn_doubling_applies(x, kernel, _ONEDNN_TRANSPOSE_SPATIAL_DIMS, least, pad=1)
 
 
 # Below this many output channels oneDNN's transposed convolution (its data-gradient kernel) is

@@ -142,14 +142,14 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
         ((4, 16, 16, 16), 3, 2, jnp.bfloat16, "bf16"),  # ... and strided 3D too
-        ((2, 6, 6, 6), 64, 2, jnp.float32, "strided"),  # strided 3D (54 positions): no AMX
+        ((2, 6, 6, 6), 64, 2, jnp.float32, "no AMX"),  # strided 3D (54 positions)
         ((2, 48, 48, 48), 2, 2, jnp.float32, False),  # strided 3D, < 8 input channels
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
         ((8, 16, 16), 256, 1, jnp.float32, True),  # 2^11 positions, stride 1
         ((2, 16, 8), 256, 1, jnp.float32, False),  # 2^8 positions
         ((64, 32, 32), 64, 2, jnp.float32, True),  # strided 2D (DCGAN)
         ((4, 128, 128), 3, 2, jnp.float32, False),  # strided 2D, < 8 input channels
-        ((64, 8, 8), 256, 2, jnp.float32, "strided"),  # strided 2D, 2^10 positions: no AMX
+        ((64, 8, 8), 256, 2, jnp.float32, "no AMX"),  # strided 2D, 2^10 positions
         ((32, 8, 8), 256, 2, jnp.float32, False),  # strided 2D, 2^9 positions
         ((4, 2048), 8, 1, jnp.float32, False),  # 1D (2^13 positions)
     ],
@@ -157,8 +157,8 @@ def _graph(fn, *shapes, dtype=jnp.float32):
 def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dtype, routed):
     if routed == "bf16":
         routed = onednn.bfloat16_kernels() is not None
-    elif routed == "strided":  # from 2^10 positions, 2^12 on a CPU with AMX
-        routed = onednn.available() and onednn.bfloat16_kernels() != "avx512_core_amx"
+    elif routed == "no AMX":  # the EPYC's thresholds, not the AMX Xeon's
+        routed = not layers._amx()
     ks = (3,) * len(shape[1:])
     graph = _graph(
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
@@ -296,11 +296,14 @@ def test_conv_transpose_kernel_gradient_is_written_in_the_kernels_layout(shape, 
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 64, 3), (2, 16, 8, 8, 3)])
-def test_conv_transpose4_on_the_onednn_route_equals_linen(shape):
-    # a large ConvTranspose4 (2^14 output positions) takes oneDNN's route and equals Linen's
-    # ConvTranspose with the same parameters; one with half the positions does not
+def test_conv_transpose4_on_the_onednn_route_equals_linen(monkeypatch, shape):
+    # a large ConvTranspose4 (2^14 output positions, the threshold here) takes oneDNN's route
+    # and equals Linen's ConvTranspose with the same parameters; one with half the positions
+    # does not
     import flax.linen as nn
 
+    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS", 1 << 14)
+    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX", 1 << 14)
     d = len(shape) - 2
     x = randn(shape)
     fast = layers.ConvTranspose4(8, spatial_dims=d)
@@ -310,6 +313,36 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(shape):
     small = randn((shape[0], shape[1] // 2, *shape[2:]))
     assert "ffi_call" not in str(jax.make_jaxpr(lambda p: fast.apply(p, small))(params))
     _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monkeypatch, amx):
+    # the AMX Xeon's thresholds where oneDNN's bfloat16 kernels are AMX's, the EPYC's elsewhere:
+    # a strided 2D convolution with 2^10 output positions, a strided 3D one with 54 and a
+    # ConvTranspose4 with 2^12 go to oneDNN only on the latter; 2^12 strided 2D ones on both
+    monkeypatch.setattr(layers, "_amx", lambda: amx)
+
+    def routed(fn, *shapes):
+        return "ffi_call" in _graph(fn, *shapes)
+
+    strided = lambda x, k: conv_nd(x, k, 2, "SAME")  # noqa: E731
+    assert routed(strided, (64, 8, 8, 256), (4, 4, 256, 32)) == (not amx)
+    assert routed(strided, (64, 16, 16, 256), (4, 4, 256, 32))
+    assert routed(strided, (2, 6, 6, 6, 64), (4, 4, 4, 64, 32)) == (not amx)
+    # < 8 input channels: the space-to-depth form ([2, 25, 25, 25, 8 x 2]) on both
+    assert "f32[2,25,25,25,16]" in _graph(strided, (2, 48, 48, 48, 2), (4, 4, 4, 2, 16))
+    calls, original = [], onednn.conv_transpose
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(onednn, "conv_transpose", spy)
+    up = layers.ConvTranspose4(16)
+    x = jax.ShapeDtypeStruct((64, 4, 4, 32), jnp.float32)
+    params = jax.eval_shape(up.init, jax.random.PRNGKey(0), x)
+    jax.make_jaxpr(up.apply)(params, x)
+    assert set(calls) == (set() if amx else {(64, 4, 4, 32)})
 
 
 def _onednn_calls(fn, *args) -> int:
