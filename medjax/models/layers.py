@@ -1243,8 +1243,16 @@ class Conv(nn.Module):
         return y
 
 
-_ONEDNN_UPSAMPLE_SPATIAL_DIMS = (2,)
+_ONEDNN_UPSAMPLE_SPATIAL_DIMS = (2, 3)
+_ONEDNN_UPSAMPLE_SPATIAL_DIMS_AMX = (2,)
 _ONEDNN_UPSAMPLE_MIN_POSITIONS = 1 << 10
+# 3D ones from 2^15 output positions (where the CPU has no AMX). The 2-core EPYC, forward /
+# backward ms against the 1x1 convolution + depth-to-space (U-Net 3D's up-samplers): 2 x 32^3,
+# 32 -> 32: 12.2 / 25.5 against 27.3 / 21.9; 2 x 16^3, 64 -> 32: 2.6 / 4.0 against 4.1 / 5.8;
+# but 2 x 8^3, 128 -> 64 (2^13 output positions): 1.1 / 3.8 against 1.0 / 2.1. U-Net 3D's step
+# (2 x 64^3, one process, routes interleaved, 8 rounds): 2323 against 2385 ms without 3D ones
+# (per-round ratio 0.974), 2312 with every 3D one (0.999 against this threshold).
+_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS = 1 << 15
 
 
 def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
@@ -1252,7 +1260,8 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     (:func:`medjax.models.onednn.conv_transpose` with stride 2 and no padding), which writes
     the channels-last output directly instead of a 1x1 convolution's ``2^d * features``
     channels and their depth-to-space copy: 2D, at least ``_ONEDNN_UPSAMPLE_MIN_POSITIONS``
-    output positions (batch x spatial), where oneDNN can run.
+    output positions (batch x spatial), and on a CPU without AMX 3D too, from
+    ``_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS``, where oneDNN can run.
 
     Measured (2-core Xeon, forward / backward ms, against the 1x1 convolution + depth-to-space):
     8 x 128^2, 32 -> 32: 4.4 / 23.0 against 12.5 / 22.6; 8 x 64^2, 32 -> 32: 1.0 / 3.6 against
@@ -1260,9 +1269,9 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     against 0.9 / 1.8; equal at 64 x 4^2, 128 -> 64 and 1 x 16^2, 64 -> 32. U-Net 2D's step
     (8 x 128^2, one process, interleaved): 281 against 286 ms. In 3D it loses (2 x 32^3,
     32 -> 32: 7.5 / 23.4 against 13.2 / 14.9)."""
-    return _onednn_doubling_applies(
-        x, kernel, _ONEDNN_UPSAMPLE_SPATIAL_DIMS, _ONEDNN_UPSAMPLE_MIN_POSITIONS, pad=0
-    )
+    dims = _ONEDNN_UPSAMPLE_SPATIAL_DIMS_AMX if _amx() else _ONEDNN_UPSAMPLE_SPATIAL_DIMS
+    least = _ONEDNN_UPSAMPLE_3D_MIN_POSITIONS if x.ndim == 5 else _ONEDNN_UPSAMPLE_MIN_POSITIONS
+    return _onednn_doubling_applies(x, kernel, dims, least, pad=0)
 
 
 def _onednn_doubling_applies(

@@ -319,7 +319,8 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(monkeypatch, shape):
 def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monkeypatch, amx):
     # the AMX Xeon's thresholds where oneDNN's bfloat16 kernels are AMX's, the EPYC's elsewhere:
     # a strided 2D convolution with 2^10 output positions, a strided 3D one with 54 and a
-    # ConvTranspose4 with 2^12 go to oneDNN only on the latter; 2^12 strided 2D ones on both
+    # ConvTranspose4 with 2^12 and a 3D UpSample with 2^16 go to oneDNN only on the latter;
+    # 2^12 strided 2D ones on both
     monkeypatch.setattr(layers, "_amx", lambda: amx)
 
     def routed(fn, *shapes):
@@ -342,7 +343,12 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
     x = jax.ShapeDtypeStruct((64, 4, 4, 32), jnp.float32)
     params = jax.eval_shape(up.init, jax.random.PRNGKey(0), x)
     jax.make_jaxpr(up.apply)(params, x)
-    assert set(calls) == (set() if amx else {(64, 4, 4, 32)})
+    # a 3D UpSample with 2^16 output positions likewise; one with 2^13 on neither
+    for shape in [(2, 16, 16, 16, 8), (2, 8, 8, 8, 8)]:
+        up3 = layers.UpSample(4, spatial_dims=3)
+        x3 = jax.ShapeDtypeStruct(shape, jnp.float32)
+        jax.make_jaxpr(up3.apply)(jax.eval_shape(up3.init, jax.random.PRNGKey(0), x3), x3)
+    assert set(calls) == (set() if amx else {(64, 4, 4, 32), (2, 16, 16, 16, 8)})
 
 
 def _onednn_calls(fn, *args) -> int:
@@ -624,6 +630,21 @@ def test_an_upsample_on_the_onednn_route_equals_linen(shape, routed):
         up3 = layers.UpSample(4, spatial_dims=3)
         p3 = up3.init(jax.random.PRNGKey(1), x3)
         assert "ffi_call" not in str(jax.make_jaxpr(lambda p: up3.apply(p, x3))(p3))
+
+
+def test_a_3d_upsample_on_the_onednn_route_equals_linen(monkeypatch):
+    # where the CPU has no AMX a 3D UpSample with 2^15 output positions or more runs as
+    # oneDNN's transposed convolution: values and gradients equal Linen's ConvTranspose
+    import flax.linen as nn
+
+    monkeypatch.setattr(layers, "_amx", lambda: False)
+    x = randn((2, 16, 16, 16, 3))
+    fast = layers.UpSample(5, spatial_dims=3)
+    plain = nn.ConvTranspose(5, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert "ffi_call" in str(jax.make_jaxpr(lambda p: fast.apply(p, x))(params))
+    # the kernel gradient sums 2^13 positions (magnitudes ~20)
+    _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
 
 
 def test_timed_choices_are_kept_for_the_next_process(tmp_path, monkeypatch):
