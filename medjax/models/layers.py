@@ -1267,8 +1267,9 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     8 x 128^2, 32 -> 32: 4.4 / 23.0 against 12.5 / 22.6; 8 x 64^2, 32 -> 32: 1.0 / 3.6 against
     2.7 / 6.2; 8 x 16^2, 128 -> 64: 0.5 / 1.3 against 0.7 / 2.2; 8 x 8^2, 256 -> 128: 0.6 / 1.4
     against 0.9 / 1.8; equal at 64 x 4^2, 128 -> 64 and 1 x 16^2, 64 -> 32. U-Net 2D's step
-    (8 x 128^2, one process, interleaved): 281 against 286 ms. In 3D it loses (2 x 32^3,
-    32 -> 32: 7.5 / 23.4 against 13.2 / 14.9)."""
+    (8 x 128^2, one process, interleaved): 281 against 286 ms. On the Xeon it lost in 3D (2 x
+    32^3, 32 -> 32: 7.5 / 23.4 against 13.2 / 14.9); on the 2-core EPYC without AMX it wins
+    from ``_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS``."""
     dims = _ONEDNN_UPSAMPLE_SPATIAL_DIMS_AMX if _amx() else _ONEDNN_UPSAMPLE_SPATIAL_DIMS
     least = _ONEDNN_UPSAMPLE_3D_MIN_POSITIONS if x.ndim == 5 else _ONEDNN_UPSAMPLE_MIN_POSITIONS
     return _onednn_doubling_applies(x, kernel, dims, least, pad=0)
