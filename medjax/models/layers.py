@@ -77,7 +77,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -938,11 +938,13 @@ def _amx() -> bool:
     return onednn.bfloat16_kernels() == "avx512_core_amx"
 
 
-def _onednn_strided_min_positions(d: int) -> int | None:
-    """The fewest output positions from which a strided ``d``-D convolution goes to oneDNN
-    (``_ONEDNN_STRIDED_MIN_POSITIONS``, or ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX`` on a CPU with
-    AMX), or None for none."""
-    return (_ONEDNN_STRIDED_MIN_POSITIONS_AMX if _amx() else _ONEDNN_STRIDED_MIN_POSITIONS).get(d)
+def _onednn_min_positions(
+    table: Mapping[int, int], table_amx: Mapping[int, int], d: int
+) -> int | None:
+    """The fewest output positions (batch x spatial) from which a route sends a ``d``-D
+    convolution to oneDNN: ``table[d]``, or ``table_amx[d]`` on a CPU with AMX (``_amx``);
+    None where the table has no ``d`` (never)."""
+    return (table_amx if _amx() else table).get(d)
 
 
 def _onednn_takes_every(x: Array) -> bool:
@@ -1002,7 +1004,9 @@ def _onednn_is_faster(
     elif x.shape[-1] < _ONEDNN_STRIDED_MIN_CHANNELS:
         return False
     else:
-        least = _onednn_strided_min_positions(d)
+        least = _onednn_min_positions(
+            _ONEDNN_STRIDED_MIN_POSITIONS, _ONEDNN_STRIDED_MIN_POSITIONS_AMX, d
+        )
         if least is None:
             return False
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
@@ -1243,25 +1247,24 @@ class Conv(nn.Module):
         return y
 
 
-_ONEDNN_UPSAMPLE_SPATIAL_DIMS = (2, 3)
-_ONEDNN_UPSAMPLE_SPATIAL_DIMS_AMX = (2,)
-_ONEDNN_UPSAMPLE_MIN_POSITIONS = 1 << 10
-# 3D ones from 2^15 output positions (where the CPU has no AMX). The 2-core EPYC, forward /
+# 2D ones from 2^10 output positions; 3D ones from 2^15, where the CPU has no AMX. The 2-core
+# EPYC, forward /
 # backward ms against the 1x1 convolution + depth-to-space (U-Net 3D's up-samplers): 2 x 32^3,
 # 32 -> 32: 12.2 / 25.5 against 27.3 / 21.9; 2 x 16^3, 64 -> 32: 2.6 / 4.0 against 4.1 / 5.8;
 # but 2 x 8^3, 128 -> 64 (2^13 output positions): 1.1 / 3.8 against 1.0 / 2.1. U-Net 3D's step
 # (2 x 64^3, one process, routes interleaved, 8 rounds): 2323 against 2385 ms without 3D ones
 # (per-round ratio 0.974), 2312 with every 3D one (0.999 against this threshold).
-_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS = 1 << 15
+_ONEDNN_UPSAMPLE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 15}
+_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX = {2: 1 << 10}
 
 
 def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     """The route of :class:`UpSample` to oneDNN's transposed convolution
     (:func:`medjax.models.onednn.conv_transpose` with stride 2 and no padding), which writes
     the channels-last output directly instead of a 1x1 convolution's ``2^d * features``
-    channels and their depth-to-space copy: 2D, at least ``_ONEDNN_UPSAMPLE_MIN_POSITIONS``
-    output positions (batch x spatial), and on a CPU without AMX 3D too, from
-    ``_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS``, where oneDNN can run.
+    channels and their depth-to-space copy: from ``_ONEDNN_UPSAMPLE_MIN_POSITIONS`` output
+    positions (batch x spatial; 2D from 2^10, 3D from 2^15; on a CPU with AMX
+    ``_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX``: 2D only), where oneDNN can run.
 
     Measured (2-core Xeon, forward / backward ms, against the 1x1 convolution + depth-to-space):
     8 x 128^2, 32 -> 32: 4.4 / 23.0 against 12.5 / 22.6; 8 x 64^2, 32 -> 32: 1.0 / 3.6 against
@@ -1269,23 +1272,28 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     against 0.9 / 1.8; equal at 64 x 4^2, 128 -> 64 and 1 x 16^2, 64 -> 32. U-Net 2D's step
     (8 x 128^2, one process, interleaved): 281 against 286 ms. On the Xeon it lost in 3D (2 x
     32^3, 32 -> 32: 7.5 / 23.4 against 13.2 / 14.9); on the 2-core EPYC without AMX it wins
-    from ``_ONEDNN_UPSAMPLE_3D_MIN_POSITIONS``."""
-    dims = _ONEDNN_UPSAMPLE_SPATIAL_DIMS_AMX if _amx() else _ONEDNN_UPSAMPLE_SPATIAL_DIMS
-    least = _ONEDNN_UPSAMPLE_3D_MIN_POSITIONS if x.ndim == 5 else _ONEDNN_UPSAMPLE_MIN_POSITIONS
-    return _onednn_doubling_applies(x, kernel, dims, least, pad=0)
+    from 2^15 output positions."""
+    return _onednn_doubling_applies(
+        x, kernel, _ONEDNN_UPSAMPLE_MIN_POSITIONS, _ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX, pad=0
+    )
 
 
 def _onednn_doubling_applies(
-    x: Array, kernel: Array, dims: Sequence[int], least: int, pad: int
+    x: Array,
+    kernel: Array,
+    table: Mapping[int, int],
+    table_amx: Mapping[int, int],
+    pad: int,
 ) -> bool:
     """Whether a stride-2 transposed convolution of ``x`` (padding ``pad`` per side) is one
-    oneDNN takes whatever its shape (``_onednn_takes_every``) or has ``dims`` spatial axes and
-    at least ``least`` output positions (batch x 2^d x spatial), and oneDNN can run it
-    (:func:`medjax.models.onednn.applies`)."""
+    oneDNN takes whatever its shape (``_onednn_takes_every``) or has at least
+    :func:`_onednn_min_positions`'s output positions (batch x 2^d x spatial) for its ``d``
+    spatial axes, and oneDNN can run it (:func:`medjax.models.onednn.applies`)."""
     d = x.ndim - 2
+    least = _onednn_min_positions(table, table_amx, d)
     return (
         _onednn_takes_every(x)
-        or (d in dims and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least)
+        or (least is not None and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least)
     ) and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
 
 
@@ -1401,9 +1409,8 @@ class StridedConv4(nn.Module):
 # x 6^3, 256 -> 64 (3456) 1.84 / 5.08 against 2.64 / 7.18 (session 41). Steps (one process,
 # routes interleaved, per-round ratios): pix2pix 1.036 (40 rounds), Vox2Vox 1.038 (50 rounds,
 # quartiles 0.946-1.103), DCGAN 1.002, the 3D DCGAN 1.000.
-_ONEDNN_TRANSPOSE_MIN_POSITIONS = 1 << 10
-_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = 1 << 14
-_ONEDNN_TRANSPOSE_SPATIAL_DIMS = (2, 3)
+_ONEDNN_TRANSPOSE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 10}
+_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 14, 3: 1 << 14}
 
 
 def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
@@ -1421,8 +1428,9 @@ def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     2 x 12^3, 128 -> 32, 16.8 against 34.7 ms, 2 x 24^3, 64 -> 16, 35.0 against 44.6, but 16.6
     against 12.4 at 2 x 6^3, 256 -> 64 (3456 output positions); Vox2Vox's step 94 against 110
     ms (the EPYC's numbers are at ``_ONEDNN_TRANSPOSE_MIN_POSITIONS``)."""
-    least = _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX if _amx() else _ONEDNN_TRANSPOSE_MIN_POSITIONS
-    return _onednn_doubling_applies(x, kernel, _ONEDNN_TRANSPOSE_SPATIAL_DIMS, least, pad=1)
+    return _onednn_doubling_applies(
+        x, kernel, _ONEDNN_TRANSPOSE_MIN_POSITIONS, _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX, pad=1
+    )
 
 
 # Below this many output channels oneDNN's transposed convolution (its data-gradient kernel) is

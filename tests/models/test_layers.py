@@ -337,7 +337,8 @@ def test_strided_3d_convolutions_fold_all_three_axes(monkeypatch, ks, stride, fo
 
     monkeypatch.setattr(layers, "conv_space_to_depth", spy)
     # oneDNN's strided 3D route off (as on a CPU with AMX): XLA's formulations
-    monkeypatch.setattr(layers, "_onednn_strided_min_positions", lambda d: None)
+    monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS", {2: 1 << 10})
+    monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS_AMX", {2: 1 << 12})
     x = jax.ShapeDtypeStruct((2, 24, 24, 24, 16), jnp.float32)
     k = jax.ShapeDtypeStruct((*ks, 16, 32), jnp.float32)
     graph = str(jax.make_jaxpr(lambda x, k: conv_nd(x, k, stride, [(1, 1)] * 3))(x, k))

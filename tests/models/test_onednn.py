@@ -173,7 +173,8 @@ def test_a_k4_s2_3d_convolution_on_onednn(monkeypatch, direct):
     # 16]) with the kernel [2, 2, 2, 128, 32], not a depth-stacked 2D form ([2 x 12, 13, 13, 4
     # x 4 x 16]); with it (a CPU without AMX), one strided oneDNN convolution of the input as it is
     table = {3: 1} if direct else {}
-    monkeypatch.setattr(layers, "_onednn_strided_min_positions", lambda d: table.get(d))
+    monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS", table)
+    monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS_AMX", table)
     graph = _graph(
         lambda x, k: conv_nd(x, k, 2, [(1, 1)] * 3), (2, 24, 24, 24, 16), (4, 4, 4, 16, 32)
     )
@@ -302,8 +303,8 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(monkeypatch, shape):
     # does not
     import flax.linen as nn
 
-    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS", 1 << 14)
-    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX", 1 << 14)
+    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS", {2: 1 << 14, 3: 1 << 14})
+    monkeypatch.setattr(layers, "_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX", {2: 1 << 14, 3: 1 << 14})
     d = len(shape) - 2
     x = randn(shape)
     fast = layers.ConvTranspose4(8, spatial_dims=d)
