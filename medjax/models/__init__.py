@@ -29,6 +29,7 @@ from medjax.models.generators import (
 from medjax.models.layers import (
     ACTIVATIONS,
     AttentionGate,
+    BatchNorm,
     Conv,
     ConvNormAct,
     ConvTranspose4,
@@ -52,6 +53,7 @@ from medjax.models.layers import (
     instance_norm,
     match_spatial,
     max_pool,
+    normalize,
     space_to_depth,
     winograd_convolutions,
 )
@@ -60,6 +62,7 @@ from medjax.models.unet import ConvBlock, UNet, UNet2D, UNet2DSmall, UNet3D, UNe
 __all__ = [
     "ACTIVATIONS",
     "AttentionGate",
+    "BatchNorm",
     "Classifier",
     "Conv",
     "ConvBlock",
@@ -100,6 +103,7 @@ __all__ = [
     "instance_norm",
     "match_spatial",
     "max_pool",
+    "normalize",
     "patchgan_output_shape",
     "patchgan_receptive_field",
     "reflect_pad",

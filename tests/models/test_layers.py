@@ -15,6 +15,7 @@ from jax import lax
 from medjax.models import layers, onednn
 from medjax.models.layers import (
     AttentionGate,
+    BatchNorm,
     Conv,
     ConvNormAct,
     ConvTranspose4,
@@ -38,6 +39,7 @@ from medjax.models.layers import (
     instance_norm,
     match_spatial,
     max_pool,
+    normalize,
     second_order_convolutions,
     space_to_depth,
     winograd_convolutions,
@@ -1076,6 +1078,111 @@ def test_batch_norm_uses_batch_stats():
     # eval uses the running statistics (here mean 0, var 1): affine map of x
     ref = x / np.sqrt(1 + 1e-5) * scale + bias
     np.testing.assert_allclose(m.apply(v, x, train=False), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,activation",
+    [((6, 5, 4, 3), nn.relu), ((3, 4, 3, 5, 2), _LEAKY), ((8, 5), None)],
+)
+def test_batch_norm_equals_flax_batch_norm_with_gradients(shape, activation):
+    # the variables, values, running averages and gradients of Linen's BatchNorm + activation
+    x = _rand(shape) * 2.5 - 1.0
+    c = shape[-1]
+    act = activation or (lambda v: v)
+    ours, theirs = BatchNorm(), nn.BatchNorm(momentum=0.9)
+    key = jax.random.PRNGKey(0)
+    v, vf = ours.init(key, x), theirs.init(key, x, use_running_average=False)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), v) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), vf
+    )
+    params = {"scale": _rand((c,)) + 1.0, "bias": _rand((c,)) * 0.3}
+    stats = {"mean": _rand((c,)) * 0.2, "var": jnp.abs(_rand((c,))) + 0.5}
+
+    def run(train):
+        def f(x, p):
+            y, upd = ours.apply(
+                {"params": p, "batch_stats": stats}, x, train=train, activation=activation,
+                mutable=["batch_stats"],
+            )  # fmt: skip
+            return y, upd["batch_stats"]
+
+        def g(x, p):
+            y, upd = theirs.apply(
+                {"params": p, "batch_stats": stats}, x, use_running_average=not train,
+                mutable=["batch_stats"],
+            )  # fmt: skip
+            return act(y), upd["batch_stats"]
+
+        return f, g
+
+    for train in (True, False):
+        f, g = run(train)
+        (y, new), (yf, newf) = f(x, params), g(x, params)
+        np.testing.assert_allclose(y, yf, atol=2e-5, rtol=1e-5)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(new[name], newf[name], atol=1e-6, rtol=1e-5)
+        w = _rand(y.shape)
+        got = _grad(lambda x, p, f=f, w=w: jnp.sum(f(x, p)[0] * w), (0, 1))(x, params)
+        want = _grad(lambda x, p, g=g, w=w: jnp.sum(g(x, p)[0] * w), (0, 1))(x, params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+    # the batch statistics by the textbook two-pass formula
+    axes = tuple(range(x.ndim - 1))
+    mean = np.asarray(x, np.float64).mean(axes)
+    var = ((np.asarray(x, np.float64) - mean) ** 2).mean(axes)
+    new = run(True)[0](x, params)[1]
+    np.testing.assert_allclose(new["mean"], 0.9 * stats["mean"] + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(new["var"], 0.9 * stats["var"] + 0.1 * var, rtol=1e-5)
+
+
+def test_normalize_gradients_through_its_statistics_and_second_order():
+    # normalize returns the statistics too; gradients through all three outputs and a gradient
+    # penalty through the output equal autodiff of the textbook formula
+    x = _rand((4, 5, 3, 3)) * 2 + 0.5
+    s, b = _rand((3,)) + 1.0, _rand((3,))
+
+    def textbook(x, s, b, axes):
+        mu = x.mean(axes, keepdims=True)
+        var = ((x - mu) ** 2).mean(axes, keepdims=True)
+        y = jnp.tanh((x - mu) / jnp.sqrt(var + 1e-5) * s + b)
+        return y, mu.squeeze(axes), var.squeeze(axes)
+
+    for axes in ((1, 2), (0, 1, 2)):
+        outs = normalize(x, s, b, axes, activation=jnp.tanh)
+        for a, want in zip(outs, textbook(x, s, b, axes), strict=True):
+            np.testing.assert_allclose(a, want, atol=2e-5, rtol=1e-5)
+        ws = [_rand(o.shape) for o in outs]
+
+        def loss(f, axes=axes, ws=ws):
+            return lambda x, s, b: sum(
+                jnp.sum(o * w) for o, w in zip(f(x, s, b, axes), ws, strict=True)
+            )
+
+        ours = lambda x, s, b, axes: normalize(x, s, b, axes, activation=jnp.tanh)  # noqa: E731
+        got, want = _grad(loss(ours), (0, 1, 2))(x, s, b), _grad(loss(textbook), (0, 1, 2))(x, s, b)
+        for a, c in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, c, atol=5e-5, rtol=1e-4)
+
+        def penalty(f, axes=axes, w=ws[0]):
+            return lambda x: jnp.sum(_grad(lambda x: jnp.sum(f(x, s, b, axes)[0] * w))(x) ** 2)
+
+        np.testing.assert_allclose(
+            _grad(penalty(ours))(x), _grad(penalty(textbook))(x), atol=1e-3, rtol=1e-3
+        )
+
+
+def test_batch_norm_bfloat16_result_with_float32_statistics():
+    x = (_rand((16, 6, 6, 4)) * 3 + 1).astype(jnp.bfloat16)
+    m = BatchNorm()
+    v = m.init(jax.random.PRNGKey(0), x)
+    y, upd = m.apply(v, x, train=True, activation=nn.relu, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["mean"].dtype == jnp.float32
+    xf = np.asarray(x, np.float64)
+    ref = np.maximum((xf - xf.mean((0, 1, 2))) / np.sqrt(xf.var((0, 1, 2)) + 1e-5), 0.0)
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=3e-2, rtol=1e-2)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * xf.mean((0, 1, 2)), rtol=1e-5)
+    g = _grad(lambda p: jnp.sum(m.apply({**v, "params": p}, x, train=True, mutable=True)[0]))
+    assert jax.tree.leaves(g(v["params"]))[0].dtype == jnp.float32
 
 
 def test_group_norm_groups_divide_channels():
