@@ -13,12 +13,15 @@ where one exists, the PyTorch reference step (`benchmarks/torch_reference.py`: M
 `BasicUNet`, the canonical DCGAN, pytorch-CycleGAN-and-pix2pix's networks) at the same shapes,
 batch and optimizer, with `torch.set_num_threads(<cores>)`, in a process of its own
 (`TorchProcess`: one process shares one OpenMP runtime between medjax's oneDNN convolutions and
-PyTorch's, which slowed PyTorch's steps by up to 45 %). The two are timed INTERLEAVED (one
-medjax step, one torch step, `--rounds` times), so both see the same machine state, after an
-interleaved warm-up that runs until both sides' step times settle (`--warmup-max`,
-`--warmup-tol`); the table gives medians. `ratio` = torch time / medjax time (> 1: medjax is
-faster). Every case runs in a new Python process, as a training run has its process to itself
-(`--same-process` keeps them in one: a case timed after a large one then runs slower).
+PyTorch's, which slowed PyTorch's steps by up to 45 %). The two are timed INTERLEAVED (a turn
+of medjax steps, a turn of torch steps, `--rounds` times), so both see the same machine state,
+after an interleaved warm-up that runs until both sides' step times settle (`--warmup-max`,
+`--warmup-tol`); the table gives medians. A turn is one step, or, where a step takes under a
+second, 3 back to back of which the last 2 are timed (`--consecutive`): as in a training loop,
+each timed step follows a step of its own side, not a pause while the other side ran.
+`ratio` = torch time / medjax time (> 1: medjax is faster). Every case runs in a new Python
+process, as a training run has its process to itself (`--same-process` keeps them in one: a
+case timed after a large one then runs slower).
 
 Also: compile time, XLA's memory of the compiled step (arguments + temporaries), FLOPs per step
 (XLA's cost analysis; torch's `FlopCounterMode`) and the achieved FLOP/s as a fraction of the
@@ -318,17 +321,31 @@ def medjax_step(case: Case, devices: int, dtype: str = "float32"):
     return step, facts, cfg
 
 
-def timed_interleaved(steps: list[Callable[[], Any]], rounds: int) -> list[list[float]]:
-    """`rounds` rounds of one call of each step in turn: their times (s) per step. A step that
+# `--consecutive 0` (auto): steps shorter than this run back to back, this many per turn.
+AUTO_CONSECUTIVE, AUTO_CONSECUTIVE_BELOW_S = 3, 1.0
+
+
+def timed_interleaved(
+    steps: list[Callable[[], Any]], rounds: int, consecutive: int = 1
+) -> list[list[float]]:
+    """`rounds` rounds of each step in turn: their times (s) per step and round. A step that
     returns a float has timed itself (`TorchProcess.run`: the step in its process, without
-    the message that asked for it); otherwise the call is timed here."""
+    the message that asked for it); otherwise the call is timed here.
+
+    With `consecutive` k > 1 each side runs k steps back to back per round, and the round's
+    time is the mean of its last k - 1: steps that follow a step of their own, as in a training
+    loop. The first step of each turn follows the other side's steps, a pause of a step's
+    length for this process; medjax's small steps are slower after one (the classifier's 68 ->
+    84 ms after 85 ms asleep, with oneDNN's convolutions; BENCHMARKS.md)."""
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
         for i, fn in enumerate(steps):
-            t0 = time.perf_counter()
-            own = fn()
-            t = time.perf_counter() - t0
-            times[i].append(own if isinstance(own, float) else t)
+            turn = []
+            for _ in range(max(1, consecutive)):
+                t0 = time.perf_counter()
+                own = fn()
+                turn.append(own if isinstance(own, float) else time.perf_counter() - t0)
+            times[i].append(statistics.fmean(turn[1:] or turn))
     return times
 
 
@@ -429,6 +446,15 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated case names")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timed steps per side")
     p.add_argument("--no-torch", action="store_true", help="medjax alone")
+    p.add_argument(
+        "--consecutive",
+        type=int,
+        default=0,
+        help="steps each side runs back to back per round; with k > 1 a round's time is the "
+        "mean of the last k - 1 (steps after a step of their own, as in training). 0 (auto): "
+        f"{AUTO_CONSECUTIVE} where a warm-up step took under {AUTO_CONSECUTIVE_BELOW_S:g} s, "
+        "else 1",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -539,6 +565,16 @@ def main() -> None:
     machine["harness"] = (
         f"{where}, interleaved warm-up until settled (at most {args.warmup_max} rounds, last two "
         f"steps within {args.warmup_tol:.0%} of the fastest), {args.rounds} timed rounds"
+        + (
+            f" of {args.consecutive} steps per side back to back (the last "
+            f"{args.consecutive - 1} timed)"
+            if args.consecutive > 1
+            else " of one step per side"
+            if args.consecutive == 1
+            else f" of {AUTO_CONSECUTIVE} steps per side back to back (the last "
+            f"{AUTO_CONSECUTIVE - 1} timed) where a step is under {AUTO_CONSECUTIVE_BELOW_S:g} s, "
+            "else one"
+        )
     )
     peak_size = args.peak_size or (8192 if accelerator else 2048)
     peak = args.peak_gflops * 1e9 if args.peak_gflops else measured_peak(peak_size, args.dtype)
@@ -577,7 +613,11 @@ def main() -> None:
 
 
 def settle(
-    steps: list[Callable[[], Any]], max_rounds: int, tol: float, min_rounds: int = 2
+    steps: list[Callable[[], Any]],
+    max_rounds: int,
+    tol: float,
+    min_rounds: int = 2,
+    consecutive: int = 1,
 ) -> list[list[float]]:
     """Interleaved warm-up rounds until every side has settled: its last two steps within `tol`
     of its fastest warm-up step (at least `min_rounds`, at most `max_rounds` rounds). Returns
@@ -590,7 +630,7 @@ def settle(
     """
     times: list[list[float]] = [[] for _ in steps]
     for r in range(max(max_rounds, min_rounds)):
-        for side, t in zip(times, timed_interleaved(steps, 1), strict=True):
+        for side, t in zip(times, timed_interleaved(steps, 1, consecutive), strict=True):
             side.extend(t)
         if r + 1 >= min_rounds and all(max(t[-2:]) <= (1 + tol) * min(t) for t in times):
             break
@@ -612,8 +652,11 @@ def step_row(case: Case, args: Any, torch_setup: dict | None, devices: int, peak
             ref = stack.enter_context(TorchProcess(case.torch, cfg, facts, setup=torch_setup))
             sides["torch"] = ref.run
         steps = list(sides.values())
-        warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol)
-        times = timed_interleaved(steps, case.capped(args.rounds))
+        k = args.consecutive
+        warm = settle(steps, case.capped(args.warmup_max), args.warmup_tol, consecutive=max(k, 1))
+        if k < 1:  # auto: back to back where a step is short, as the pause costs those most
+            k = AUTO_CONSECUTIVE if min(min(w) for w in warm) < AUTO_CONSECUTIVE_BELOW_S else 1
+        times = timed_interleaved(steps, case.capped(args.rounds), k)
     row = {
         "case": case.name,
         "what": case.what,
@@ -622,6 +665,7 @@ def step_row(case: Case, args: Any, torch_setup: dict | None, devices: int, peak
             k: list(v) if isinstance(v, tuple) else v for k, v in case.overrides.items()
         },  # fmt: skip
         "batch": facts["batch"],
+        "consecutive": k,
         "medjax_params": facts["params"],
         "compile_s": facts["compile_s"],
         "memory_mib": facts["memory_mib"],
@@ -675,6 +719,7 @@ def step_row_in_fresh_process(case: Case, args: Any, peak: float) -> dict:
             cmd = [sys.executable, os.path.abspath(__file__), "--only", case.name, "--section",
                    "steps", "--rounds", str(args.rounds), "--warmup-max", str(args.warmup_max),
                    "--warmup-tol", repr(args.warmup_tol), "--same-process", "--row-json", out,
+                   "--consecutive", str(args.consecutive),
                    "--peak-gflops", repr(peak / 1e9), "--side", side,
                    "--dtype", args.dtype]  # fmt: skip
             if args.no_torch:
@@ -944,6 +989,8 @@ def markdown(machine: dict, rows: list[dict]) -> str:
     for r in rows:
         has = "ratio" in r
         what = r["what"] + (" (the two steps timed apart)" if r.get("sides_apart") else "")
+        if r.get("consecutive", 1) > 1:
+            what += f" [{r['consecutive']} back to back]"
         lines.append(
             f"| {what} | {r['batch']} | {_ms(r['medjax_s'])} | "
             f"{r['medjax_ex_per_s']:.1f} | {r['compile_s']:.1f} s | {r['memory_mib']:.0f} MiB | "

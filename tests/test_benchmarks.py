@@ -113,11 +113,21 @@ def test_warm_up_stops_at_its_cap_when_a_side_never_settles(monkeypatch):
     assert warm == [[1.0, 2.0, 1.0, 2.0, 1.0], [1.0] * 5]
 
 
+def test_consecutive_steps_time_the_ones_after_a_step_of_their_own(monkeypatch):
+    # each side runs 3 steps per turn; a round's time is the mean of its last 2 (the first
+    # follows the other side's turn): medjax (4, 1, 2) then (4, 0.5, 0.5), torch (8, 2, 2) twice
+    steps = _scripted(monkeypatch, [4.0, 1.0, 2.0, 4.0, 0.5, 0.5], [8.0, 2.0, 2.0] * 2)
+    assert suite.timed_interleaved(steps, 2, consecutive=3) == [[1.5, 0.5], [2.0, 2.0]]
+    steps = _scripted(monkeypatch, [4.0, 1.0], [8.0, 2.0])  # one step per turn: each counts
+    assert suite.timed_interleaved(steps, 2) == [[4.0, 1.0], [8.0, 2.0]]
+
+
 def test_a_case_is_timed_in_a_new_process_and_its_row_comes_back():
     case = next(c for c in suite.CASES if c.name == "classifier")
     args = argparse.Namespace(
-        rounds=1, no_torch=True, warmup_max=2, warmup_tol=0.2, side="both", dtype="float32"
-    )
+        rounds=1, no_torch=True, warmup_max=2, warmup_tol=0.2, side="both", dtype="float32",
+        consecutive=0,
+    )  # fmt: skip
     row = suite.step_row_in_fresh_process(case, args, peak=1e11)
     assert row["case"] == "classifier" and row["batch"] == 64
     assert row["medjax_s"] > 0 and row["medjax_gflop"] > 0
@@ -125,6 +135,7 @@ def test_a_case_is_timed_in_a_new_process_and_its_row_comes_back():
         row["medjax_gflop"] * 1e9 / row["medjax_s"] / 1e11
     )
     assert len(row["warmup_medjax_s"]) == 2 and row["timed_medjax_s"] == [row["medjax_s"]]
+    assert row["consecutive"] == suite.AUTO_CONSECUTIVE  # auto: a step well under a second
     assert "ratio" not in row  # no PyTorch side without torch
 
 
