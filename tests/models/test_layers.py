@@ -1169,6 +1169,11 @@ def test_normalize_gradients_through_its_statistics_and_second_order():
         np.testing.assert_allclose(
             _grad(penalty(ours))(x), _grad(penalty(textbook))(x), atol=1e-3, rtol=1e-3
         )
+        # the mean alone: d mean / d x = 1 / n for every element it averages
+        wm = ws[1]
+        n = np.prod([x.shape[a] for a in axes])
+        got = _grad(lambda x, wm=wm, axes=axes: jnp.sum(normalize(x, s, b, axes)[1] * wm))(x)
+        np.testing.assert_allclose(got, np.broadcast_to(np.expand_dims(wm, axes), x.shape) / n)
 
 
 def test_batch_norm_bfloat16_result_with_float32_statistics():
