@@ -325,6 +325,19 @@ def medjax_step(case: Case, devices: int, dtype: str = "float32"):
 AUTO_CONSECUTIVE, AUTO_CONSECUTIVE_BELOW_S = 3, 1.0
 
 
+def turns(consecutive: int) -> str:
+    """What a turn of `--consecutive` is, in words."""
+    if consecutive == 1:
+        return "one step per side"
+    k = consecutive if consecutive > 1 else AUTO_CONSECUTIVE
+    text = f"{k} steps per side back to back (the last {k - 1} timed)"
+    return (
+        text
+        if consecutive > 1
+        else f"{text} where a step is under {AUTO_CONSECUTIVE_BELOW_S:g} s, else one"
+    )
+
+
 def timed_interleaved(
     steps: list[Callable[[], Any]], rounds: int, consecutive: int = 1
 ) -> list[list[float]]:
@@ -451,9 +464,7 @@ def main() -> None:
         type=int,
         default=0,
         help="steps each side runs back to back per round; with k > 1 a round's time is the "
-        "mean of the last k - 1 (steps after a step of their own, as in training). 0 (auto): "
-        f"{AUTO_CONSECUTIVE} where a warm-up step took under {AUTO_CONSECUTIVE_BELOW_S:g} s, "
-        "else 1",
+        f"mean of the last k - 1 (steps after a step of their own, as in training). 0: {turns(0)}",
     )
     p.add_argument(
         "--dtype",
@@ -564,17 +575,8 @@ def main() -> None:
     )
     machine["harness"] = (
         f"{where}, interleaved warm-up until settled (at most {args.warmup_max} rounds, last two "
-        f"steps within {args.warmup_tol:.0%} of the fastest), {args.rounds} timed rounds"
-        + (
-            f" of {args.consecutive} steps per side back to back (the last "
-            f"{args.consecutive - 1} timed)"
-            if args.consecutive > 1
-            else " of one step per side"
-            if args.consecutive == 1
-            else f" of {AUTO_CONSECUTIVE} steps per side back to back (the last "
-            f"{AUTO_CONSECUTIVE - 1} timed) where a step is under {AUTO_CONSECUTIVE_BELOW_S:g} s, "
-            "else one"
-        )
+        f"steps within {args.warmup_tol:.0%} of the fastest), {args.rounds} timed rounds of "
+        f"{turns(args.consecutive)}"
     )
     peak_size = args.peak_size or (8192 if accelerator else 2048)
     peak = args.peak_gflops * 1e9 if args.peak_gflops else measured_peak(peak_size, args.dtype)

@@ -1705,11 +1705,17 @@ def _normalize(x, scale, bias, epsilon, activation, axes):
     return _normalize_res(x, scale, bias, epsilon, activation, axes)[0]
 
 
-def _normalize_res(x, scale, bias, epsilon, activation, axes):
-    xf, mean, var = _moments(x, axes)
+def _scale_shift(xf, mean, var, scale, bias, epsilon, activation):
+    """``(activation(scale * (xf - mean) / sqrt(var + epsilon) + bias), 1 / sqrt(var +
+    epsilon))``, as one multiply-add per element."""
     rstd = lax.rsqrt(var + epsilon)
     a = scale * rstd
-    y = _apply_activation(activation, xf * a + (bias - mean * a))
+    return _apply_activation(activation, xf * a + (bias - mean * a)), rstd
+
+
+def _normalize_res(x, scale, bias, epsilon, activation, axes):
+    xf, mean, var = _moments(x, axes)
+    y, rstd = _scale_shift(xf, mean, var, scale, bias, epsilon, activation)
     return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
@@ -1902,9 +1908,11 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,))
         dtype = self.dtype or x.dtype
         if not train:
-            a = scale * lax.rsqrt(ra_var.value + self.epsilon)
             xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-            return _apply_activation(activation, xf * a + (bias - ra_mean.value * a)).astype(dtype)
+            y, _ = _scale_shift(
+                xf, ra_mean.value, ra_var.value, scale, bias, self.epsilon, activation
+            )
+            return y.astype(dtype)
         batch_and_space = tuple(range(x.ndim - 1))
         y, mean, var = normalize(
             x,
