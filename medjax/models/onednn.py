@@ -68,7 +68,15 @@ from jax import lax
 
 Array = jax.Array
 
-__all__ = ["applies", "available", "bfloat16_kernels", "conv", "enabled", "implementation"]
+__all__ = [
+    "applies",
+    "available",
+    "bfloat16_kernels",
+    "conv",
+    "conv_kernel_gradient",
+    "enabled",
+    "implementation",
+]
 
 _DISTRIBUTION = "onednn-cpu-gomp"
 _VERSION = (3, 2)
@@ -990,6 +998,21 @@ def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[i
     semantics of :func:`jax.lax.conv_general_dilated` with channels-last dimension numbers),
     by oneDNN. Check :func:`applies` first."""
     return _forward(x, kernel, _geometry(x.shape, kernel.shape, strides, pads, x.dtype))
+
+
+def conv_kernel_gradient(
+    x: Array,
+    dy: Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+) -> Array:
+    """The gradient of ``sum(conv(x, kernel, strides, pads) * dy)`` with respect to ``kernel``
+    (``kernel_shape``: ``[*k, Cin, Cout]``, the dtype of ``x``), by oneDNN's weights primitive
+    alone: ``x`` ``[B, *S, Cin]`` and the output gradient ``dy`` ``[B, *O, Cout]`` of one dtype.
+    Differentiable to any order (its VJP is the forward and data primitives). Check
+    :func:`applies` first, with a kernel of ``x``'s dtype."""
+    return _weights(x, dy, _geometry(x.shape, kernel_shape, strides, pads, x.dtype))
 
 
 def conv_transpose(

@@ -204,6 +204,48 @@ def test_stride_1_convolutions_with_few_outputs_need_more_positions(shape, cout,
     assert ("ffi_call" in graph) == routed
 
 
+@pytest.mark.parametrize(
+    "shape,cout,dtype,least,routed",
+    [
+        ((2, 9, 7, 5), 3, jnp.float32, 1, True),  # a U-Net head's 1x1 convolution, 2D
+        ((2, 4, 5, 3, 4), 2, jnp.float32, 1, True),  # ... 3D
+        ((2, 9, 7, 5), 3, jnp.float32, 127, False),  # 126 rows: below the threshold
+        ((8, 128, 128, 32), 3, jnp.float32, None, True),  # U-Net 2D's head: 2^17 rows
+        ((2, 8, 8, 8, 128), 512, jnp.float32, None, False),  # an up-sampler's, 2^10 rows
+        ((2, 9, 7, 5), 3, jnp.bfloat16, None, "bf16"),  # bfloat16: any size
+        ((63, 5), 3, jnp.float32, 1, False),  # no spatial axis (a dense layer's)
+    ],
+)
+def test_a_1x1_kernel_gradient_runs_on_onednn(monkeypatch, shape, cout, dtype, least, routed):
+    # channel_matmul's kernel gradient, x^T dy over the rows, by oneDNN's weights primitive for
+    # the 1x1 convolution from _ONEDNN_1X1_KERNEL_GRADIENT_MIN_ROWS rows (every one in bfloat16)
+    if least is not None:
+        monkeypatch.setattr(layers, "_ONEDNN_1X1_KERNEL_GRADIENT_MIN_ROWS", least)
+    if routed == "bf16":
+        routed = onednn.bfloat16_kernels() is not None
+    cin = shape[-1]
+
+    def kernel_gradient(x, k, w):
+        return jax.grad(lambda k: jnp.sum(layers.channel_matmul(x, k) * w))(k)
+
+    graph = _graph(kernel_gradient, shape, (cin, cout), (*shape[:-1], cout), dtype=dtype)
+    assert ("ffi_call" in graph) == routed
+    if max(shape) > 64:  # the graph is what these cases test
+        return
+    x, k, w = randn(shape), randn((cin, cout), 1), randn((*shape[:-1], cout), 2)
+    x, k, w = x.astype(dtype), k.astype(dtype), w.astype(dtype)
+    want = np.einsum(  # the sum over the rows, in float64
+        "rc,rd->cd",
+        np.asarray(x, np.float64).reshape(-1, cin),
+        np.asarray(w, np.float64).reshape(-1, cout),
+    )
+    got = np.asarray(jax.jit(kernel_gradient)(x, k, w), np.float64)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bfloat16: the result is rounded once
+    np.testing.assert_allclose(got, want, atol=tol * float(np.max(np.abs(want))), rtol=0)
+    if dtype == jnp.float32:  # a gradient penalty's second derivatives, against jnp.dot's
+        _assert_penalty_grads_equal(layers.channel_matmul, jnp.dot, x, k)
+
+
 TRANSPOSE_CASES = [
     # shape, kernel extents, strides, pads of the convolution whose input gradient it is
     ((2, 5, 6, 3), (4, 4), (2, 2), [(1, 1), (1, 1)]),  # ConvTranspose4's
