@@ -96,6 +96,17 @@ def test_gradient_penalty_second_derivatives_equal_lax(shape, ks, strides, pads)
     _assert_penalty_grads_equal(ours, _lax(strides, pads), x, k)
 
 
+@pytest.mark.parametrize("shape,ks,strides,pads", [CASES[1], CASES[2], CASES[4], CASES[5]])
+def test_conv_kernel_gradient_equals_lax(shape, ks, strides, pads):
+    # the public weights primitive: d/dkernel of sum(conv(x, kernel) * dy), against lax's
+    # convolution differentiated by JAX (asymmetric padding, strides, 2D, 1D)
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+    dy = randn(_lax(strides, pads)(x, k).shape, 2)
+    want = jax.grad(lambda k: jnp.sum(_lax(strides, pads)(x, k) * dy))(k)
+    got = jax.jit(lambda x, dy: onednn.conv_kernel_gradient(x, dy, k.shape, strides, pads))(x, dy)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_hand_computed_1d():
     # [1, 2, 3, 4] with kernel [1, 0, -1], one zero on each side: x[i-1] - x[i+1]
     x = jnp.asarray([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1)
