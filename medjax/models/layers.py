@@ -785,12 +785,13 @@ def _channel_matmul_bwd(res, dy):
 # from this many rows (batch x spatial positions) in float32, every one in bfloat16. Against
 # :func:`_row_blocks_contraction`, alone (2-core EPYC, ms): U-Net 2D's head 8 x 128^2, 32 -> 3,
 # 0.92 against 3.13; U-Net 3D's head 2 x 64^3, 32 -> 4, 4.31 against 14.82 (XLA's product of a
-# long axis with 3 or 4 columns is slow); up-samplers' 2 x 32^3, 32 -> 256, 11.5 against 14.6, and
-# 8 x 64^2, 64 -> 128, 3.95 against 5.90; but 1.51 against 1.36 at 2 x 8^3 (1024 rows), 128 ->
-# 512, and 1.17 against 0.73 at 2 x 4^3. In bfloat16, 1.13 against 6.02 ms (U-Net 2D's head) and
-# 3.23 against 16.52 (U-Net 3D's). Steps (one process, interleaved, median per-round ratio of the
-# times with / without): U-Net 3D 0.983 (2360 against 2398 ms) and in bfloat16 0.984; U-Net 2D
-# 128^2 in bfloat16 0.958 (221.5 against 228.5 ms), in float32 0.998 (noise).
+# long axis with 3 or 4 columns is slow); wider products 2 x 32^3, 32 -> 256, 11.5 against 14.6,
+# and 8 x 64^2, 64 -> 128, 3.95 against 5.90; but U-Net 3D's up-samplers 2 x 8^3 (1024 rows), 128
+# -> 512, 1.51 against 1.36, and 2 x 4^3, 1.17 against 0.73. In bfloat16, 1.13 against 6.02 ms
+# (U-Net 2D's head) and 3.23 against 16.52 (U-Net 3D's). Steps (one process, interleaved, median
+# per-round ratio of the times with / without): U-Net 3D 0.983 (2360 against 2398 ms) and in
+# bfloat16 0.984; U-Net 2D 128^2 in bfloat16 0.958 (221.5 against 228.5 ms), in float32 0.998
+# (noise).
 _ONEDNN_1X1_KERNEL_GRADIENT_MIN_ROWS = 1 << 12
 
 

@@ -15,7 +15,9 @@ The library comes from PyPI (``pip install 'medjax[onednn]'``, part of ``medjax[
 
 The convolution is bilinear, and its three oneDNN primitives (forward, backward data,
 backward weights) are each other's transposes, so every one carries a VJP made of the other
-two (:func:`conv`): gradients of gradients (a gradient penalty) work to any order.
+two (:func:`conv`): gradients of gradients (a gradient penalty) work to any order. The
+backward-weights primitive alone is :func:`conv_kernel_gradient` (the kernel gradient of a 1x1
+convolution computed as a matrix product, ``medjax.models.layers.channel_matmul``).
 
 A transposed convolution (:func:`conv_transpose`) is the backward-data primitive with the
 kernel flipped and its channel axes swapped, so its kernel gradient is a backward-weights
