@@ -1441,8 +1441,12 @@ class StridedConv4(nn.Module):
         return y
 
 
-# From 2^10 output positions; from 2^14 where oneDNN's bfloat16 kernels are AMX's (an Intel Xeon,
-# where XLA's routes won below, see ``_onednn_transpose_is_faster``). On the 2-core EPYC (AVX-512,
+# From 2^10 output positions; 3D ones from 2^14 where oneDNN's bfloat16 kernels are AMX's (an
+# Intel Xeon, where XLA's routes won below, see ``_onednn_transpose_is_faster``). 2D ones from
+# 2^10 there too since session 46 (a faster 2-core Xeon with AMX, float32 GEMM peak 333 GFLOP/s;
+# steps, one process, interleaved, 2^10 / 2^14 per round: pix2pix 0.957 and 0.976 (16 and 24
+# rounds), DCGAN 1.001, WGAN-GP 0.991; Vox2Vox's 3D ones 0.967 and 1.038, noise, so kept at
+# 2^14). On the 2-core EPYC (AVX-512,
 # no AMX), float32, forward / the two gradients, ms: pix2pix's 1 x 16^2, 1024 -> 256 (1024 output
 # positions) 16.0-16.5 / 30.3-33.2 against the kernel-2 convolution's 16.3-16.6 / 41.2-43.3;
 # DCGAN's 64 x 4^2, 512 -> 256 (4096) forward + backward 43.5-47.2 against 46.4-47.6; Vox2Vox's 2
@@ -1450,14 +1454,14 @@ class StridedConv4(nn.Module):
 # routes interleaved, per-round ratios): pix2pix 1.036 (40 rounds), Vox2Vox 1.038 (50 rounds,
 # quartiles 0.946-1.103), DCGAN 1.002, the 3D DCGAN 1.000.
 _ONEDNN_TRANSPOSE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 10}
-_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 14, 3: 1 << 14}
+_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 1 << 14}
 
 
 def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     """The route of :class:`ConvTranspose4` to oneDNN (:func:`medjax.models.onednn.conv_transpose`,
     the input gradient of the k4 s2 p1 convolution), where oneDNN can run: 2D and 3D, with at
     least ``_ONEDNN_TRANSPOSE_MIN_POSITIONS`` output positions (batch x spatial; on a CPU with
-    AMX ``_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX``).
+    AMX ``_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX``: 3D ones from 2^14).
 
     Measured forward + backward against the route below (2-core Xeon, ms): DCGAN's 64 x 16^2,
     128 -> 64, 42.2 against 57.1 and 64 x 8^2, 256 -> 128, 46.8 against 50.3; pix2pix's 1 x

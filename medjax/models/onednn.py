@@ -3,7 +3,7 @@
 oneDNN (Intel's deep-learning kernel library, the one behind PyTorch's CPU convolutions) runs
 3x3x3 convolutions about twice as fast as XLA:CPU's own on an AVX-512 CPU (forward, 2 x 64^3,
 32 -> 32 channels: 83 against 181 ms for medjax's best XLA formulation; ``BENCHMARKS.md``).
-This module calls its C API with :mod:`ctypes` from an XLA FFI handler (:func:`_handler`,
+This module calls its C API with :mod:`ctypes` from an XLA FFI handler (:func:`_execute`,
 registered for the CPU platform), which receives XLA's own buffers, so nothing is copied and
 the jitted step stays one XLA program. The same code runs unchanged where the library is
 absent (GPUs, TPUs, other CPUs): :func:`applies` is then false and
@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from medjax import ffi
 
 Array = jax.Array
 
@@ -254,7 +256,7 @@ class _OneDNN:
         return plan
 
     def plan_id(self, key: tuple) -> int:
-        """A number for ``key``, the attribute that an XLA call passes to :func:`_handler`."""
+        """A number for ``key``, the attribute that an XLA call passes to :func:`_execute`."""
         with self._lock:
             if key not in self._ids:
                 self._ids[key] = len(self._keys)
@@ -593,150 +595,31 @@ class _Plan:
 
 
 # --------------------------------------------------------------------------------------
-# The XLA FFI handler (xla/ffi/api/c_api.h of jaxlib 0.10, API version 0.3): XLA passes its
-# buffers' addresses, so nothing is copied on the way in or out (a host callback copied
-# every operand and result: 5.6 ms of a 20 ms 2D convolution at 8 x 128^2 x 32).
+# The XLA FFI handler (:mod:`medjax.ffi`): XLA passes its buffers' addresses, so nothing is
+# copied on the way in or out.
 # --------------------------------------------------------------------------------------
 
 _TARGET = "medjax_onednn_convolution"
-_FFI_API_VERSION = (0, 3)
-_FFI_EXTENSION_METADATA = 1
-_FFI_STAGE_EXECUTE = 3
-_FFI_ERROR_INTERNAL = 13
 
 
-class _FfiExtension(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", _H)]
-
-
-class _FfiApiVersion(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("major", ctypes.c_int),
-        ("minor", ctypes.c_int),
-    ]
-
-
-class _FfiMetadata(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("api_version", _FfiApiVersion),
-        ("traits", ctypes.c_uint32),
-        ("state_type_id", ctypes.c_int64),
-    ]
-
-
-class _FfiMetadataExtension(ctypes.Structure):
-    _fields_ = [("base", _FfiExtension), ("metadata", ctypes.POINTER(_FfiMetadata))]
-
-
-class _FfiBuffer(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("dtype", ctypes.c_int),
-        ("data", _H),
-        ("rank", ctypes.c_int64),
-        ("dims", ctypes.POINTER(ctypes.c_int64)),
-    ]
-
-
-class _FfiList(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("size", ctypes.c_int64),
-        ("types", ctypes.POINTER(ctypes.c_int)),
-        ("items", ctypes.POINTER(_H)),
-    ]
-
-
-class _FfiAttrs(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("size", ctypes.c_int64),
-        ("types", ctypes.POINTER(ctypes.c_int)),
-        ("names", ctypes.POINTER(_H)),
-        ("attrs", ctypes.POINTER(_H)),
-    ]
-
-
-class _FfiScalar(ctypes.Structure):
-    _fields_ = [("dtype", ctypes.c_int), ("value", _H)]
-
-
-class _FfiCallFrame(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("api", _H),
-        ("ctx", _H),
-        ("stage", ctypes.c_int),
-        ("args", _FfiList),
-        ("rets", _FfiList),
-        ("attrs", _FfiAttrs),
-        ("future", _H),
-    ]
-
-
-class _FfiErrorArgs(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("message", ctypes.c_char_p),
-        ("errc", ctypes.c_int),
-    ]
-
-
-class _FfiApi(ctypes.Structure):  # the fields up to XLA_FFI_Error_Create
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", _H),
-        ("api_version", _FfiApiVersion),
-        ("internal_api", _H),
-        ("error_create", ctypes.CFUNCTYPE(_H, ctypes.POINTER(_FfiErrorArgs))),
-    ]
-
-
-def _handler(frame_pointer) -> int | None:
+def _execute(frame: ffi.CallFrame) -> None:
     """Runs one oneDNN primitive for XLA: the call's attribute ``plan`` names it
-    (:meth:`_OneDNN.plan_id`), its two operands and one result are the convolution's arrays.
-    Returns NULL, or an XLA error that carries the Python exception's message."""
-    frame = frame_pointer.contents
-    try:
-        if frame.extension_start:
-            if _FfiExtension.from_address(frame.extension_start).type == _FFI_EXTENSION_METADATA:
-                ext = _FfiMetadataExtension.from_address(frame.extension_start)
-                meta = ext.metadata.contents
-                meta.api_version = _FfiApiVersion(
-                    ctypes.sizeof(_FfiApiVersion), None, *_FFI_API_VERSION
-                )
-                meta.traits = 0
-                return None
-        if frame.stage != _FFI_STAGE_EXECUTE:
-            return None
-        plan_id = ctypes.c_int64.from_address(_FfiScalar.from_address(frame.attrs.attrs[0]).value)
-        operands = [_FfiBuffer.from_address(frame.args.items[i]).data for i in range(2)]
-        result = _FfiBuffer.from_address(frame.rets.items[0]).data
-        dnn = _load()
-        assert dnn is not None
-        kind = dnn.key(plan_id.value)[0]
-        pointers: list[int] = [0, 0, 0]
-        for i, p in zip(_INPUTS[kind], operands, strict=True):
-            pointers[i] = p
-        pointers[_OUTPUT[kind]] = result
-        dnn.run(plan_id.value, pointers)
-        return None
-    except BaseException as e:  # noqa: BLE001 - every error goes back to XLA, never lost
-        api = _FfiApi.from_address(frame.api)
-        message = f"medjax.models.onednn: {type(e).__name__}: {e}".encode()
-        args = _FfiErrorArgs(ctypes.sizeof(_FfiErrorArgs), None, message, _FFI_ERROR_INTERNAL)
-        return api.error_create(ctypes.byref(args))
+    (:meth:`_OneDNN.plan_id`), its two operands and one result are the convolution's arrays."""
+    plan_id = ctypes.c_int64.from_address(ffi.Scalar.from_address(frame.attrs.attrs[0]).value)
+    operands = [ffi.Buffer.from_address(frame.args.items[i]).data for i in range(2)]
+    result = ffi.Buffer.from_address(frame.rets.items[0]).data
+    dnn = _load()
+    assert dnn is not None
+    kind = dnn.key(plan_id.value)[0]
+    pointers: list[int] = [0, 0, 0]
+    for i, p in zip(_INPUTS[kind], operands, strict=True):
+        pointers[i] = p
+    pointers[_OUTPUT[kind]] = result
+    dnn.run(plan_id.value, pointers)
 
 
-_HANDLER = ctypes.CFUNCTYPE(_H, ctypes.POINTER(_FfiCallFrame))(_handler)
+# Errors go back to XLA with the Python exception's message, never lost.
+_HANDLER = ffi.handler(_execute, "medjax.models.onednn")
 
 
 @functools.cache
