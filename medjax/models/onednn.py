@@ -98,25 +98,49 @@ _SCRATCHPAD_USER = 1
 _QUERY_IMPL_INFO = 8
 _QUERY_SCRATCHPAD = 136
 # The weights primitive writing the kernel gradient with its channel axes swapped, [*k, Cout,
-# Cin] (the gradient of a transposed convolution's kernel, :func:`conv_transpose`).
+# Cin] (the gradient of a transposed convolution's kernel, :func:`conv_transpose`), and the
+# forward and data primitives reading their kernel that way (a transposed convolution's kernel,
+# flipped in space only): oneDNN's reorder of the kernel into its own layout reads the swapped
+# strides, where XLA would write a channel-transposed copy first.
 _SWAPPED = "weights_swapped"
+_FORWARD_SWAPPED = "forward_swapped"
+_DATA_SWAPPED = "data_swapped"
+_KERNEL_SWAPPED = (_SWAPPED, _FORWARD_SWAPPED, _DATA_SWAPPED)
 _QUERY = {  # (input/diff_input, weights/diff_weights, output/diff_output) memory descriptors
     "forward": (129, 131, 133),
     "data": (130, 131, 134),
     "weights": (129, 132, 134),
     _SWAPPED: (129, 132, 134),
+    _FORWARD_SWAPPED: (129, 131, 133),
+    _DATA_SWAPPED: (130, 131, 134),
 }
 _ARG = {  # execution arguments, same order
     "forward": (1, 33, 17),
     "data": (129, 33, 145),
     "weights": (1, 161, 145),
     _SWAPPED: (1, 161, 145),
+    _FORWARD_SWAPPED: (1, 33, 17),
+    _DATA_SWAPPED: (129, 33, 145),
 }
 _ARG_SCRATCHPAD = 80
 _ARG_FROM, _ARG_TO = 1, 17
 # which of the three each primitive writes, and what its two inputs are
-_OUTPUT = {"forward": 2, "data": 0, "weights": 1, _SWAPPED: 1}
-_INPUTS = {"forward": (0, 1), "data": (2, 1), "weights": (0, 2), _SWAPPED: (0, 2)}
+_OUTPUT = {
+    "forward": 2,
+    "data": 0,
+    "weights": 1,
+    _SWAPPED: 1,
+    _FORWARD_SWAPPED: 2,
+    _DATA_SWAPPED: 0,
+}
+_INPUTS = {
+    "forward": (0, 1),
+    "data": (2, 1),
+    "weights": (0, 2),
+    _SWAPPED: (0, 2),
+    _FORWARD_SWAPPED: (0, 1),
+    _DATA_SWAPPED: (2, 1),
+}
 
 _H = ctypes.c_void_p
 _Dims = ctypes.c_int64 * 12
@@ -482,7 +506,7 @@ class _Plan:
         dims = (_activation_dims(in_shape), _weight_dims(kernel_shape), _activation_dims(out_shape))
         tags = (act, wgt, act)
         self.user = [dnn.memory_desc(v, t, dtype) for v, t in zip(dims, tags, strict=True)]
-        if kind == _SWAPPED:  # (O, I, *k) laid out as [*k, O, I]
+        if kind in _KERNEL_SWAPPED:  # (O, I, *k) laid out as [*k, O, I]
             *ks, cin, cout = kernel_shape
             steps = [cin, 1] + [int(np.prod(ks[i + 1 :])) * cin * cout for i in range(d)]
             self.user[1] = dnn.memory_desc_strided(dims[1], steps, dtype)
@@ -543,10 +567,10 @@ class _Plan:
             f"convolution {self.shapes}",
         )  # fmt: skip
         self._keep.append(fwd)
-        if self.kind == "forward":
+        if self.kind in ("forward", _FORWARD_SWAPPED):
             return fwd
         pd = _H()
-        if self.kind == "data":
+        if self.kind in ("data", _DATA_SWAPPED):
             status = lib.dnnl_convolution_backward_data_primitive_desc_create(
                 ctypes.byref(pd), dnn.engine, _CONVOLUTION_DIRECT,
                 mds[0], mds[1], mds[2], *geometry, fwd, attr,
@@ -738,6 +762,9 @@ def _call(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
     out_shape = shapes[_OUTPUT[kind]]
     if kind == _SWAPPED:
         out_shape = (*out_shape[:-2], out_shape[-1], out_shape[-2])
+    if kind in (_FORWARD_SWAPPED, _DATA_SWAPPED):  # the kernel operand comes swapped
+        w = shapes[1]
+        assert b.shape == (*w[:-2], w[-1], w[-2]), (b.shape, w)
     result = jax.ShapeDtypeStruct(out_shape, key[6])
     dnn.plan(key)  # built (and its layouts chosen) now, not inside XLA's program
     call = jax.ffi.ffi_call(_TARGET, result, vmap_method="sequential")
@@ -844,38 +871,59 @@ def _weights_swapped_fwd(x, dy, geometry):
     return _weights_swapped(x, dy, geometry), (x, dy)
 
 
-def _weights_swapped_bwd(geometry, res, g):
-    return _weights_bwd(geometry, res, jnp.swapaxes(g, -1, -2))
+def _weights_swapped_bwd(geometry, res, g):  # g is [*k, Cout, Cin]: the kernel comes swapped
+    x, dy = res
+    return _data_swapped(dy, g, geometry), _forward_swapped(x, g, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _forward_swapped(x, kernel_swapped, geometry):
+    """:func:`_forward` of the kernel whose channel axes are swapped, ``[*k, Cout, Cin]``."""
+    return _call(_FORWARD_SWAPPED, x, kernel_swapped, geometry)
+
+
+def _forward_swapped_fwd(x, kernel_swapped, geometry):
+    return _forward_swapped(x, kernel_swapped, geometry), (x, kernel_swapped)
+
+
+def _forward_swapped_bwd(geometry, res, g):
+    x, kernel_swapped = res
+    return _data_swapped(g, kernel_swapped, geometry), _weights_swapped(x, g, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _data_swapped(dy, kernel_swapped, geometry):
+    """:func:`_data` of the kernel whose channel axes are swapped, ``[*k, Cout, Cin]``."""
+    return _call(_DATA_SWAPPED, dy, kernel_swapped, geometry)
+
+
+def _data_swapped_fwd(dy, kernel_swapped, geometry):
+    return _data_swapped(dy, kernel_swapped, geometry), (dy, kernel_swapped)
+
+
+def _data_swapped_bwd(geometry, res, g):
+    dy, kernel_swapped = res
+    return _forward_swapped(g, kernel_swapped, geometry), _weights_swapped(g, dy, geometry)
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
 _data.defvjp(_data_fwd, _data_bwd)
 _weights.defvjp(_weights_fwd, _weights_bwd)
 _weights_swapped.defvjp(_weights_swapped_fwd, _weights_swapped_bwd)
+_forward_swapped.defvjp(_forward_swapped_fwd, _forward_swapped_bwd)
+_data_swapped.defvjp(_data_swapped_fwd, _data_swapped_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _transposed(x, kernel, geometry):
+def _transposed(x: Array, kernel: Array, geometry: tuple) -> Array:
     """:func:`conv_transpose`: the input gradient (:func:`_data`) of the convolution with the
-    :func:`_flip` of ``kernel``. Its kernel gradient is that convolution's weights gradient
-    flipped back, which :func:`_weights_swapped` writes with the channel axes of ``kernel``, so
-    that only the spatial flip is left to XLA. Through :func:`_flip`'s own transpose XLA read
-    the gradient channel-transposed in each of its consumers (Adam's updates of pix2pix's 4 x 4
-    x 1024 x 512 up-samplers, bfloat16: 31.6 against 5.3 ms each, ``BENCHMARKS.md``)."""
-    return _data(x, _flip(kernel), geometry)
-
-
-def _transposed_fwd(x, kernel, geometry):
-    return _transposed(x, kernel, geometry), (x, kernel)
-
-
-def _transposed_bwd(geometry, res, g):
-    x, kernel = res
-    spatial = tuple(range(kernel.ndim - 2))
-    return _forward(g, _flip(kernel), geometry), jnp.flip(_weights_swapped(g, x, geometry), spatial)
-
-
-_transposed.defvjp(_transposed_fwd, _transposed_bwd)
+    :func:`_flip` of ``kernel``, which oneDNN reads with its channel axes swapped
+    (:func:`_data_swapped`), so XLA only flips it in space. Its kernel gradient is that
+    convolution's weights gradient flipped back, which :func:`_weights_swapped` writes with the
+    channel axes of ``kernel``. Through a channel transpose by XLA, the kernel was copied
+    column by column before each call, and the gradient read channel-transposed in each of
+    its consumers (Adam's updates of pix2pix's 4 x 4 x 1024 x 512 up-samplers, bfloat16: 31.6
+    against 5.3 ms each, ``BENCHMARKS.md``)."""
+    return _data_swapped(x, jnp.flip(kernel, tuple(range(kernel.ndim - 2))), geometry)
 
 
 def conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> Array:

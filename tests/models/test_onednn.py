@@ -807,3 +807,30 @@ def test_primitives_called_from_two_threads_take_turns(monkeypatch):
     for t in threads:
         t.join()
     assert most[0] == 1
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", TRANSPOSE_CASES)
+def test_conv_transpose_reads_its_kernel_with_swapped_channels_without_a_transpose(
+    shape, ks, strides, pads
+):
+    # oneDNN reads the flipped kernel with its channel axes swapped through strides: the
+    # forward and both gradients trace no transpose of a kernel-sized array (only the spatial
+    # flips are XLA's), and the input gradient equals the reference's.
+    x, k = randn(shape), randn((*ks, shape[-1], 4), 1)
+
+    def ours(x, k):
+        return onednn.conv_transpose(x, k, strides, pads)
+
+    loss = lambda x, k: jnp.sum(jnp.sin(ours(x, k)))  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(x, k).jaxpr
+    kernel_sizes = {k.size}
+    transposes = [
+        e
+        for e in jaxpr.eqns
+        if e.primitive.name == "transpose" and e.outvars[0].aval.size in kernel_sizes
+    ]
+    assert not transposes, transposes
+    ref = _conv_transpose_reference(strides, pads, jax.eval_shape(ours, x, k).shape)
+    got = jax.grad(lambda x: jnp.sum(jnp.sin(ours(x, k))))(x)
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, k))))(x)
+    np.testing.assert_allclose(got, want, atol=1e-4 * float(np.max(np.abs(want))), rtol=0)
