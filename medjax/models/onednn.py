@@ -830,8 +830,57 @@ def _data(dy, kernel, geometry):
     return _run("data", dy, kernel, geometry)
 
 
+# bfloat16 strided 2D kernel gradients with at most this many output positions run as the
+# weights primitive of a 1x1 convolution of the im2col patches, where oneDNN's bfloat16 kernels
+# are AMX's: alone (2-core Xeon with AMX, ms), DCGAN's and WGAN-GP's critic layer 64 x 8^2, 256 ->
+# 512, k4 s2 (1024 output positions): 8.4 against 16.7 for the strided primitive; at 64 x 16^2,
+# 128 -> 256 (4096) the strided one wins, 6.3 against 12.1. In float32 they were level (19.1
+# against 19.4). BENCHMARKS.md, session 46.
+_IM2COL_WEIGHTS_MAX_POSITIONS = 1 << 10
+
+
+def _im2col_weights_applies(geometry: tuple) -> bool:
+    """Whether :func:`_weights` computes ``geometry``'s kernel gradient from the im2col patches
+    (``_IM2COL_WEIGHTS_MAX_POSITIONS``)."""
+    x_shape, kernel_shape, strides, pads, dtype = geometry
+    out = _key("weights", geometry)[3]
+    return (
+        dtype == "bfloat16"
+        and len(strides) == 2
+        and any(st > 1 for st in strides)
+        and int(np.prod(out[:-1])) <= _IM2COL_WEIGHTS_MAX_POSITIONS
+        and bfloat16_kernels() == "avx512_core_amx"
+    )
+
+
+def _weights_im2col(x: Array, dy: Array, geometry: tuple) -> Array:
+    """The kernel gradient of ``geometry``'s convolution as the weights primitive of the 1x1
+    convolution of its im2col patches (the kernel's taps stacked along the channels, in the
+    kernel's ``(*k, Cin)`` order) with ``dy``: the same sums of products."""
+    x_shape, kernel_shape, strides, pads, dtype = geometry
+    d = len(strides)
+    ks, out = kernel_shape[:d], _key("weights", geometry)[3][1:-1]
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    views = [
+        xp[
+            (
+                slice(None),
+                *(slice(t, t + s * (o - 1) + 1, s) for t, o, s in zip(*taps, strict=True)),
+            )
+        ]
+        for taps in ((tap, out, strides) for tap in np.ndindex(*ks))
+    ]
+    rows = int(np.prod(dy.shape[:-1]))
+    patches = jnp.concatenate(views, axis=-1).reshape(1, rows, 1, -1)
+    cin, cout = patches.shape[-1], dy.shape[-1]
+    one = _geometry(patches.shape, (1, 1, cin, cout), (1, 1), ((0, 0), (0, 0)), dtype)
+    return _call("weights", patches, dy.reshape(1, rows, 1, cout), one).reshape(kernel_shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _weights(x, dy, geometry):
+    if _im2col_weights_applies(geometry):
+        return _weights_im2col(x, dy, geometry)
     return _call("weights", x, dy, geometry)
 
 

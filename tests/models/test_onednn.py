@@ -834,3 +834,46 @@ def test_conv_transpose_reads_its_kernel_with_swapped_channels_without_a_transpo
     got = jax.grad(lambda x: jnp.sum(jnp.sin(ours(x, k))))(x)
     want = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, k))))(x)
     np.testing.assert_allclose(got, want, atol=1e-4 * float(np.max(np.abs(want))), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_strided_kernel_gradient_from_im2col_patches_equals_lax(dtype):
+    # the kernel gradient of a k4 s2 convolution as the weights primitive of the 1x1
+    # convolution of its im2col patches: the same sums of products as lax's kernel gradient
+    if dtype == "bfloat16" and onednn.bfloat16_kernels() is None:
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    x, dy = randn((16, 8, 8, 24)), randn((16, 4, 4, 40), 1)
+    kernel = (4, 4, 24, 40)
+    pads = ((1, 1), (1, 1))
+    geometry = onednn._geometry(x.shape, kernel, (2, 2), pads, dtype)
+    got = jax.jit(lambda x, dy: onednn._weights_im2col(x, dy, geometry))(
+        x.astype(dtype), dy.astype(dtype)
+    )
+    want = jax.grad(
+        lambda k: jnp.sum(
+            lax.conv_general_dilated(x, k, (2, 2), pads, dimension_numbers=_dn(2)) * dy
+        )
+    )(jnp.zeros(kernel, jnp.float32))
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), want, atol=tol * float(np.max(np.abs(want))), rtol=0
+    )
+
+
+def test_im2col_kernel_gradient_route_is_bfloat16_2d_strided_small_outputs_on_amx(monkeypatch):
+    def geometry(shape, dtype="bfloat16", strides=(2, 2)):
+        pads = ((1, 1),) * len(strides)
+        kernel = (4,) * len(strides) + (shape[-1], 8)
+        return onednn._geometry(shape, kernel, strides, pads, dtype)
+
+    monkeypatch.setattr(onednn, "bfloat16_kernels", lambda: "avx512_core_amx")
+    applies = onednn._im2col_weights_applies
+    assert applies(geometry((64, 8, 8, 256)))  # 1024 output positions
+    assert not applies(geometry((64, 16, 16, 128)))  # 4096
+    assert not applies(geometry((64, 8, 8, 256), "float32"))
+    assert not applies(geometry((2, 8, 8, 8, 16), strides=(2, 2, 2)))  # 3D
+    assert not applies(
+        onednn._geometry((64, 8, 8, 8), (3, 3, 8, 8), (1, 1), ((1, 1),) * 2, "bfloat16")
+    )
+    monkeypatch.setattr(onednn, "bfloat16_kernels", lambda: "avx512_core_bf16")
+    assert not applies(geometry((64, 8, 8, 256)))
