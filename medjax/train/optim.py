@@ -91,7 +91,7 @@ def scale_by_adam(
 
     XLA:CPU otherwise recomputes the new moments inside the parameter's update from the old
     ones, and copies the old ``mu`` before its update overwrites it in place. pix2pix's 57.2 M
-    parameters, Adam alone: 55 against 80 ms; its training step 0.948 times as long (one
+    parameters, Adam alone: 55 against 80 ms; its training step 6 % faster (one
     process, interleaved; ``BENCHMARKS.md``). On GPUs and TPUs the identity."""
     base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
