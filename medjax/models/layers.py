@@ -479,17 +479,8 @@ def conv_im2col(
     memory is ``prod(k)`` times the output positions times ``Cin``, so :func:`conv_nd` uses it
     only for small outputs."""
     d = x.ndim - 2
-    ks = kernel.shape[:d]
-    strides = _tuple(strides, d, "strides")
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    out = _conv_out_sizes(x.shape[1:-1], ks, strides, pads)
-    views = []
-    for tap in np.ndindex(*ks):
-        window = (
-            slice(t, t + s * (o - 1) + 1, s) for t, o, s in zip(tap, out, strides, strict=True)
-        )
-        views.append(xp[(slice(None), *window)])
-    return jnp.dot(jnp.concatenate(views, axis=-1), kernel.reshape(-1, kernel.shape[-1]))
+    patches = onednn.im2col_patches(x, kernel.shape[:d], _tuple(strides, d, "strides"), pads)
+    return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
 def _im2col_is_faster(x: Array, ks: Sequence[int], strides: Sequence[int], pads) -> bool:

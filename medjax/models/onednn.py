@@ -81,6 +81,7 @@ __all__ = [
     "conv",
     "conv_kernel_gradient",
     "enabled",
+    "im2col_patches",
     "implementation",
 ]
 
@@ -853,27 +854,34 @@ def _im2col_weights_applies(geometry: tuple) -> bool:
     )
 
 
+def im2col_patches(
+    x: Array, ks: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> Array:
+    """The im2col patches of ``x`` ``[B, *S, C]`` for a kernel of extents ``ks``: the
+    ``prod(ks)`` shifted (and strided) views of the padded input stacked along the channels,
+    ``[B, *O, prod(ks) * C]`` ordered ``(tap, c)`` as a kernel ``[*ks, C, Cout]`` reshapes to
+    ``[prod(ks) * C, Cout]``. The convolution is then one matrix product with that kernel
+    (:func:`medjax.models.layers.conv_im2col`) and its kernel gradient one with the output
+    gradient (:func:`_weights_im2col`)."""
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [(n - k) // s + 1 for n, k, s in zip(xp.shape[1:-1], ks, strides, strict=True)]
+    views = []
+    for tap in np.ndindex(*ks):
+        window = (
+            slice(t, t + s * (o - 1) + 1, s) for t, o, s in zip(tap, out, strides, strict=True)
+        )
+        views.append(xp[(slice(None), *window)])
+    return jnp.concatenate(views, axis=-1)
+
+
 def _weights_im2col(x: Array, dy: Array, geometry: tuple) -> Array:
     """The kernel gradient of ``geometry``'s convolution as the weights primitive of the 1x1
-    convolution of its im2col patches (the kernel's taps stacked along the channels, in the
-    kernel's ``(*k, Cin)`` order) with ``dy``: the same sums of products."""
-    x_shape, kernel_shape, strides, pads, dtype = geometry
-    d = len(strides)
-    ks, out = kernel_shape[:d], _key("weights", geometry)[3][1:-1]
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    views = [
-        xp[
-            (
-                slice(None),
-                *(slice(t, t + s * (o - 1) + 1, s) for t, o, s in zip(*taps, strict=True)),
-            )
-        ]
-        for taps in ((tap, out, strides) for tap in np.ndindex(*ks))
-    ]
-    rows = int(np.prod(dy.shape[:-1]))
-    patches = jnp.concatenate(views, axis=-1).reshape(1, rows, 1, -1)
-    cin, cout = patches.shape[-1], dy.shape[-1]
-    one = _geometry(patches.shape, (1, 1, cin, cout), (1, 1), ((0, 0), (0, 0)), dtype)
+    convolution of its :func:`im2col_patches` with ``dy``: the same sums of products."""
+    _, kernel_shape, strides, pads, dtype = geometry
+    patches = im2col_patches(x, kernel_shape[: len(strides)], strides, pads)
+    rows, cout = int(np.prod(dy.shape[:-1])), dy.shape[-1]
+    patches = patches.reshape(1, rows, 1, -1)
+    one = _geometry(patches.shape, (1, 1, patches.shape[-1], cout), (1, 1), ((0, 0),) * 2, dtype)
     return _call("weights", patches, dy.reshape(1, rows, 1, cout), one).reshape(kernel_shape)
 
 
