@@ -17,7 +17,11 @@ XLA flags and malloc tunables), in one process, after compile and warm-up:
 * **oneDNN in the step**: every primitive timed inside the FFI handler, after the lock that makes
   the calls take turns, and the time spent waiting for that lock;
 * **alone**: each of those primitives timed on scratch arrays of its shapes with nothing else
-  running (oneDNN's own autotuning timer), times its calls per step.
+  running (oneDNN's own autotuning timer), times its calls per step;
+* **oneDNN busy / outside**: the wall time of each real step during which some primitive was
+  running (the union of their intervals) and the rest, when only XLA's work ran, and how many
+  of XLA's threads called oneDNN. Where busy + outside is the step and the XLA part is about
+  the outside, XLA's work ran beside the primitives (slowing them) rather than in their place.
 
 When the primitives take longer in the step than alone, they share the cores with XLA's work
 running beside them on its other threads. The profiler's per-op durations in these steps were
@@ -46,14 +50,26 @@ import suite  # noqa: E402
 from medjax.train.platform import configure_xla, exec_with_host_tunables  # noqa: E402
 
 
+def busy_time(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """The length of the union of the ``(begin, end)`` intervals within ``[start, end]``."""
+    total, reach = 0.0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            total, reach = total + b - a, b
+    return total
+
+
 class Recorder:
     """Times every oneDNN primitive that medjax's FFI handler runs while :meth:`installed`:
-    ``inside[plan]`` its run times (seconds), ``waits`` the lock waits. With ``skip`` set the
-    primitives do not run (the XLA part's timing) and nothing is recorded."""
+    ``inside[plan]`` its run times (seconds), ``intervals`` their ``(begin, end, thread)``
+    (``time.perf_counter``), ``waits`` the lock waits. With ``skip`` set the primitives do not
+    run (the XLA part's timing) and nothing is recorded."""
 
     def __init__(self) -> None:
         self.skip = False
         self.inside: dict[Any, list[float]] = collections.defaultdict(list)
+        self.intervals: list[tuple[float, float, int]] = []
         self.waits: list[float] = []
 
     @contextlib.contextmanager
@@ -69,8 +85,10 @@ class Recorder:
                 return
             t = time.perf_counter()
             plan_run(plan, pointers)
-            local.run = time.perf_counter() - t
+            end = time.perf_counter()
+            local.run = end - t
             self.inside[plan].append(local.run)
+            self.intervals.append((t, end, threading.get_ident()))
 
         def timed_handler_run(dnn, plan_id, pointers) -> None:
             t = time.perf_counter()
@@ -93,7 +111,7 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
     for _ in range(warmup):
         step()
     recorder = Recorder()
-    full, xla = [], []
+    full, xla, busy, threads = [], [], [], []
     with recorder.installed():
         for _ in range(rounds):
             recorder.skip = True
@@ -101,9 +119,14 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
             step()
             xla.append(time.perf_counter() - t)
             recorder.skip = False
+            first = len(recorder.intervals)
             t = time.perf_counter()
             step()
-            full.append(time.perf_counter() - t)
+            end = time.perf_counter()
+            full.append(end - t)
+            calls = recorder.intervals[first:]
+            busy.append(busy_time([(a, b) for a, b, _ in calls], t, end))
+            threads.append(len({thread for _, _, thread in calls}))
     plans = []
     for plan, times in recorder.inside.items():
         alone = onednn._time_plans([plan], rounds=5)[0]
@@ -129,6 +152,9 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
         "onednn_in_step_s": sum(r["in_step_s"] for r in plans),
         "onednn_alone_s": sum(r["alone_s"] for r in plans),
         "lock_wait_s": sum(recorder.waits) / rounds,
+        "onednn_busy_s": statistics.median(busy),
+        "outside_onednn_s": statistics.median(s - b for s, b in zip(full, busy, strict=True)),
+        "calling_threads": max(threads),
         "plans": plans,
     }
 
@@ -142,6 +168,9 @@ def report(name: str, dtype: str, r: dict, top: int) -> str:
         f"  oneDNN: {r['onednn_calls_per_step']:.0f} calls a step, {r['onednn_in_step_s'] * ms:.1f}"
         f" ms a step in the step (lock wait {r['lock_wait_s'] * ms:.1f} ms; means), the same"
         f" primitives alone {r['onednn_alone_s'] * ms:.1f} ms",
+        f"  the step's wall time: some primitive running {r['onednn_busy_s'] * ms:.1f} ms, none"
+        f" {r['outside_onednn_s'] * ms:.1f} ms (medians); oneDNN called from"
+        f" {r['calling_threads']} of XLA's threads",
         "",
         "| primitive | input, kernel, output | calls | in step (ms a step) | per call (median) "
         "| alone (fastest of 5) |",

@@ -201,6 +201,15 @@ def test_an_error_in_the_reference_process_is_raised_here_with_its_traceback():
         suite.TorchProcess(functools.partial(int, "not a number"))
 
 
+def test_busy_time_is_the_length_of_the_union_of_intervals_within_the_window():
+    # hand-computed: [0, 3) and [5, 6) cover 4 s; [5.5, 5.8) lies inside [5, 6)
+    intervals = [(1.0, 3.0), (0.0, 2.0), (5.5, 5.8), (5.0, 6.0)]
+    assert breakdown.busy_time(intervals, 0.0, 10.0) == pytest.approx(4.0)
+    assert breakdown.busy_time(intervals, 1.5, 5.25) == pytest.approx(1.5 + 0.25)
+    assert breakdown.busy_time([], 0.0, 1.0) == 0.0
+    assert breakdown.busy_time([(2.0, 3.0)], 0.0, 1.0) == 0.0
+
+
 def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(monkeypatch):
     import jax
     import jax.numpy as jnp
@@ -233,6 +242,10 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
     assert {p["kind"] for p in result["plans"]} <= {"forward", "data", "weights"}
     assert all(p["alone_call_s"] > 0 and p["in_step_s"] > 0 for p in result["plans"])
     assert result["step_s"] > 0 and result["xla_part_s"] > 0 and result["lock_wait_s"] >= 0
+    # the primitives ran inside the steps, so their union is a part of the step's wall time
+    assert 0 < result["onednn_busy_s"] <= result["step_s"]
+    assert result["onednn_busy_s"] <= result["onednn_in_step_s"] * (1 + 1e-9)
+    assert result["outside_onednn_s"] >= 0 and result["calling_threads"] >= 1
     text = breakdown.report("toy", "float32", result, top=3)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + min(3, len(result["plans"]))  # the header, a row per primitive
@@ -254,4 +267,4 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
         recorder.skip = False
         step()
     assert len(ran) == calls and sum(map(len, recorder.inside.values())) == calls
-    assert len(recorder.waits) == calls
+    assert len(recorder.waits) == calls == len(recorder.intervals)
