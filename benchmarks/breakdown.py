@@ -20,8 +20,8 @@ XLA flags and malloc tunables), in one process, after compile and warm-up:
   running (oneDNN's own autotuning timer), times its calls per step;
 * **oneDNN busy / outside**: the wall time of each real step during which some primitive was
   running (the union of their intervals) and the rest, when only XLA's work ran, and how many
-  of XLA's threads called oneDNN. Where busy + outside is the step and the XLA part is about
-  the outside, XLA's work ran beside the primitives (slowing them) rather than in their place.
+  of XLA's threads called oneDNN. Where the outside is about the XLA part alone, XLA's work
+  ran in time of its own, not beside the primitives.
 
 When the primitives take longer in the step than alone, they share the cores with XLA's work
 running beside them on its other threads. The profiler's per-op durations in these steps were
