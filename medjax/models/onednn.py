@@ -892,26 +892,14 @@ def _weights(x, dy, geometry):
     return _call("weights", x, dy, geometry)
 
 
-def _forward_fwd(x, kernel, geometry):
-    return _forward(x, kernel, geometry), (x, kernel)
-
-
 def _forward_bwd(geometry, res, g):
     x, kernel = res
     return _data(g, kernel, geometry), _weights(x, g, geometry)
 
 
-def _data_fwd(dy, kernel, geometry):
-    return _data(dy, kernel, geometry), (dy, kernel)
-
-
 def _data_bwd(geometry, res, g):  # <data(dy, k), g> = <dy, forward(g, k)> = <k, weights(g, dy)>
     dy, kernel = res
     return _forward(g, kernel, geometry), _weights(g, dy, geometry)
-
-
-def _weights_fwd(x, dy, geometry):
-    return _weights(x, dy, geometry), (x, dy)
 
 
 def _weights_bwd(geometry, res, g):  # <weights(x, dy), g> = <x, data(dy, g)> = <dy, forward(x, g)>
@@ -926,10 +914,6 @@ def _weights_swapped(x, dy, geometry):
     return _call(_SWAPPED, x, dy, geometry)
 
 
-def _weights_swapped_fwd(x, dy, geometry):
-    return _weights_swapped(x, dy, geometry), (x, dy)
-
-
 def _weights_swapped_bwd(geometry, res, g):  # g is [*k, Cout, Cin]: the kernel comes swapped
     x, dy = res
     return _data_swapped(dy, g, geometry), _forward_swapped(x, g, geometry)
@@ -939,10 +923,6 @@ def _weights_swapped_bwd(geometry, res, g):  # g is [*k, Cout, Cin]: the kernel 
 def _forward_swapped(x, kernel_swapped, geometry):
     """:func:`_forward` of the kernel whose channel axes are swapped, ``[*k, Cout, Cin]``."""
     return _call(_FORWARD_SWAPPED, x, kernel_swapped, geometry)
-
-
-def _forward_swapped_fwd(x, kernel_swapped, geometry):
-    return _forward_swapped(x, kernel_swapped, geometry), (x, kernel_swapped)
 
 
 def _forward_swapped_bwd(geometry, res, g):
@@ -956,21 +936,31 @@ def _data_swapped(dy, kernel_swapped, geometry):
     return _call(_DATA_SWAPPED, dy, kernel_swapped, geometry)
 
 
-def _data_swapped_fwd(dy, kernel_swapped, geometry):
-    return _data_swapped(dy, kernel_swapped, geometry), (dy, kernel_swapped)
-
-
 def _data_swapped_bwd(geometry, res, g):
     dy, kernel_swapped = res
     return _forward_swapped(g, kernel_swapped, geometry), _weights_swapped(g, dy, geometry)
 
 
-_forward.defvjp(_forward_fwd, _forward_bwd)
-_data.defvjp(_data_fwd, _data_bwd)
-_weights.defvjp(_weights_fwd, _weights_bwd)
-_weights_swapped.defvjp(_weights_swapped_fwd, _weights_swapped_bwd)
-_forward_swapped.defvjp(_forward_swapped_fwd, _forward_swapped_bwd)
-_data_swapped.defvjp(_data_swapped_fwd, _data_swapped_bwd)
+def _keeping_operands(primitive: Callable) -> Callable:
+    """The forward rule of ``primitive``'s VJP: every backward rule above needs only the two
+    operands (the convolution is bilinear), so they are the residuals."""
+
+    def fwd(a, b, geometry):
+        return primitive(a, b, geometry), (a, b)
+
+    return fwd
+
+
+for _primitive, _bwd in (
+    (_forward, _forward_bwd),
+    (_data, _data_bwd),
+    (_weights, _weights_bwd),
+    (_weights_swapped, _weights_swapped_bwd),
+    (_forward_swapped, _forward_swapped_bwd),
+    (_data_swapped, _data_swapped_bwd),
+):
+    _primitive.defvjp(_keeping_operands(_primitive), _bwd)
+del _primitive, _bwd
 
 
 def _transposed(x: Array, kernel: Array, geometry: tuple) -> Array:
