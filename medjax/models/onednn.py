@@ -188,6 +188,9 @@ class _OneDNN:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._running = threading.Lock()  # one primitive at a time: each uses every core
+        # the reorders' and scratchpads' memory, shared by every plan (they take turns)
+        self._scratch: np.ndarray | None = None
+        self._scratch_address, self._scratch_size, self._scratch_generation = 0, 0, 0
         self._plans: dict[tuple, _Plan] = {}
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
@@ -252,11 +255,17 @@ class _OneDNN:
         )
         return self.primitive(pd)
 
-    def execute(self, primitive: _H, args: Sequence[tuple[int, _H]]) -> None:
-        packed = (_ExecArg * len(args))(*(_ExecArg(k, m) for k, m in args))
-        self._check(
-            self.lib.dnnl_primitive_execute(primitive, self.stream(), len(args), packed), "execute"
-        )
+    def scratch(self, size: int) -> tuple[int, int]:
+        """The page-aligned address of at least ``size`` bytes of scratch memory and its
+        generation, which changes when a larger call makes it move. One buffer serves every
+        plan's reorders and scratchpad: the primitives run one at a time (``_running``, held
+        by the caller)."""
+        if size > self._scratch_size:
+            keep: list = []
+            self._scratch_address = _aligned(size, keep)
+            self._scratch, self._scratch_size = keep[0], size
+            self._scratch_generation += 1
+        return self._scratch_address, self._scratch_generation
 
     def plan(self, key: tuple) -> _Plan:
         """The primitive for ``key`` = (kind, input, kernel and output shapes, strides, pads),
@@ -438,13 +447,15 @@ def _time_plans(plans: Sequence[_Plan], rounds: int = _AUTOTUNE_ROUNDS) -> list[
             keep[-1][start : start + n].view(kind)[:] = half
             addresses.append(address)
         pointers.append(addresses)
-        plan.run(addresses)
+        with plan.dnn._running:
+            plan.run(addresses)
     best = [float("inf")] * len(plans)
     for _ in range(rounds):
         for i, plan in enumerate(plans):
-            t = time.perf_counter()
-            plan.run(pointers[i])
-            best[i] = min(best[i], time.perf_counter() - t)
+            with plan.dnn._running:  # never beside a step's primitives
+                t = time.perf_counter()
+                plan.run(pointers[i])
+                best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -587,38 +598,64 @@ class _Plan:
         self._keep.append(pd)
         return pd
 
+    def _bind(self) -> None:
+        """Builds what every call reuses: oneDNN's memory objects for the three arrays (their
+        addresses set per call), for the reorders' inner arrays and the scratchpad (at fixed
+        offsets into :meth:`_OneDNN.scratch`), and each execution's packed arguments. Built
+        per call, they cost about half of the handler's Python time, and the Python inside a
+        step runs several times slower than alone (Vox2Vox's 39 calls a step: 110 against 14
+        us a call, ``BENCHMARKS.md``)."""
+        dnn, kind = self.dnn, self.kind
+        self._users = [dnn.memory(md, 0) for md in self.user]
+        self._inner: list[tuple[_H, int]] = []  # (memory, offset into the scratch memory)
+        offset = 0
+
+        def inner(md: _H, size: int) -> _H:
+            nonlocal offset
+            memory = dnn.memory(md, 0)
+            self._inner.append((memory, offset))
+            offset += -(-size // _ALIGN) * _ALIGN
+            return memory
+
+        args, before, after = [], [], []
+        for i, user in enumerate(self._users):
+            reorder = self.reorders[i]
+            if reorder is None:
+                args.append((_ARG[kind][i], user))
+                continue
+            own = inner(self.actual[i], self.sizes[i])
+            args.append((_ARG[kind][i], own))
+            if i == _OUTPUT[kind]:
+                after.append((reorder, [(_ARG_FROM, own), (_ARG_TO, user)]))
+            else:
+                before.append((reorder, [(_ARG_FROM, user), (_ARG_TO, own)]))
+        if self.scratch_md is not None:
+            args.append((_ARG_SCRATCHPAD, inner(self.scratch_md, self.scratch_size)))
+        self._scratch_need, self._generation = offset, -1
+        self._steps = [
+            (primitive, len(a), (_ExecArg * len(a))(*(_ExecArg(k, m) for k, m in a)))
+            for primitive, a in (*before, (self.primitive, args), *after)
+        ]
+
     def run(self, pointers: Sequence[int]) -> None:
         """Runs the primitive on XLA's buffers: ``pointers`` to the (input, kernel, output)
-        arrays of the convolution, whichever of them this primitive reads or writes."""
+        arrays of the convolution, whichever of them this primitive reads or writes. The
+        caller holds ``_OneDNN._running``."""
         dnn, lib = self.dnn, self.dnn.lib
-        out_index = _OUTPUT[self.kind]
-        keep, memories, args = [], [], []
-        finish = None
-        try:
-            for i in range(3):
-                user = dnn.memory(self.user[i], pointers[i])
-                memories.append(user)
-                if self.reorders[i] is None:
-                    args.append((_ARG[self.kind][i], user))
-                    continue
-                inner = dnn.memory(self.actual[i], _aligned(self.sizes[i], keep))
-                memories.append(inner)
-                args.append((_ARG[self.kind][i], inner))
-                if i == out_index:
-                    finish = (self.reorders[i], inner, user)
-                else:
-                    dnn.execute(self.reorders[i], [(_ARG_FROM, user), (_ARG_TO, inner)])
-            if self.scratch_md is not None:
-                scratch = _aligned(self.scratch_size, keep)
-                memories.append(dnn.memory(self.scratch_md, scratch))
-                args.append((_ARG_SCRATCHPAD, memories[-1]))
-            dnn.execute(self.primitive, args)
-            if finish is not None:
-                dnn.execute(finish[0], [(_ARG_FROM, finish[1]), (_ARG_TO, finish[2])])
-            dnn._check(lib.dnnl_stream_wait(dnn.stream()), "stream wait")
-        finally:
-            for m in memories:
-                lib.dnnl_memory_destroy(m)
+        if not hasattr(self, "_steps"):
+            self._bind()
+        if self._scratch_need:
+            base, generation = dnn.scratch(self._scratch_need)
+            if generation != self._generation:
+                for memory, offset in self._inner:
+                    dnn._check(lib.dnnl_memory_set_data_handle(memory, _H(base + offset)), "memory")
+                self._generation = generation
+        for memory, address in zip(self._users, pointers, strict=True):
+            dnn._check(lib.dnnl_memory_set_data_handle(memory, _H(address)), "memory")
+        stream = dnn.stream()
+        for primitive, n, packed in self._steps:
+            dnn._check(lib.dnnl_primitive_execute(primitive, stream, n, packed), "execute")
+        dnn._check(lib.dnnl_stream_wait(stream), "stream wait")
 
 
 # --------------------------------------------------------------------------------------

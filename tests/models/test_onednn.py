@@ -589,6 +589,32 @@ def test_timing_runs_the_primitives(monkeypatch):
     assert len(times) == 2 and all(0 < t < 1 for t in times)
 
 
+def test_a_plan_follows_each_calls_arrays_and_the_moved_scratch_memory():
+    # a plan's memory objects are built once and pointed at each call's arrays; the scratch
+    # memory of the reorders and scratchpads moves when a larger call needs more, and the
+    # plans built before point their inner arrays at the new one
+    dnn = onednn._load()
+    shape, ks, strides, pads = (2, 12, 10, 32), (4, 4), (2, 2), [(1, 1)] * 2
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1)))
+
+    ours = grads(lambda x, k: onednn.conv(x, k, strides, pads))
+    ref = grads(_lax(strides, pads))
+    key = onednn._key("data", onednn._geometry(shape, (*ks, 32, 64), strides, pads))
+    for seed in range(3):
+        if seed == 2:
+            generation = dnn._scratch_generation
+            with dnn._running:
+                dnn.scratch(dnn._scratch_size + onednn._ALIGN)
+            assert dnn._scratch_generation == generation + 1
+        x, k = randn(shape, seed), randn((*ks, 32, 64), seed + 10)
+        for a, b in zip(ours(x, k), ref(x, k), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    plan = dnn.plan(key)  # the input gradient: its kernel reordered, with a scratchpad
+    assert plan._scratch_need > 0 and plan._generation == dnn._scratch_generation
+
+
 @pytest.mark.parametrize("blocked_faster", [True, False])
 def test_a_primitive_runs_on_the_layouts_that_timed_faster(monkeypatch, blocked_faster):
     # a strided forward convolution with 32 -> 64 channels: oneDNN's own layouts (blocked, with
