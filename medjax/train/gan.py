@@ -130,6 +130,36 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+# Normalisations whose statistics are per example: a discriminator with one of them (and no
+# state, such as spectral norm's power iteration) scores each example on its own.
+PER_EXAMPLE_NORMS = ("instance", "layer", "group", "none")
+
+# Whether `discriminate` may score the real and fake batches in one call (a switch for A/B runs).
+JOINT_PASS = True
+
+
+def discriminate(
+    discriminator: Any, params: Any, stats: Any, real: jax.Array, fake: jax.Array
+) -> tuple[jax.Array, jax.Array, Any]:
+    """`(D(real), D(fake), new stats)` in training mode.
+
+    A discriminator that scores each example on its own (its `norm` per example, no
+    `batch_stats`: no batch norm, no spectral norm) sees the two batches as one, concatenated
+    on the batch axis: the same logits and gradients (per example, up to float rounding) from
+    half as many calls of each layer (Vox2Vox's step: fewer, larger oneDNN primitives and XLA
+    operations, ``BENCHMARKS.md``). Otherwise two calls, the statistics threaded from the
+    first to the second, as pytorch-CycleGAN-and-pix2pix does."""
+    if JOINT_PASS and not stats and getattr(discriminator, "norm", None) in PER_EXAMPLE_NORMS:
+        logits, stats = apply_model(
+            discriminator, params, stats, jnp.concatenate([real, fake], 0), train=True
+        )
+        n = real.shape[0]
+        return logits[:n], logits[n:], stats
+    real_logits, stats = apply_model(discriminator, params, stats, real, train=True)
+    fake_logits, stats = apply_model(discriminator, params, stats, fake, train=True)
+    return real_logits, fake_logits, stats
+
+
 def make_optimizers(
     config: Any, names: Mapping[str, str], num_steps: int
 ) -> dict[str, optax.GradientTransformation]:

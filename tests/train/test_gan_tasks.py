@@ -116,6 +116,44 @@ def test_wgan_gp_takes_n_critic_critic_steps_per_generator_step():
         wgan_gp.Task(bad)
 
 
+@pytest.mark.parametrize("norm,joint", [("instance", True), ("none", True), ("batch", False)])
+def test_discriminate_scores_real_and_fake_in_one_call_only_where_examples_are_independent(
+    monkeypatch, norm, joint
+):
+    # the real and fake logits, and the gradients of a loss on them, equal two separate calls
+    # (with a batch norm's statistics threaded from the first to the second); with a per-example
+    # norm the discriminator is called once, on the two batches concatenated
+    from medjax.models import PatchGAN
+    from medjax.train import gan
+
+    d = PatchGAN(features=4, num_layers=2, norm=norm)
+    rng = np.random.default_rng(0)
+    real, fake = (jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32) for _ in "rf")
+    params, stats = gan.init_model(d, jax.random.key(0), real)
+    calls = []
+    apply = gan.apply_model
+
+    def counted(module, params, stats, x, **kwargs):
+        calls.append(x.shape[0])
+        return apply(module, params, stats, x, **kwargs)
+
+    def loss(params, discriminate):
+        r, f, s = discriminate(d, params, stats, real, fake)
+        return jnp.mean(jnp.square(r - 1)) + jnp.mean(jnp.square(f)), (r, f, s)
+
+    def separate(d, params, stats, real, fake):
+        r, s = apply(d, params, stats, real, train=True)
+        f, s = apply(d, params, s, fake, train=True)
+        return r, f, s
+
+    monkeypatch.setattr(gan, "apply_model", counted)
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, gan.discriminate)
+    assert calls == ([4] if joint else [2, 2])
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, separate)
+    for a, b in zip(jax.tree.leaves((got, g_got)), jax.tree.leaves((want, g_want)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_dcgan_ema_is_the_hand_average():
     cfg = dcgan_medmnist.get_config("smoke,ema")
     task = dcgan.Task(cfg)

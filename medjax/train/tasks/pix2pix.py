@@ -283,11 +283,12 @@ class Task(task.Task):
         fake = jax.lax.stop_gradient(fake)
 
         def d_loss_fn(params_d):
-            real_l, s = gan.apply_model(
-                self.discriminator, params_d, sd, jnp.concatenate([source, target], -1), train=True
-            )
-            fake_l, s = gan.apply_model(
-                self.discriminator, params_d, s, jnp.concatenate([source, fake], -1), train=True
+            real_l, fake_l, s = gan.discriminate(
+                self.discriminator,
+                params_d,
+                sd,
+                jnp.concatenate([source, target], -1),
+                jnp.concatenate([source, fake], -1),
             )
             # Halved as in the paper, "to slow down the rate at which D learns relative to G".
             loss = 0.5 * jnp.mean(losses.gan_discriminator_loss(real_l, fake_l, self.loss_kind))
