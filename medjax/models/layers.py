@@ -62,9 +62,11 @@ output up to float rounding:
   taps (:func:`conv_overlap_add`).
 * Stride-1 float32 3x3 convolutions with at least 128 input and output channels and outputs of
   at least 32 per axis (CycleGAN's residual blocks) use Winograd's F(4x4, 3x3)
-  (:func:`conv_winograd`): 36 instead of 144 products per 4x4 output tile. It is exact in exact
-  arithmetic but not bit-for-bit: its float32 rounding is about 10x a direct convolution's
-  (1-2 x 10^-5 of the output's scale); :func:`winograd_convolutions` switches it off.
+  (:func:`conv_winograd`): 36 instead of 144 products per 4x4 output tile; 4x4 ones (a
+  PatchGAN's k4 s1 layers, outputs from 31 per axis) its F(3x3, 4x4), 36 instead of 144 per 3x3
+  tile. It is exact in exact arithmetic but not bit-for-bit: its float32 rounding is about 10x
+  a direct convolution's (1-2 x 10^-5 of the output's scale); :func:`winograd_convolutions`
+  switches it off.
 * 2x max-pooling (:func:`max_pool`) folds each window into axes of its own; its gradient picks
   the first maximum of each window by selects, not by ``select_and_scatter``'s scatter.
 
@@ -591,17 +593,38 @@ _WINOGRAD_AT = np.array(
     [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
     np.float64,
 )
-_WINOGRAD_M, _WINOGRAD_ALPHA = _WINOGRAD_AT.shape  # output tile 4, input tile 6
+# F(3x3, 4x4) for 4x4 kernels (a PatchGAN's k4 s1 layers): the same six interpolation points
+# (0, +-1, +-2, infinity), so the same ``B^T``; 36 products per 3x3 output tile instead of 144.
+_WINOGRAD_G4 = np.array(
+    [
+        [1 / 4, 0, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6, 1 / 6],
+        [1 / 24, 1 / 12, 1 / 6, 1 / 3],
+        [1 / 24, -1 / 12, 1 / 6, -1 / 3],
+        [0, 0, 0, 1],
+    ],
+    np.float64,
+)
+_WINOGRAD_AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 1]], np.float64)
+# kernel extent -> (B^T, G, A^T); output tile m = A^T's rows, input tile alpha = its columns
+_WINOGRAD_TRANSFORMS = {
+    3: (_WINOGRAD_BT, _WINOGRAD_G, _WINOGRAD_AT),
+    4: (_WINOGRAD_BT, _WINOGRAD_G4, _WINOGRAD_AT4),
+}
 
 # Where :func:`conv_winograd` beats XLA:CPU's convolution (2-core EPYC, BENCHMARKS.md): at least
-# this many input and output channels, this many 4x4 output tiles (batch x tiles) and output
-# extents of at least 32 (smaller ones waste part of their last tile and lost in whole steps: the
-# classifier's 128-channel 7^2 stage, the 2D U-Net's 16^2 level). Forward + backward, CycleGAN's
-# 256-channel residual convolutions at 64^2: batch 1 85 -> 55-59 ms, batch 4 362 -> 199-226 ms;
-# 64-channel convolutions lose (batch 8, 64^2, 128 -> 64: 124 -> 131 ms).
+# this many input and output channels, this many output tiles (batch x tiles) and output
+# extents of at least ``_WINOGRAD_MIN_SIZE[k]`` for a k x k kernel (smaller ones waste part of
+# their last tile and lost in whole steps: the classifier's 128-channel 7^2 stage, the 2D
+# U-Net's 16^2 level). Forward + backward, CycleGAN's 256-channel residual convolutions at 64^2:
+# batch 1 85 -> 55-59 ms, batch 4 362 -> 199-226 ms; 64-channel convolutions lose (batch 8,
+# 64^2, 128 -> 64: 124 -> 131 ms). 4x4 kernels against oneDNN's convolution (2-core Xeon with
+# AMX): pix2pix's PatchGAN layer 1 x 32^2, 256 -> 512, k4 s1 p1 (31^2 outputs, 121 tiles)
+# forward 11.3 against 15.8 ms, its two gradients 27.9 against 27.2; measured only there.
 _WINOGRAD_MIN_CHANNELS = 128
-_WINOGRAD_MIN_TILES = 128
-_WINOGRAD_MIN_SIZE = 32
+_WINOGRAD_MIN_TILES = {3: 128, 4: 121}
+_WINOGRAD_MIN_SIZE = {3: 32, 4: 31}
 
 _WINOGRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("medjax_winograd", default=True)
 
@@ -621,11 +644,12 @@ def winograd_convolutions(enabled: bool) -> Iterator[None]:
         _WINOGRAD.reset(token)
 
 
-def _tile_axis(x: Array, axis: int, tiles: int) -> Array:
+def _tile_axis(x: Array, axis: int, tiles: int, m: int, a: int) -> Array:
     """``[.., m * (tiles + 1), ..]`` -> ``[.., tiles, alpha, ..]``: the overlapping ``alpha``-long
     windows at stride ``m`` along ``axis``, as window ``i`` = block ``i`` (``m`` positions) and the
-    first ``alpha - m`` positions of block ``i + 1`` -- unit-stride slices and one concatenation."""
-    m, a, shape = _WINOGRAD_M, _WINOGRAD_ALPHA, x.shape
+    first ``alpha - m <= m`` positions of block ``i + 1`` -- unit-stride slices and one
+    concatenation."""
+    shape = x.shape
     blocks = x.reshape(shape[:axis] + (tiles + 1, m) + shape[axis + 1 :])
     head = lax.slice_in_dim(blocks, 0, tiles, axis=axis)
     tail = lax.slice_in_dim(blocks, 1, tiles + 1, axis=axis)
@@ -633,9 +657,8 @@ def _tile_axis(x: Array, axis: int, tiles: int) -> Array:
     return jnp.concatenate([head, tail], axis=axis + 1)
 
 
-def _untile_axis(d: Array, axis: int, tiles: int) -> Array:
+def _untile_axis(d: Array, axis: int, tiles: int, m: int, a: int) -> Array:
     """The transpose of :func:`_tile_axis`: every window added back in place."""
-    m, a = _WINOGRAD_M, _WINOGRAD_ALPHA
     head_pads, tail_pads = [(0, 0)] * d.ndim, [(0, 0)] * d.ndim
     head_pads[axis], tail_pads[axis], tail_pads[axis + 1] = (0, 1), (1, 0), (0, 2 * m - a)
     total = jnp.pad(lax.slice_in_dim(d, 0, m, axis=axis + 1), head_pads) + jnp.pad(
@@ -664,35 +687,39 @@ def linear_with_transpose(
 # The tiles of ``[B, m(th+1), m(tw+1), C]``, ``[B, th, alpha, tw, alpha, C]``, and their transpose
 # (JAX's own transpose of the overlapping windows runs several times slower on XLA:CPU).
 _winograd_tiles, _winograd_untile = linear_with_transpose(
-    lambda x, th, tw: _tile_axis(_tile_axis(x, 1, th), 3, tw),
-    lambda d, th, tw: _untile_axis(_untile_axis(d, 3, tw), 1, th),
-    num_static=2,
+    lambda x, th, tw, m, a: _tile_axis(_tile_axis(x, 1, th, m, a), 3, tw, m, a),
+    lambda d, th, tw, m, a: _untile_axis(_untile_axis(d, 3, tw, m, a), 1, th, m, a),
+    num_static=4,
 )
 
 
 def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> Array:
-    """Stride-1 2D 3x3 cross-correlation by Winograd's F(4x4, 3x3): the padded input cut into
-    overlapping 6x6 tiles (stride 4), each transformed by ``B^T d B``; the kernel by ``G g
+    """Stride-1 2D 3x3 or 4x4 cross-correlation by Winograd's minimal filtering: F(4x4, 3x3) or
+    F(3x3, 4x4), 6x6 input tiles either way. The padded input is cut into overlapping 6x6
+    tiles (stride ``m``, the output tile), each transformed by ``B^T d B``; the kernel by ``G g
     G^T``; then 36 matrix products ``[tiles, Cin] x [Cin, Cout]``, one per transformed position,
-    and ``A^T M A`` back to 4x4 output tiles -- 36 instead of 144 products per tile and channel
-    pair. Each transform is one small matrix product (the Kronecker product of its two 1D
-    matrices), which keeps the graph, and XLA's compile time, small. Gradients are the same
+    and ``A^T M A`` back to ``m x m`` output tiles -- 36 instead of 144 products per tile and
+    channel pair. Each transform is one small matrix product (the Kronecker product of its two
+    1D matrices), which keeps the graph, and XLA's compile time, small. Gradients are the same
     steps transposed. Exact in exact arithmetic; float32 rounding is about 10x a direct
     convolution's (:func:`winograd_convolutions`). :func:`conv_nd` routes here where it is
     faster (``_winograd_is_faster``).
     """
-    if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.ndim != 4:
+    r = kernel.shape[0]
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] not in ((3, 3), (4, 4)):
         raise ValueError(
-            f"conv_winograd needs a 2D input [B, H, W, C] and a 3x3 kernel [3, 3, Cin, Cout], "
-            f"got {x.shape} and {kernel.shape}"
+            f"conv_winograd needs a 2D input [B, H, W, C] and a 3x3 or 4x4 kernel [k, k, Cin, "
+            f"Cout], got {x.shape} and {kernel.shape}"
         )
     if any(p < 0 for pp in pads for p in pp):
         raise ValueError(f"conv_winograd needs paddings >= 0, got {pads}")
     b, h, w, cin = x.shape
-    m, a = _WINOGRAD_M, _WINOGRAD_ALPHA
-    ho, wo = _conv_out_sizes((h, w), (3, 3), (1, 1), pads)
+    bt, g, at = (np.kron(v, v).astype(x.dtype) for v in _WINOGRAD_TRANSFORMS[r])
+    m, a = _WINOGRAD_TRANSFORMS[r][2].shape
+    ho, wo = _conv_out_sizes((h, w), (r, r), (1, 1), pads)
     th, tw = -(-ho // m), -(-wo // m)
-    # pad to whole tiles: m * (t + 1) >= m * t + 2 input positions; never below ``pads``' high side
+    # pad to whole tiles: m * (t + 1) >= m * t + r - 1 input positions (m >= r - 1); never below
+    # ``pads``' high side
     xp = jnp.pad(
         x,
         [
@@ -702,10 +729,9 @@ def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> A
             (0, 0),
         ],
     )
-    bt, g, at = (np.kron(v, v).astype(x.dtype) for v in (_WINOGRAD_BT, _WINOGRAD_G, _WINOGRAD_AT))
-    d = _winograd_tiles(xp, th, tw).transpose(2, 4, 0, 1, 3, 5)  # [alpha, alpha, B, th, tw, C]
+    d = _winograd_tiles(xp, th, tw, m, a).transpose(2, 4, 0, 1, 3, 5)  # [a, a, B, th, tw, C]
     v = jnp.tensordot(bt, d.reshape(a * a, b * th * tw, cin), 1)
-    u = jnp.dot(g, kernel.reshape(9, -1).astype(x.dtype)).reshape(a * a, cin, -1)
+    u = jnp.dot(g, kernel.reshape(r * r, -1).astype(x.dtype)).reshape(a * a, cin, -1)
     mm = jnp.matmul(v, u)  # [alpha^2, tiles, Cout]
     y = jnp.tensordot(at, mm, 1).reshape(m, m, b, th, tw, -1)
     y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, m * th, m * tw, -1)
@@ -713,18 +739,21 @@ def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> A
 
 
 def _winograd_is_faster(x: Array, kernel: Array, out: Sequence[int]) -> bool:
-    """The route to :func:`conv_winograd` (see ``_WINOGRAD_MIN_CHANNELS``): float32 3x3
-    kernels with many channels, many output tiles and outputs of at least 32 per axis, unless
-    :func:`winograd_convolutions` is off."""
-    tiles = x.shape[0] * int(np.prod([-(-o // _WINOGRAD_M) for o in out]))
+    """The route to :func:`conv_winograd` (see ``_WINOGRAD_MIN_CHANNELS``): float32 3x3 and 4x4
+    kernels with many channels, at least ``_WINOGRAD_MIN_TILES`` output tiles and outputs of at
+    least ``_WINOGRAD_MIN_SIZE`` per axis, unless :func:`winograd_convolutions` is off."""
+    r = kernel.shape[0]
+    if kernel.shape[:-2] != (r, r) or r not in _WINOGRAD_MIN_SIZE:
+        return False
+    m = _WINOGRAD_TRANSFORMS[r][2].shape[0]
+    tiles = x.shape[0] * int(np.prod([-(-o // m) for o in out]))
     return (
         _WINOGRAD.get()
-        and kernel.shape[:-2] == (3, 3)
         and x.dtype == jnp.float32
         and kernel.dtype == jnp.float32
         and min(kernel.shape[-2:]) >= _WINOGRAD_MIN_CHANNELS
-        and tiles >= _WINOGRAD_MIN_TILES
-        and min(out) >= _WINOGRAD_MIN_SIZE
+        and tiles >= _WINOGRAD_MIN_TILES[r]
+        and min(out) >= _WINOGRAD_MIN_SIZE[r]
     )
 
 
@@ -1113,9 +1142,9 @@ def conv_nd(
       matrix product with the kernel as it is (``_im2col_is_faster``; in the code it comes
       after the 1x1, oneDNN, second-order kernel-2 and overlap-add forms, and before the 3D,
       space-to-depth and stride-phase ones).
-    * stride-1 float32 3x3 kernels with many channels and large outputs
-      (``_winograd_is_faster``): :func:`conv_winograd`, Winograd's F(4x4, 3x3), unless
-      :func:`winograd_convolutions` is off.
+    * stride-1 float32 3x3 and 4x4 kernels with many channels and large outputs
+      (``_winograd_is_faster``): :func:`conv_winograd`, Winograd's F(4x4, 3x3) or F(3x3, 4x4),
+      unless :func:`winograd_convolutions` is off.
     * otherwise XLA's convolution, of the input zero-padded beforehand at batch sizes up to
       ``_SMALL_BATCH`` (a faster filter gradient there).
 

@@ -688,13 +688,15 @@ def test_large_3d_route_is_cpu_only(monkeypatch):
         ((1, 3, 3, 3), [(2, 2), (2, 2)]),
     ],
 )
-def test_conv_winograd_equals_direct_convolution(shape, pads):
-    x, k = _rand(shape), _rand((3, 3, shape[-1], 7), 1)
+@pytest.mark.parametrize("r", [3, 4])
+def test_conv_winograd_equals_direct_convolution(shape, pads, r):
+    x, k = _rand(shape), _rand((r, r, shape[-1], 7), 1)
     y = conv_winograd(x, k, pads)
     want = _correlate_f64(x, k, pads)
     assert y.shape == want.shape
-    # Winograd's F(4x4, 3x3) is exact up to float32 rounding, which its transforms (entries up to
-    # 8 and 1/24) make about 10x a direct convolution's: both stay below 1e-5 of the output scale
+    # Winograd's F(4x4, 3x3) and F(3x3, 4x4) are exact up to float32 rounding, which their
+    # transforms (entries up to 8 and 1/24) make about 10x a direct convolution's: both stay
+    # below 1e-5 of the output scale
     scale = np.max(np.abs(want))
     assert np.max(np.abs(y - want)) <= 1e-5 * scale
 
@@ -712,16 +714,17 @@ def test_conv_winograd_equals_direct_convolution(shape, pads):
 
 def test_conv_winograd_rejects_other_kernels_and_negative_padding():
     x = _rand((1, 8, 8, 4))
-    with pytest.raises(ValueError, match=r"3x3 kernel.*\(5, 5, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"3x3 or 4x4 kernel.*\(5, 5, 4, 2\)"):
         conv_winograd(x, _rand((5, 5, 4, 2)), [(2, 2), (2, 2)])
     with pytest.raises(ValueError, match=r"paddings >= 0"):
         conv_winograd(x, _rand((3, 3, 4, 2)), [(-1, 1), (1, 1)])
 
 
-def test_conv_winograd_second_derivatives_equal_lax():
+@pytest.mark.parametrize("r", [3, 4])
+def test_conv_winograd_second_derivatives_equal_lax(r):
     # the transforms carry their transposes as VJPs, and those carry the transforms: a gradient
     # penalty (the input gradient differentiated again) agrees with lax's convolution
-    x, k = _rand((1, 9, 10, 4)), _rand((3, 3, 4, 5), 1)
+    x, k = _rand((1, 9, 10, 4)), _rand((r, r, 4, 5), 1)
     pads = [(1, 1), (0, 2)]
 
     def penalty(conv):
@@ -740,19 +743,23 @@ def test_conv_winograd_second_derivatives_equal_lax():
 
 
 @pytest.mark.parametrize(
-    "shape,cout,dtype,routed",
+    "shape,r,cout,dtype,routed",
     [
-        ((1, 64, 64, 128), 128, jnp.float32, True),  # 256 tiles of 4x4, 128 channels in and out
-        ((2, 32, 34, 128), 130, jnp.float32, True),  # 144 tiles, one partial per row
-        ((1, 32, 60, 128), 128, jnp.float32, False),  # 120 tiles
-        ((8, 16, 16, 128), 128, jnp.float32, False),  # 128 tiles, but 16^2 outputs
-        ((1, 64, 64, 64), 128, jnp.float32, False),  # 64 input channels
-        ((1, 64, 64, 128), 64, jnp.float32, False),
-        ((1, 64, 64, 128), 128, jnp.bfloat16, False),  # float32 only
+        ((1, 64, 64, 128), 3, 128, jnp.float32, True),  # 256 tiles of 4x4, 128 channels in, out
+        ((2, 32, 34, 128), 3, 130, jnp.float32, True),  # 144 tiles, one partial per row
+        ((1, 32, 60, 128), 3, 128, jnp.float32, False),  # 120 tiles
+        ((8, 16, 16, 128), 3, 128, jnp.float32, False),  # 128 tiles, but 16^2 outputs
+        ((1, 64, 64, 64), 3, 128, jnp.float32, False),  # 64 input channels
+        ((1, 64, 64, 128), 3, 64, jnp.float32, False),
+        ((1, 64, 64, 128), 3, 128, jnp.bfloat16, False),  # float32 only
+        # 4x4 kernels, 'SAME' (pads 1 / 2): 3x3 output tiles
+        ((1, 31, 31, 256), 4, 512, jnp.float32, True),  # pix2pix's PatchGAN layer: 121 tiles
+        ((1, 30, 30, 256), 4, 512, jnp.float32, False),  # 30^2 outputs, 100 tiles
+        ((1, 31, 31, 128), 4, 64, jnp.float32, False),  # 64 output channels
     ],
 )
-def test_conv_nd_routes_wide_3x3_convolutions_to_winograd(shape, cout, dtype, routed):
-    x, k = _rand(shape).astype(dtype), (_rand((3, 3, shape[-1], cout), 1) / 30).astype(dtype)
+def test_conv_nd_routes_wide_3x3_and_4x4_convolutions_to_winograd(shape, r, cout, dtype, routed):
+    x, k = _rand(shape).astype(dtype), (_rand((r, r, shape[-1], cout), 1) / 30).astype(dtype)
 
     def f(x, k):
         return conv_nd(x, k, 1, "SAME")
@@ -763,7 +770,7 @@ def test_conv_nd_routes_wide_3x3_convolutions_to_winograd(shape, cout, dtype, ro
         assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: f(x, k))(x, k))
     if routed:
         # 9 x 128 products per output: Winograd's rounding grows with the sum's length
-        want = _correlate_f64(x, k, [(1, 1), (1, 1)])
+        want = _correlate_f64(x, k, [(1, 1), (1, 1)] if r == 3 else [(1, 2), (1, 2)])
         assert np.max(np.abs(f(x, k) - want)) <= 3e-5 * np.max(np.abs(want))
 
 
