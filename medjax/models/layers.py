@@ -613,6 +613,15 @@ _WINOGRAD_TRANSFORMS = {
     4: (_WINOGRAD_BT, _WINOGRAD_G4, _WINOGRAD_AT4),
 }
 
+
+def _winograd_kernel_extent(kernel: Array) -> int | None:
+    """``k`` for a square ``k x k`` 2D kernel that :func:`conv_winograd` has transforms for,
+    else None."""
+    r = kernel.shape[0]
+    square = kernel.ndim == 4 and kernel.shape[:2] == (r, r)
+    return r if square and r in _WINOGRAD_TRANSFORMS else None
+
+
 # Where :func:`conv_winograd` beats XLA:CPU's convolution (2-core EPYC, BENCHMARKS.md): at least
 # this many input and output channels, this many output tiles (batch x tiles) and output
 # extents of at least ``_WINOGRAD_MIN_SIZE[k]`` for a k x k kernel (smaller ones waste part of
@@ -705,8 +714,8 @@ def conv_winograd(x: Array, kernel: Array, pads: Sequence[tuple[int, int]]) -> A
     convolution's (:func:`winograd_convolutions`). :func:`conv_nd` routes here where it is
     faster (``_winograd_is_faster``).
     """
-    r = kernel.shape[0]
-    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] not in ((3, 3), (4, 4)):
+    r = _winograd_kernel_extent(kernel)
+    if x.ndim != 4 or r is None:
         raise ValueError(
             f"conv_winograd needs a 2D input [B, H, W, C] and a 3x3 or 4x4 kernel [k, k, Cin, "
             f"Cout], got {x.shape} and {kernel.shape}"
@@ -742,8 +751,8 @@ def _winograd_is_faster(x: Array, kernel: Array, out: Sequence[int]) -> bool:
     """The route to :func:`conv_winograd` (see ``_WINOGRAD_MIN_CHANNELS``): float32 3x3 and 4x4
     kernels with many channels, at least ``_WINOGRAD_MIN_TILES`` output tiles and outputs of at
     least ``_WINOGRAD_MIN_SIZE`` per axis, unless :func:`winograd_convolutions` is off."""
-    r = kernel.shape[0]
-    if kernel.shape[:-2] != (r, r) or r not in _WINOGRAD_MIN_SIZE:
+    r = _winograd_kernel_extent(kernel)
+    if r is None:
         return False
     m = _WINOGRAD_TRANSFORMS[r][2].shape[0]
     tiles = x.shape[0] * int(np.prod([-(-o // m) for o in out]))

@@ -334,12 +334,17 @@ def _dims(values: Sequence[int]) -> _Dims:
 _ALIGN = 4096
 
 
+def _page_up(n: int) -> int:
+    """``n`` rounded up to a whole number of pages (``_ALIGN`` bytes)."""
+    return -(-n // _ALIGN) * _ALIGN
+
+
 def _aligned(size: int, keep: list) -> int:
     """The address of ``size`` new bytes aligned to a page (oneDNN's blocked layouts and
     scratchpads expect aligned memory; numpy's heap gives 16 bytes); ``keep`` holds them."""
     buffer = np.empty(size + _ALIGN, np.uint8)
     keep.append(buffer)
-    return -(-buffer.ctypes.data // _ALIGN) * _ALIGN
+    return _page_up(buffer.ctypes.data)
 
 
 # How plans are built (:class:`_Plan`): 2 since the backward kernels take channels-last
@@ -559,6 +564,7 @@ class _Plan:
         self.scratch_md = _H(scratch) if scratch else None
         self.scratch_size = dnn.lib.dnnl_memory_desc_get_size(self.scratch_md) if scratch else 0
         self.primitive = dnn.primitive(pd)
+        self._steps: list | None = None  # built at the first run (:meth:`_bind`)
 
     @property
     def reordered(self) -> tuple[bool, bool, bool]:
@@ -614,7 +620,7 @@ class _Plan:
             nonlocal offset
             memory = dnn.memory(md, 0)
             self._inner.append((memory, offset))
-            offset += -(-size // _ALIGN) * _ALIGN
+            offset += _page_up(size)
             return memory
 
         args, before, after = [], [], []
@@ -642,7 +648,7 @@ class _Plan:
         arrays of the convolution, whichever of them this primitive reads or writes. The
         caller holds ``_OneDNN._running``."""
         dnn, lib = self.dnn, self.dnn.lib
-        if not hasattr(self, "_steps"):
+        if self._steps is None:
             self._bind()
         if self._scratch_need:
             base, generation = dnn.scratch(self._scratch_need)

@@ -769,7 +769,8 @@ def test_conv_nd_routes_wide_3x3_and_4x4_convolutions_to_winograd(shape, r, cout
     with winograd_convolutions(False):  # the switch: XLA's convolution again (a new trace)
         assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, k: f(x, k))(x, k))
     if routed:
-        # 9 x 128 products per output: Winograd's rounding grows with the sum's length
+        # 9 x 128 (3x3) or 16 x 256 (4x4) products per output: Winograd's rounding grows
+        # with the sum's length
         want = _correlate_f64(x, k, [(1, 1), (1, 1)] if r == 3 else [(1, 2), (1, 2)])
         assert np.max(np.abs(f(x, k) - want)) <= 3e-5 * np.max(np.abs(want))
 
