@@ -989,7 +989,11 @@ _ONEDNN_SPATIAL_DIMS = (2, 3)
 # - 2D, the 2-core EPYC (AVX-512, no AMX): DCGAN's and WGAN-GP's critic layer 64 x 8^2, 256 ->
 #   512, k4 s2 (1024 positions) 19.1 / 46.2 against im2col's 24.8 / 52.7; steps WGAN-GP 1.080,
 #   DCGAN 1.034-1.039, pix2pix (two 32^2-output layers) 0.989, within its noise. On the 2-core
-#   Xeon with AMX that layer took 75.1 against 61.5 forward + backward.
+#   Xeon with AMX that layer took 75.1 against 61.5 forward + backward: there strided 2D ones
+#   whose outputs are all at most ``_IM2COL_MAX_STRIDED_EXTENT`` keep im2col. The Xeon's other
+#   ones from 2^10 positions (2^12 until session 49): pix2pix's 1 x 64^2, 128 -> 256 layers
+#   (generator, and the critic on the real and fake pairs) made its step 1.015, 1.032 and 1.024
+#   times as fast (16, 30 and 40 rounds).
 # - 3D, the 2-core EPYC, against the space-to-depth form (a kernel-2 convolution of the folded
 #   input): Vox2Vox's k4 s2 layers 2 x 24^3, 16 -> 32 1.02 / 2.56 against 1.88 / 3.65; 2 x
 #   12^3, 32 -> 64 0.50 / 1.32 against 1.36 / 2.37; 2 x 6^3, 64 -> 128 (54 positions) 0.32 /
@@ -998,7 +1002,7 @@ _ONEDNN_SPATIAL_DIMS = (2, 3)
 #   convolutions on oneDNN (against the depth stack, before the space-to-depth form).
 _ONEDNN_STRIDED_MIN_CHANNELS = 8
 _ONEDNN_STRIDED_MIN_POSITIONS = {2: 1 << 10, 3: 1}
-_ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 12}
+_ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 10}
 
 
 def _amx() -> bool:
@@ -1038,7 +1042,9 @@ def _onednn_is_faster(
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels and, per number of spatial axes,
     ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (2D from 2^10, 3D all; on a CPU with
-    AMX ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``: 2D from 2^12, no 3D).
+    AMX ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``: 2D from 2^10 as well, no 3D, and none whose
+    output extents are all at most ``_IM2COL_MAX_STRIDED_EXTENT``, which :func:`conv_im2col`
+    computes faster there).
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -1076,7 +1082,7 @@ def _onednn_is_faster(
         least = _onednn_min_positions(
             _ONEDNN_STRIDED_MIN_POSITIONS, _ONEDNN_STRIDED_MIN_POSITIONS_AMX, d
         )
-        if least is None:
+        if least is None or (_amx() and max(out) <= _IM2COL_MAX_STRIDED_EXTENT):
             return False
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 

@@ -372,9 +372,10 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(monkeypatch, shape):
 @pytest.mark.parametrize("amx", [False, True])
 def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monkeypatch, amx):
     # the AMX Xeon's thresholds where oneDNN's bfloat16 kernels are AMX's, the EPYC's elsewhere:
-    # a strided 2D convolution with 2^10 output positions, a strided 3D one with 54, a 3D
-    # ConvTranspose4 with 3456 and a 3D UpSample with 2^16 go to oneDNN only on the latter;
-    # 2^12 strided 2D ones and a 2D ConvTranspose4 with 2^12 on both
+    # a strided 2D convolution with 2^10 output positions of extent 4 (DCGAN's critic: im2col
+    # on AMX), a strided 3D one with 54, a 3D ConvTranspose4 with 3456 and a 3D UpSample with
+    # 2^16 go to oneDNN only on the latter; strided 2D ones with 2^10 positions of extent 32
+    # (pix2pix's) or 2^12 and a 2D ConvTranspose4 with 2^12 on both
     monkeypatch.setattr(layers, "_amx", lambda: amx)
 
     def routed(fn, *shapes):
@@ -383,6 +384,7 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
     strided = lambda x, k: conv_nd(x, k, 2, "SAME")  # noqa: E731
     assert routed(strided, (64, 8, 8, 256), (4, 4, 256, 32)) == (not amx)
     assert routed(strided, (64, 16, 16, 256), (4, 4, 256, 32))
+    assert routed(strided, (1, 64, 64, 128), (4, 4, 128, 32))
     assert routed(strided, (2, 6, 6, 6, 64), (4, 4, 4, 64, 32)) == (not amx)
     # < 8 input channels: the space-to-depth form ([2, 25, 25, 25, 8 x 2]) on both
     assert "f32[2,25,25,25,16]" in _graph(strided, (2, 48, 48, 48, 2), (4, 4, 4, 2, 16))
