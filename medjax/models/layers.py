@@ -998,11 +998,18 @@ _ONEDNN_SPATIAL_DIMS = (2, 3)
 #   input): Vox2Vox's k4 s2 layers 2 x 24^3, 16 -> 32 1.02 / 2.56 against 1.88 / 3.65; 2 x
 #   12^3, 32 -> 64 0.50 / 1.32 against 1.36 / 2.37; 2 x 6^3, 64 -> 128 (54 positions) 0.32 /
 #   1.45 against 0.86 / 2.32; Vox2Vox's step 1.108 and 1.120 (60 rounds each; from 200 and from
-#   32 positions). On the Xeon, Vox2Vox's step took 122 against 113 ms with strided 3D
-#   convolutions on oneDNN (against the depth stack, before the space-to-depth form).
+#   32 positions).
+# - 3D, the 2-core Xeon with AMX, from 200 positions (none until session 49: Vox2Vox's step
+#   took 122 against 113 ms with them, in session 37's handler): forward / the two gradients,
+#   ms, now against XLA's formulations: k3 s2 2 x 64^3, 32 -> 64 23.5 / 85.5 against 76.1 /
+#   171.6, 2 x 32^3, 64 -> 128 13.7 / 25.8 against 26.1 / 51.0, 2 x 16^3, 128 -> 256 6.6 / 14.2
+#   against 8.7 / 17.5; Vox2Vox's k4 s2 2 x 24^3, 16 -> 32 0.77 / 2.22 against 2.12 / 3.35
+#   (space-to-depth form), 2 x 12^3, 32 -> 64 0.40 / 1.75 against 0.91 / 2.34; Vox2Vox's step
+#   1.044, 1.058 (from 1 position), 1.064 and 1.026 (from 200; 100 rounds each). Its 2 x 6^3,
+#   64 -> 128 (54 positions) keeps im2col's one product.
 _ONEDNN_STRIDED_MIN_CHANNELS = 8
 _ONEDNN_STRIDED_MIN_POSITIONS = {2: 1 << 10, 3: 1}
-_ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 10}
+_ONEDNN_STRIDED_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 200}
 
 
 def _amx() -> bool:
@@ -1042,9 +1049,9 @@ def _onednn_is_faster(
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels and, per number of spatial axes,
     ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (2D from 2^10, 3D all; on a CPU with
-    AMX ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``: 2D from 2^10 as well, no 3D, and none whose
-    output extents are all at most ``_IM2COL_MAX_STRIDED_EXTENT``, which :func:`conv_im2col`
-    computes faster there).
+    AMX ``_ONEDNN_STRIDED_MIN_POSITIONS_AMX``: 2D from 2^10 as well, 3D from 200, and no 2D
+    one whose output extents are all at most ``_IM2COL_MAX_STRIDED_EXTENT``, which
+    :func:`conv_im2col` computes faster there).
 
     Measured (steps, one process, routes interleaved; 2-core Xeon, BENCHMARKS.md): U-Net 3D
     4439 against 6899 ms (its levels below 32^3 made no measurable difference either way);
@@ -1058,11 +1065,10 @@ def _onednn_is_faster(
     64 x 32^2, 64 -> 128, k4 s2 38.6 against 46.6, but 75.1 against 61.5 at 64 x 8^2,
     256 -> 512 (1024 output positions; the 2-core EPYC without AMX: 46.2 against 52.7 for
     the gradients, see ``_ONEDNN_STRIDED_MIN_POSITIONS``); steps: DCGAN 652 against 690,
-    WGAN-GP 3100 against 3339, pix2pix 544 against 556. On the Xeon strided 3D ones keep
-    XLA's formulations (by oneDNN directly, Vox2Vox's step took 122 against 113 ms), whose
-    stride-1 convolution then takes this route: the depth-stacked 2D one of a k3 s2 (2 x
-    64^3, 32 -> 64: 123.7 against 218.5 ms forward + backward), the kernel-2 3D one of a k4
-    s2's space-to-depth form; on the EPYC oneDNN runs them directly."""
+    WGAN-GP 3100 against 3339, pix2pix 544 against 556. Strided 3D ones below 200 output
+    positions on the Xeon (and those with fewer than 8 input channels everywhere) keep XLA's
+    formulations, whose stride-1 convolution may then take this route: the kernel-2 3D one
+    of a k4 s2's space-to-depth form, the depth-stacked 2D one of a k3 s2."""
     if _onednn_takes_every(x):
         return onednn.applies(x, kernel, strides, pads)
     d = x.ndim - 2

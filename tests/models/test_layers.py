@@ -338,7 +338,7 @@ def test_strided_3d_convolutions_fold_all_three_axes(monkeypatch, ks, stride, fo
         return original(x, kernel, s, pads)
 
     monkeypatch.setattr(layers, "conv_space_to_depth", spy)
-    # oneDNN's strided 3D route off (as on a CPU with AMX): XLA's formulations
+    # oneDNN's strided 3D route off (no 3D entry in either table): XLA's formulations
     monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS", {2: 1 << 10})
     monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS_AMX", {2: 1 << 12})
     x = jax.ShapeDtypeStruct((2, 24, 24, 24, 16), jnp.float32)

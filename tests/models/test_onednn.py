@@ -154,6 +154,7 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
         ((4, 16, 16, 16), 3, 2, jnp.bfloat16, "bf16"),  # ... and strided 3D too
         ((2, 6, 6, 6), 64, 2, jnp.float32, "no AMX"),  # strided 3D (54 positions)
+        ((2, 12, 12, 12), 32, 2, jnp.float32, True),  # strided 3D (432 positions)
         ((2, 48, 48, 48), 2, 2, jnp.float32, False),  # strided 3D, < 8 input channels
         ((8, 128, 128), 32, 1, jnp.float32, True),  # U-Net 2D's levels
         ((8, 16, 16), 256, 1, jnp.float32, True),  # 2^11 positions, stride 1
@@ -180,9 +181,9 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
 @pytest.mark.parametrize("direct", [False, True])
 def test_a_k4_s2_3d_convolution_on_onednn(monkeypatch, direct):
     # Vox2Vox's and the 3D PatchGAN's 2 x 24^3, 16 -> 32. Without oneDNN's strided 3D route
-    # (a CPU with AMX), oneDNN convolves the input folded in all three axes ([2, 13, 13, 13, 8 x
-    # 16]) with the kernel [2, 2, 2, 128, 32], not a depth-stacked 2D form ([2 x 12, 13, 13, 4
-    # x 4 x 16]); with it (a CPU without AMX), one strided oneDNN convolution of the input as it is
+    # (both tables without 3D), oneDNN convolves the input folded in all three axes ([2, 13, 13,
+    # 13, 8 x 16]) with the kernel [2, 2, 2, 128, 32], not a depth-stacked 2D form ([2 x 12, 13,
+    # 13, 4 x 4 x 16]); with it, one strided oneDNN convolution of the input as it is
     table = {3: 1} if direct else {}
     monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS", table)
     monkeypatch.setattr(layers, "_ONEDNN_STRIDED_MIN_POSITIONS_AMX", table)
@@ -375,7 +376,8 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
     # a strided 2D convolution with 2^10 output positions of extent 4 (DCGAN's critic: im2col
     # on AMX), a strided 3D one with 54, a 3D ConvTranspose4 with 3456 and a 3D UpSample with
     # 2^16 go to oneDNN only on the latter; strided 2D ones with 2^10 positions of extent 32
-    # (pix2pix's) or 2^12 and a 2D ConvTranspose4 with 2^12 on both
+    # (pix2pix's) or 2^12, a strided 3D one with 3456 (Vox2Vox's) and a 2D ConvTranspose4 with
+    # 2^12 on both
     monkeypatch.setattr(layers, "_amx", lambda: amx)
 
     def routed(fn, *shapes):
@@ -386,6 +388,7 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
     assert routed(strided, (64, 16, 16, 256), (4, 4, 256, 32))
     assert routed(strided, (1, 64, 64, 128), (4, 4, 128, 32))
     assert routed(strided, (2, 6, 6, 6, 64), (4, 4, 4, 64, 32)) == (not amx)
+    assert routed(strided, (2, 24, 24, 24, 16), (4, 4, 4, 16, 32))
     # < 8 input channels: the space-to-depth form ([2, 25, 25, 25, 8 x 2]) on both
     assert "f32[2,25,25,25,16]" in _graph(strided, (2, 48, 48, 48, 2), (4, 4, 4, 2, 16))
     calls, original = [], onednn.conv_transpose
