@@ -1328,15 +1328,19 @@ class Conv(nn.Module):
         return y
 
 
-# 2D ones from 2^10 output positions; 3D ones from 2^15, where the CPU has no AMX. The 2-core
-# EPYC, forward /
+# 2D ones from 2^10 output positions; 3D ones from 2^15, where the CPU has no AMX, and from
+# 2^17 where it has (the 2-core Xeon, with the tunables of the scripts, forward / backward ms
+# against the 1x1 convolution + depth-to-space: 2 x 32^3, 32 -> 32 9.5 / 21.3 against 15.1 /
+# 20.9, but 2 x 16^3, 64 -> 32 (2^16 output positions) 3.0 / 3.3 against 1.6 / 2.9; U-Net 3D's
+# step (2 x 64^3, one process, interleaved, per-round ratios) 1.017-1.044 against no 3D ones,
+# 1.000 against 2^15; none until session 49). The 2-core EPYC, forward /
 # backward ms against the 1x1 convolution + depth-to-space (U-Net 3D's up-samplers): 2 x 32^3,
 # 32 -> 32: 12.2 / 25.5 against 27.3 / 21.9; 2 x 16^3, 64 -> 32: 2.6 / 4.0 against 4.1 / 5.8;
 # but 2 x 8^3, 128 -> 64 (2^13 output positions): 1.1 / 3.8 against 1.0 / 2.1. U-Net 3D's step
 # (2 x 64^3, one process, routes interleaved, 8 rounds): 2323 against 2385 ms without 3D ones
 # (per-round ratio 0.974), 2312 with every 3D one (0.999 against this threshold).
 _ONEDNN_UPSAMPLE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 15}
-_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX = {2: 1 << 10}
+_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 1 << 17}
 
 
 def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
@@ -1345,15 +1349,16 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     the channels-last output directly instead of a 1x1 convolution's ``2^d * features``
     channels and their depth-to-space copy: from ``_ONEDNN_UPSAMPLE_MIN_POSITIONS`` output
     positions (batch x spatial; 2D from 2^10, 3D from 2^15; on a CPU with AMX
-    ``_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX``: 2D only), where oneDNN can run.
+    ``_ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX``: 3D from 2^17), where oneDNN can run.
 
     Measured (2-core Xeon, forward / backward ms, against the 1x1 convolution + depth-to-space):
     8 x 128^2, 32 -> 32: 4.4 / 23.0 against 12.5 / 22.6; 8 x 64^2, 32 -> 32: 1.0 / 3.6 against
     2.7 / 6.2; 8 x 16^2, 128 -> 64: 0.5 / 1.3 against 0.7 / 2.2; 8 x 8^2, 256 -> 128: 0.6 / 1.4
     against 0.9 / 1.8; equal at 64 x 4^2, 128 -> 64 and 1 x 16^2, 64 -> 32. U-Net 2D's step
-    (8 x 128^2, one process, interleaved): 281 against 286 ms. On the Xeon it lost in 3D (2 x
-    32^3, 32 -> 32: 7.5 / 23.4 against 13.2 / 14.9); on the 2-core EPYC without AMX it wins
-    from 2^15 output positions."""
+    (8 x 128^2, one process, interleaved): 281 against 286 ms. In 3D it wins from 2^17 output
+    positions on the Xeon (2 x 32^3, 32 -> 32: 9.5 / 21.3 against 15.1 / 20.9; until session 49
+    it lost there, 7.5 / 23.4 against 13.2 / 14.9, and the Xeon had no 3D ones), from 2^15 on
+    the 2-core EPYC without AMX."""
     return _onednn_doubling_applies(
         x, kernel, _ONEDNN_UPSAMPLE_MIN_POSITIONS, _ONEDNN_UPSAMPLE_MIN_POSITIONS_AMX, pad=0
     )
