@@ -1088,7 +1088,7 @@ def _onednn_is_faster(
         least = _onednn_min_positions(
             _ONEDNN_STRIDED_MIN_POSITIONS, _ONEDNN_STRIDED_MIN_POSITIONS_AMX, d
         )
-        if least is None or (_amx() and max(out) <= _IM2COL_MAX_STRIDED_EXTENT):
+        if least is None or (_amx() and d == 2 and max(out) <= _IM2COL_MAX_STRIDED_EXTENT):
             return False
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
