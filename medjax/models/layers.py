@@ -979,6 +979,11 @@ _ONEDNN_FEW_OUT_CHANNELS = 8
 # (2 x 4^3 outputs), the step gained less (1.012, 1.019), and the Xeon's 2 x 4^3 case above
 # is XLA's.
 _ONEDNN_3D_STRIDE_1_MIN_POSITIONS = 200
+# On the 2-core Xeon with AMX from 100 (200 until session 49): Vox2Vox's critic head on the fake
+# pairs alone (2 x 5^3, 128 -> 1, k4: 128 output positions), whose im2col data gradient XLA
+# summed from 64 shifted slices; its step 1.105 and 1.090 (80 rounds each, quartiles
+# 1.043-1.177), from 1 position 1.023.
+_ONEDNN_3D_STRIDE_1_MIN_POSITIONS_AMX = 100
 _ONEDNN_SPATIAL_DIMS = (2, 3)
 # Strided convolutions with at least 8 input channels (below that oneDNN's strided kernels lose:
 # 1 x 256^2, 3 -> 64, k4 s2, forward + backward 8.1 against 6.3 ms; Vox2Vox's first layers, 2 x
@@ -1077,7 +1082,11 @@ def _onednn_is_faster(
         if d not in _ONEDNN_SPATIAL_DIMS or (d == 2 and _winograd_is_faster(x, kernel, out)):
             return False
         if d == 3:  # oneDNN's native 3D convolution against XLA's depth-stacked or im2col forms
-            least = _ONEDNN_3D_STRIDE_1_MIN_POSITIONS
+            least = (
+                _ONEDNN_3D_STRIDE_1_MIN_POSITIONS_AMX
+                if _amx()
+                else _ONEDNN_3D_STRIDE_1_MIN_POSITIONS
+            )
         elif kernel.shape[-1] < _ONEDNN_FEW_OUT_CHANNELS:
             least = _ONEDNN_MIN_POSITIONS
         else:

@@ -148,7 +148,8 @@ def _graph(fn, *shapes, dtype=jnp.float32):
         ((2, 16, 16, 16), 128, 1, jnp.float32, True),  # 2^13 positions
         ((1, 8, 8, 8), 256, 1, jnp.float32, True),  # 2^9 positions, stride 1
         ((1, 4, 8, 8), 256, 1, jnp.float32, True),  # 3D: 2^8 positions, from 200
-        ((2, 4, 4, 4), 256, 1, jnp.float32, False),  # 3D: 2^7 positions
+        ((2, 4, 4, 4), 256, 1, jnp.float32, "AMX"),  # 3D: 2^7 positions, from 100 on AMX
+        ((1, 4, 4, 4), 256, 1, jnp.float32, False),  # 3D: 2^6 positions
         ((2, 64, 64, 64), 32, 2, jnp.float32, True),  # k3 s2 3D: its depth-stacked 2D form
         ((2, 64, 64, 64), 32, 1, jnp.bfloat16, "bf16"),  # bfloat16: where the CPU has kernels
         ((1, 4, 8, 8), 256, 1, jnp.bfloat16, "bf16"),  # ... at any size
@@ -171,6 +172,8 @@ def test_conv_nd_routes_2d_and_3d_convolutions_to_onednn(shape, cin, strides, dt
         routed = onednn.bfloat16_kernels() is not None
     elif routed == "no AMX":  # the EPYC's thresholds, not the AMX Xeon's
         routed = not layers._amx()
+    elif routed == "AMX":  # the AMX Xeon's thresholds, not the EPYC's
+        routed = layers._amx()
     ks = (3,) * len(shape[1:])
     graph = _graph(
         lambda x, k: conv_nd(x, k, strides, "SAME"), (*shape, cin), (*ks, cin, 32), dtype=dtype
@@ -389,6 +392,9 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
     assert routed(strided, (1, 64, 64, 128), (4, 4, 128, 32))
     assert routed(strided, (2, 6, 6, 6, 64), (4, 4, 4, 64, 32)) == (not amx)
     assert routed(strided, (2, 24, 24, 24, 16), (4, 4, 4, 16, 32))
+    # a stride-1 3D one with 128 output positions: from 100 on AMX, from 200 elsewhere
+    stride_1 = lambda x, k: conv_nd(x, k, 1, "SAME")  # noqa: E731
+    assert routed(stride_1, (2, 4, 4, 4, 256), (3, 3, 3, 256, 32)) == amx
     # < 8 input channels: the space-to-depth form ([2, 25, 25, 25, 8 x 2]) on both
     assert "f32[2,25,25,25,16]" in _graph(strided, (2, 48, 48, 48, 2), (4, 4, 4, 2, 16))
     calls, original = [], onednn.conv_transpose
