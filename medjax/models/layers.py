@@ -1050,7 +1050,8 @@ def _onednn_is_faster(
     ``_ONEDNN_SPATIAL_DIMS`` spatial axes (2D and 3D) and at least
     ``_ONEDNN_STRIDE_1_MIN_POSITIONS`` output positions (batch x spatial;
     ``_ONEDNN_MIN_POSITIONS`` with fewer than ``_ONEDNN_FEW_OUT_CHANNELS`` outputs; 3D ones
-    from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``), except
+    from ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS``, ``_ONEDNN_3D_STRIDE_1_MIN_POSITIONS_AMX`` on a
+    CPU with AMX), except
     those that Winograd's algorithm computes (``_winograd_is_faster``), and strided ones with
     at least ``_ONEDNN_STRIDED_MIN_CHANNELS`` input channels and, per number of spatial axes,
     ``_ONEDNN_STRIDED_MIN_POSITIONS`` output positions (2D from 2^10, 3D all; on a CPU with
