@@ -23,7 +23,7 @@ output up to float rounding:
   are no faster than its float32 ones, oneDNN's on AMX 4-10x faster than its float32 ones. A
   transposed one to fewer than 8 channels (an output layer) runs only its gradients there:
   oneDNN's kernel for its forward is slow, so that is an XLA formulation below
-  (``_conv_transpose4_few_out``; Vox2Vox's step 6 % faster).
+  (``_conv_transpose4_onednn_gradients``; Vox2Vox's step 6 % faster).
 * 3D convolutions with a depth extent > 1 (e.g. 3x3x3) are folded into a single 2D
   convolution: the ``kd`` shifted depth views are stacked along channels,
   ``[B*D', H, W, kd*Cin]``, and convolved with the kernel reshaped to ``[kh, kw, kd*Cin, Cout]``
@@ -1509,8 +1509,15 @@ class StridedConv4(nn.Module):
 # x 6^3, 256 -> 64 (3456) 1.84 / 5.08 against 2.64 / 7.18 (session 41). Steps (one process,
 # routes interleaved, per-round ratios): pix2pix 1.036 (40 rounds), Vox2Vox 1.038 (50 rounds,
 # quartiles 0.946-1.103), DCGAN 1.002, the 3D DCGAN 1.000.
+# Session 50 (the same Xeon, float32, forward / backward ms alone, ``BENCHMARKS.md``): 3D ones
+# take oneDNN's gradients from 2^11 output positions (the forward stays XLA's overlap-add below
+# ``_ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX``, ``_conv_transpose4_forward_on_xla``): 2 x 6^3,
+# 128 -> 32 (Vox2Vox's) 1.48 / 2.65 against the overlap-add's 1.43 / 2.91 and oneDNN's 1.83 /
+# 3.37; 1 x 8^3, 64 -> 32 1.10 / 1.55 against the sub-pixel route's 1.64 / 3.40; 4 x 4^3, 256 ->
+# 128 about 4.9 / 11.0 against 6.3 / 17.9; 2 x 8^3, 128 -> 64 4.8 / 8.1 against 4.7 / 14.2.
 _ONEDNN_TRANSPOSE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 10}
-_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 1 << 14}
+_ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 1 << 11}
+_ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX = 1 << 14
 
 
 def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
@@ -1527,38 +1534,73 @@ def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     5644, pix2pix 567 against 576, WGAN-GP 3092 against 3099. In 3D (Vox2Vox's up-samplers):
     2 x 12^3, 128 -> 32, 16.8 against 34.7 ms, 2 x 24^3, 64 -> 16, 35.0 against 44.6, but 16.6
     against 12.4 at 2 x 6^3, 256 -> 64 (3456 output positions); Vox2Vox's step 94 against 110
-    ms (the EPYC's numbers are at ``_ONEDNN_TRANSPOSE_MIN_POSITIONS``)."""
+    ms (the EPYC's numbers are at ``_ONEDNN_TRANSPOSE_MIN_POSITIONS``).
+
+    On the AMX Xeon, a float32 2D one whose input extents are all at most
+    ``_IM2COL_MAX_STRIDED_EXTENT`` keeps XLA's route, as the strided convolution it is the
+    adjoint of keeps im2col: DCGAN's generator layer 64 x 4^2, 512 -> 256, forward / backward
+    16.0 / 34.9 ms by the sub-pixel route against oneDNN's 24.6 / 43.3; DCGAN's step 1.031x as
+    fast (one process, interleaved, 16 rounds; session 50)."""
+    d = x.ndim - 2
+    if (
+        d == 2
+        and not _onednn_takes_every(x)
+        and max(x.shape[1:-1]) <= _IM2COL_MAX_STRIDED_EXTENT
+        and _amx()
+    ):
+        return False
     return _onednn_doubling_applies(
         x, kernel, _ONEDNN_TRANSPOSE_MIN_POSITIONS, _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX, pad=1
     )
 
 
+def _conv_transpose4_forward_on_xla(x: Array, features: int) -> str | None:
+    """The XLA formulation that computes the forward of a :class:`ConvTranspose4` on the
+    oneDNN route whose gradients stay oneDNN's (:func:`_conv_transpose4_onednn_gradients`), or
+    None where oneDNN computes it all:
+
+    * fewer than ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output channels, where oneDNN's
+      transposed-convolution kernel is slow: the overlap-add in float32 with at most
+      ``_FEW_OUT_OVERLAP_ADD_MAX_COLUMNS`` tap columns, the shuffle otherwise;
+    * on a CPU with AMX, a float32 3D one below ``_ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX``
+      output positions: the overlap-add (the table above ``_onednn_transpose_is_faster``)."""
+    d = x.ndim - 2
+    float32 = x.dtype == jnp.float32
+    if features < _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS:
+        few_columns = 4**d * features <= _FEW_OUT_OVERLAP_ADD_MAX_COLUMNS
+        return "overlap_add" if float32 and few_columns else "shuffle"
+    positions = x.shape[0] * 2**d * int(np.prod(x.shape[1:-1]))
+    if float32 and d == 3 and positions < _ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX and _amx():
+        return "overlap_add"
+    return None
+
+
 # Below this many output channels oneDNN's transposed convolution (its data-gradient kernel) is
 # slow, while the gradients it needs are oneDNN's fast forward and weights kernels: the forward
-# is then an exact XLA formulation (_conv_transpose4_few_out).
+# is then an exact XLA formulation (_conv_transpose4_onednn_gradients).
 _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS = 8
 # Up to this many tap columns (4^d x output channels) that formulation is the overlap-add in
 # float32; beyond, and in bfloat16, the single kernel-2 convolution (shuffle).
 _FEW_OUT_OVERLAP_ADD_MAX_COLUMNS = 64
 
 
-@jax.custom_vjp
-def _conv_transpose4_few_out(x: Array, kernel: Array) -> Array:
-    """:class:`ConvTranspose4` with fewer than ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output
-    channels where oneDNN runs it: the forward by :func:`conv_transpose4_overlap_add` (float32,
-    at most ``_FEW_OUT_OVERLAP_ADD_MAX_COLUMNS`` tap columns) or :func:`conv_transpose4_shuffle`,
-    the gradients by oneDNN (:func:`medjax.models.onednn.conv_transpose`'s VJP: a strided
-    forward convolution and a weights gradient; its own forward, unused, is dead code).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_transpose4_onednn_gradients(x: Array, kernel: Array, forward: str) -> Array:
+    """:class:`ConvTranspose4` on the oneDNN route with its forward by an XLA formulation,
+    ``forward`` (``'overlap_add'``: :func:`conv_transpose4_overlap_add`, ``'shuffle'``:
+    :func:`conv_transpose4_shuffle`; :func:`_conv_transpose4_forward_on_xla` chooses), and its
+    gradients by oneDNN (:func:`medjax.models.onednn.conv_transpose`'s VJP: a strided forward
+    convolution and a weights gradient; its own forward, unused, is dead code).
 
-    Measured forward / forward + backward against oneDNN's transposed convolution (2-core
-    EPYC, ms): Vox2Vox's output layer, 2 x 24^3, 32 -> 1, 1.3 / 2.7 against 9.2 / 11.0;
-    pix2pix's 1 x 128^2, 128 -> 3, 1.4 / 4.3 against 5.4 / 8.9; DCGAN's 64 x 32^2, 64 -> 3,
-    3.3 / 9.2 against 11.9 / 18.1; in bfloat16 (shuffle) 3.7 against 7.1, 3.9 against 4.8 and
-    5.8 against 10.0 forward + backward. Steps (one process, interleaved, the per-round ratio
-    of the times without to with it): Vox2Vox 0.934-0.937 (6 % faster), DCGAN 0.989, pix2pix
-    1.001; in bfloat16 Vox2Vox 1.012 and DCGAN 0.980, within the noise."""
-    d = x.ndim - 2
-    if x.dtype == jnp.float32 and 4**d * kernel.shape[-1] <= _FEW_OUT_OVERLAP_ADD_MAX_COLUMNS:
+    With fewer than ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output channels, measured forward /
+    forward + backward against oneDNN's transposed convolution (2-core EPYC, ms): Vox2Vox's
+    output layer, 2 x 24^3, 32 -> 1, 1.3 / 2.7 against 9.2 / 11.0; pix2pix's 1 x 128^2, 128 ->
+    3, 1.4 / 4.3 against 5.4 / 8.9; DCGAN's 64 x 32^2, 64 -> 3, 3.3 / 9.2 against 11.9 / 18.1;
+    in bfloat16 (shuffle) 3.7 against 7.1, 3.9 against 4.8 and 5.8 against 10.0 forward +
+    backward. Steps (one process, interleaved, the per-round ratio of the times without to
+    with it): Vox2Vox 0.934-0.937 (6 % faster), DCGAN 0.989, pix2pix 1.001; in bfloat16
+    Vox2Vox 1.012 and DCGAN 0.980, within the noise."""
+    if forward == "overlap_add":
         return conv_transpose4_overlap_add(x, kernel)
     return conv_transpose4_shuffle(x, kernel)
 
@@ -1568,15 +1610,17 @@ def _onednn_conv_transpose4(x: Array, kernel: Array) -> Array:
     return onednn.conv_transpose(x, kernel, (2,) * d, [(1, 1)] * d)
 
 
-def _conv_transpose4_few_out_fwd(x, kernel):
-    return _conv_transpose4_few_out(x, kernel), (x, kernel)
+def _conv_transpose4_onednn_gradients_fwd(x, kernel, forward):
+    return _conv_transpose4_onednn_gradients(x, kernel, forward), (x, kernel)
 
 
-def _conv_transpose4_few_out_bwd(res, g):
+def _conv_transpose4_onednn_gradients_bwd(forward, res, g):
     return jax.vjp(_onednn_conv_transpose4, *res)[1](g)
 
 
-_conv_transpose4_few_out.defvjp(_conv_transpose4_few_out_fwd, _conv_transpose4_few_out_bwd)
+_conv_transpose4_onednn_gradients.defvjp(
+    _conv_transpose4_onednn_gradients_fwd, _conv_transpose4_onednn_gradients_bwd
+)
 
 
 def _kernel_phases(kernel: Array, stride: int) -> list[Array]:
@@ -1600,7 +1644,13 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
 
     * ``'overlap_add'`` (:func:`conv_transpose4_overlap_add`) for few output channels, where
       XLA's convolutions are slow, and for inputs of at most ``_TAP_BATCHED_MAX_POSITIONS``
-      positions (its products then batched over the taps, the kernel read as it is);
+      positions (its products then batched over the taps, the kernel read as it is), and
+      for 3D inputs of at most ``_IM2COL_MAX_POSITIONS`` positions, where the sub-pixel
+      route's eight small convolutions and their gradients cost more than their products
+      (2-core Xeon, forward / backward ms: Vox2Vox's 2 x 3^3, 128 -> 64 0.77 / 1.43 against
+      1.15 / 2.16; 2 x 4^3, 64 -> 32 0.51 / 1.15 against 0.84 / 2.54; 1 x 6^3, 128 -> 64
+      1.85 / 3.12 against 2.25 / 5.44; but 1 x 8^3, 64 -> 32 1.15 / 6.50 against 1.63 /
+      3.40; in 2D no clear winner, session 50);
     * ``'shuffle'`` (:func:`conv_transpose4_shuffle`) at batch sizes up to ``_SMALL_BATCH``
       with every spatial extent >= 16 (its one-voxel border then costs at most 13 % more
       products in 2D): batch 1, 128^2, 128 -> 64 channels takes 87 ms against the sub-pixel
@@ -1610,7 +1660,10 @@ def _conv_transpose4_route(shape: Sequence[int], cout: int) -> str:
       batches, where XLA's padded convolutions are at their fastest).
     """
     batch, *spatial, cin = shape
-    if cout < 16 or batch * int(np.prod(spatial)) <= _TAP_BATCHED_MAX_POSITIONS:
+    positions = batch * int(np.prod(spatial))
+    if cout < 16 or positions <= _TAP_BATCHED_MAX_POSITIONS:
+        return "overlap_add"
+    if len(spatial) == 3 and positions <= _IM2COL_MAX_POSITIONS:
         return "overlap_add"
     if batch <= _SMALL_BATCH and min(spatial) >= 16:
         return "shuffle"
@@ -1705,10 +1758,10 @@ class ConvTranspose4(nn.Module):
     (:func:`conv_transpose4_shuffle`); ``_conv_transpose4_route`` decides.
     On CPUs with oneDNN, large ones are oneDNN's input gradient of the k4 s2 p1 convolution
     instead (``_onednn_transpose_is_faster``); with fewer than
-    ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output channels only their gradients are oneDNN's,
-    the forward the overlap-add or the shuffle (``_conv_transpose4_few_out``). An input of
-    one position is one matrix product with the kernel's centre taps
-    (:func:`conv_transpose4_one_position`).
+    ``_ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS`` output channels, and for mid-sized float32 3D ones
+    on a CPU with AMX, only their gradients are oneDNN's, the forward the overlap-add or the
+    shuffle (``_conv_transpose4_forward_on_xla``). An input of one position is one matrix
+    product with the kernel's centre taps (:func:`conv_transpose4_one_position`).
 
     Attributes:
       features: number of output channels.
@@ -1750,10 +1803,12 @@ class ConvTranspose4(nn.Module):
             )
         if route == "one_position":
             y = conv_transpose4_one_position(x, kernel)
-        elif route == "onednn" and self.features < _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS:
-            y = _conv_transpose4_few_out(x, kernel)
         elif route == "onednn":
-            y = _onednn_conv_transpose4(x, kernel)
+            forward = _conv_transpose4_forward_on_xla(x, self.features)
+            if forward is None:
+                y = _onednn_conv_transpose4(x, kernel)
+            else:
+                y = _conv_transpose4_onednn_gradients(x, kernel, forward)
         elif route == "overlap_add":
             y = conv_transpose4_overlap_add(x, kernel)
         elif route == "shuffle":

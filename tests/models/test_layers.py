@@ -200,7 +200,8 @@ CT4_CASES = [
     (3, (16, 17), 3, 16, "subpixel"),
     (2, (3, 4, 5), 3, 4, "overlap_add"),
     (2, (3, 4, 5), 64, 16, "overlap_add"),
-    (2, (3, 4, 5), 3, 20, "subpixel"),
+    (2, (3, 4, 5), 3, 20, "overlap_add"),  # 3D, at most 256 input positions
+    (2, (5, 6, 7), 3, 20, "subpixel"),
     (2, (16, 16, 17), 2, 16, "shuffle"),
     # at most 16 input positions: the overlap-add's products batched over the taps
     (1, (2, 2), 8, 20, "overlap_add"),

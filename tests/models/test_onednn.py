@@ -377,10 +377,10 @@ def test_conv_transpose4_on_the_onednn_route_equals_linen(monkeypatch, shape):
 def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monkeypatch, amx):
     # the AMX Xeon's thresholds where oneDNN's bfloat16 kernels are AMX's, the EPYC's elsewhere:
     # a strided 2D convolution with 2^10 output positions of extent 4 (DCGAN's critic: im2col
-    # on AMX), a strided 3D one with 54, a 3D ConvTranspose4 with 3456 and a 3D UpSample with
-    # 2^16 go to oneDNN only on the latter; strided 2D ones with 2^10 positions of extent 32
-    # (pix2pix's) or 2^12, a strided 3D one with 3456 (Vox2Vox's) and a 2D ConvTranspose4 with
-    # 2^12 on both
+    # on AMX), a strided 3D one with 54, a 2D ConvTranspose4 from inputs of extent 4 (DCGAN's
+    # generator), the forward of a 3D one with 3456 and a 3D UpSample with 2^16 go to oneDNN
+    # only on the latter; strided 2D ones with 2^10 positions of extent 32 (pix2pix's) or
+    # 2^12, a strided 3D one with 3456 (Vox2Vox's) and a 2D ConvTranspose4 with 2^14 on both
     monkeypatch.setattr(layers, "_amx", lambda: amx)
 
     def routed(fn, *shapes):
@@ -404,7 +404,7 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
         return original(*args, **kwargs)
 
     monkeypatch.setattr(onednn, "conv_transpose", spy)
-    for shape in [(64, 4, 4, 32), (2, 6, 6, 6, 32)]:
+    for shape in [(64, 4, 4, 32), (64, 8, 8, 32), (2, 6, 6, 6, 32)]:
         up = layers.ConvTranspose4(16, spatial_dims=len(shape) - 2)
         x = jax.ShapeDtypeStruct(shape, jnp.float32)
         jax.make_jaxpr(up.apply)(jax.eval_shape(up.init, jax.random.PRNGKey(0), x), x)
@@ -414,8 +414,8 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
         up3 = layers.UpSample(4, spatial_dims=3)
         x3 = jax.ShapeDtypeStruct(shape, jnp.float32)
         jax.make_jaxpr(up3.apply)(jax.eval_shape(up3.init, jax.random.PRNGKey(0), x3), x3)
-    epyc_only = {(2, 6, 6, 6, 32), (2, 16, 16, 16, 8)}
-    assert set(calls) == {(64, 4, 4, 32), (2, 32, 32, 32, 8)} | (set() if amx else epyc_only)
+    epyc_only = {(64, 4, 4, 32), (2, 6, 6, 6, 32), (2, 16, 16, 16, 8)}
+    assert set(calls) == {(64, 8, 8, 32), (2, 32, 32, 32, 8)} | (set() if amx else epyc_only)
 
 
 def _onednn_calls(fn, *args) -> int:
@@ -446,6 +446,26 @@ def test_conv_transpose4_with_few_outputs_runs_its_gradients_on_onednn(
     fast = layers.ConvTranspose4(features, spatial_dims=d)
     plain = nn.ConvTranspose(features, (4,) * d, strides=(2,) * d, padding="SAME")
     params = plain.init(jax.random.PRNGKey(0), x)
+    assert _onednn_calls(fast.apply, params, x) == forward_calls
+    grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(fast.apply(p, x))), (0, 1))
+    assert _onednn_calls(grads, params, x) == forward_calls + 2
+    _assert_module_equals(fast, plain, params, x, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_mid_sized_3d_conv_transpose4_on_amx_runs_only_its_gradients_on_onednn(monkeypatch, amx):
+    # on the AMX Xeon a float32 3D ConvTranspose4 with 2^11 to 2^14 output positions (Vox2Vox's
+    # 2 x 6^3, 128 -> 32: 3456) computes its forward as the overlap-add and its gradients by
+    # oneDNN; elsewhere oneDNN computes all three (from 2^10). Values and gradients equal
+    # Linen's ConvTranspose either way
+    import flax.linen as nn
+
+    monkeypatch.setattr(layers, "_amx", lambda: amx)
+    x = randn((2, 6, 6, 6, 24))
+    fast = layers.ConvTranspose4(16, spatial_dims=3)
+    plain = nn.ConvTranspose(16, (4,) * 3, strides=(2,) * 3, padding="SAME")
+    params = plain.init(jax.random.PRNGKey(0), x)
+    forward_calls = 0 if amx else 1
     assert _onednn_calls(fast.apply, params, x) == forward_calls
     grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(fast.apply(p, x))), (0, 1))
     assert _onednn_calls(grads, params, x) == forward_calls + 2
