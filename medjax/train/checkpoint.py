@@ -82,6 +82,23 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+def _saved_tree(mngr: Any, step: int) -> Any:
+    """The saved item's tree of array metadata (paths, shapes), or None where it cannot be
+    read (the restore then decides)."""
+    try:
+        saved = mngr.item_metadata(step)
+    except Exception:  # noqa: BLE001 - the restore reports what is wrong with the checkpoint
+        return None
+    return getattr(saved, "tree", saved)
+
+
+def _misfit(mngr: Any, step: int, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint step {step} in {Path(mngr.directory)} does not fit this config's model "
+        f"({why}); restore it with the config it was trained with"
+    )
+
+
 class Checkpointer:
     """Latest-N and best-by-metric Orbax checkpoints of one train state pytree.
 
@@ -116,6 +133,7 @@ class Checkpointer:
         self._latest = ocp.CheckpointManager(
             root / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **common),
+            item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata: the saved tree
         )
         self._best = None
         if best_metric:
@@ -128,6 +146,7 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                     **common,
                 ),
+                item_handlers=ocp.StandardCheckpointHandler(),
             )
 
     # -- queries -------------------------------------------------------------------------------
@@ -201,19 +220,15 @@ class Checkpointer:
             where = "best" if best else "checkpoints"
             raise FileNotFoundError(f"no checkpoint found in {Path(mngr.directory) / ''} ({where})")
         abstract = abstract_like(target)
+        # The saved tree's paths and shapes are compared first: a restore that fails midway
+        # leaves Orbax's pending reads to an event loop that is closed by then.
+        saved = _saved_tree(mngr, step)
+        if saved is not None and _shapes(saved) != _shapes(abstract):
+            raise _misfit(mngr, step, describe_mismatch(saved, abstract))
         try:
             return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except (ValueError, KeyError, TypeError) as e:
-            try:
-                saved = mngr.item_metadata(step)
-                saved = getattr(saved, "tree", saved)
-                why = describe_mismatch(saved, abstract) if saved is not None else str(e)
-            except Exception:  # noqa: BLE001 - the metadata is only for the message
-                why = str(e).splitlines()[0]
-            raise CheckpointError(
-                f"checkpoint step {step} in {Path(mngr.directory)} does not fit this config's "
-                f"model ({why}); restore it with the config it was trained with"
-            ) from e
+            raise _misfit(mngr, step, str(e).splitlines()[0] if str(e) else repr(e)) from e
 
     def wait(self) -> None:
         """Waits for the saves in flight; raises `CheckpointError` when one failed."""

@@ -170,6 +170,9 @@ def test_restore_onto_another_model_is_one_clear_error_and_changes_nothing(tmp_p
     msg = str(info.value)
     assert "does not fit this config's model" in msg and str(work / "checkpoints") in msg
     assert "\n" not in msg and len(msg) < 800
+    # found from the saved tree's metadata, before any array is read: it names a differing
+    # array with both shapes
+    assert "arrays of another shape" in msg and " saved (" in msg and " vs model (" in msg
     assert _snapshot(work) == before
 
 
