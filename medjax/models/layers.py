@@ -1514,7 +1514,8 @@ class StridedConv4(nn.Module):
 # ``_ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX``, ``_conv_transpose4_forward_on_xla``): 2 x 6^3,
 # 128 -> 32 (Vox2Vox's) 1.48 / 2.65 against the overlap-add's 1.43 / 2.91 and oneDNN's 1.83 /
 # 3.37; 1 x 8^3, 64 -> 32 1.10 / 1.55 against the sub-pixel route's 1.64 / 3.40; 4 x 4^3, 256 ->
-# 128 about 4.9 / 11.0 against 6.3 / 17.9; 2 x 8^3, 128 -> 64 4.8 / 8.1 against 4.7 / 14.2.
+# 128 the overlap-add's forward 4.9 and oneDNN's backward 11.0 against the sub-pixel route's
+# 6.3 / 17.9; 2 x 8^3, 128 -> 64 4.8 / 8.1 against 4.7 / 14.2.
 _ONEDNN_TRANSPOSE_MIN_POSITIONS = {2: 1 << 10, 3: 1 << 10}
 _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX = {2: 1 << 10, 3: 1 << 11}
 _ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX = 1 << 14
