@@ -1032,6 +1032,15 @@ def _onednn_min_positions(
     return (table_amx if _amx() else table).get(d)
 
 
+def _small_2d_side_on_amx(extents: Sequence[int]) -> bool:
+    """Whether a 2D convolution's small side (a strided one's output, a transposed one's input:
+    ``extents``) is at most ``_IM2COL_MAX_STRIDED_EXTENT`` per axis on a CPU with AMX, where
+    such float32 ones keep XLA's formulations (``_onednn_is_faster``,
+    ``_onednn_transpose_is_faster``): DCGAN's critic layer 8^2 -> 4^2 and its generator's 4^2
+    -> 8^2, each other's adjoint."""
+    return len(extents) == 2 and max(extents) <= _IM2COL_MAX_STRIDED_EXTENT and _amx()
+
+
 def _onednn_takes_every(x: Array) -> bool:
     """Whether every convolution of ``x`` that oneDNN can run goes to it, whatever its shape:
     bfloat16, which XLA:CPU convolves no faster than float32 while oneDNN's AMX kernels are
@@ -1098,7 +1107,7 @@ def _onednn_is_faster(
         least = _onednn_min_positions(
             _ONEDNN_STRIDED_MIN_POSITIONS, _ONEDNN_STRIDED_MIN_POSITIONS_AMX, d
         )
-        if least is None or (_amx() and d == 2 and max(out) <= _IM2COL_MAX_STRIDED_EXTENT):
+        if least is None or _small_2d_side_on_amx(out):
             return False
     return x.shape[0] * int(np.prod(out)) >= least and onednn.applies(x, kernel, strides, pads)
 
@@ -1542,13 +1551,7 @@ def _onednn_transpose_is_faster(x: Array, kernel: Array) -> bool:
     adjoint of keeps im2col: DCGAN's generator layer 64 x 4^2, 512 -> 256, forward / backward
     16.0 / 34.9 ms by the sub-pixel route against oneDNN's 24.6 / 43.3; DCGAN's step 1.031x as
     fast (one process, interleaved, 16 rounds; session 50)."""
-    d = x.ndim - 2
-    if (
-        d == 2
-        and not _onednn_takes_every(x)
-        and max(x.shape[1:-1]) <= _IM2COL_MAX_STRIDED_EXTENT
-        and _amx()
-    ):
+    if not _onednn_takes_every(x) and _small_2d_side_on_amx(x.shape[1:-1]):
         return False
     return _onednn_doubling_applies(
         x, kernel, _ONEDNN_TRANSPOSE_MIN_POSITIONS, _ONEDNN_TRANSPOSE_MIN_POSITIONS_AMX, pad=1
