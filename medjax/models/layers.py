@@ -1383,6 +1383,12 @@ def _onednn_upsample_is_faster(x: Array, kernel: Array) -> bool:
     )
 
 
+def _doubled_positions(x: Array) -> int:
+    """The output positions (batch x spatial) of a stride-2 transposed convolution of ``x``
+    ``[B, *spatial, C]``, which doubles every spatial extent."""
+    return x.shape[0] * 2 ** (x.ndim - 2) * int(np.prod(x.shape[1:-1]))
+
+
 def _onednn_doubling_applies(
     x: Array,
     kernel: Array,
@@ -1397,8 +1403,7 @@ def _onednn_doubling_applies(
     d = x.ndim - 2
     least = _onednn_min_positions(table, table_amx, d)
     return (
-        _onednn_takes_every(x)
-        or (least is not None and x.shape[0] * 2**d * int(np.prod(x.shape[1:-1])) >= least)
+        _onednn_takes_every(x) or (least is not None and _doubled_positions(x) >= least)
     ) and onednn.applies(x, kernel, (2,) * d, [(pad, pad)] * d)
 
 
@@ -1573,8 +1578,8 @@ def _conv_transpose4_forward_on_xla(x: Array, features: int) -> str | None:
     if features < _ONEDNN_TRANSPOSE_FEW_OUT_CHANNELS:
         few_columns = 4**d * features <= _FEW_OUT_OVERLAP_ADD_MAX_COLUMNS
         return "overlap_add" if float32 and few_columns else "shuffle"
-    positions = x.shape[0] * 2**d * int(np.prod(x.shape[1:-1]))
-    if float32 and d == 3 and positions < _ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX and _amx():
+    mid_sized = _doubled_positions(x) < _ONEDNN_TRANSPOSE_FORWARD_MIN_POSITIONS_AMX
+    if float32 and d == 3 and mid_sized and _amx():
         return "overlap_add"
     return None
 
