@@ -10,11 +10,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.train-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.train-installed: pyproject.toml setup.py medjax/models/_onednn_ffi.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[train]'
 	@touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.dev-installed: pyproject.toml setup.py medjax/models/_onednn_ffi.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.train-installed
 
@@ -37,7 +37,7 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+$(VENV)/.bench-installed: pyproject.toml setup.py medjax/models/_onednn_ffi.c | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	@touch $@ $(VENV)/.dev-installed $(VENV)/.train-installed
 
@@ -48,3 +48,4 @@ bench: $(VENV)/.bench-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -f medjax/models/_onednn_ffi*.so

@@ -61,46 +61,71 @@ def busy_time(intervals: list[tuple[float, float]], start: float, end: float) ->
 
 
 class Recorder:
-    """Times every oneDNN primitive that medjax's FFI handler runs while :meth:`installed`:
-    ``inside[plan]`` its run times (seconds), ``intervals`` their ``(begin, end, thread)``
-    (``time.perf_counter``), ``waits`` the lock waits. With ``skip`` set the primitives do not
-    run (the XLA part's timing) and nothing is recorded."""
+    """Times every oneDNN primitive that XLA's calls run while :meth:`installed`: :meth:`step`
+    runs one step and returns its calls as ``(plan, thread, called, began, ended)``
+    (``time.perf_counter`` seconds; the lock that makes the calls take turns was taken between
+    ``called`` and ``began``), or with ``skip`` runs it with the primitives skipped (the XLA
+    part's timing) and records nothing. The calls run from C where medjax's C handler is built
+    (``onednn._native``; it records them there), else from the Python handler (its methods
+    wrapped here)."""
+
+    CAPACITY = 1 << 16
 
     def __init__(self) -> None:
+        self.calls: list[tuple[Any, int, float, float, float]] = []
         self.skip = False
-        self.inside: dict[Any, list[float]] = collections.defaultdict(list)
-        self.intervals: list[tuple[float, float, int]] = []
-        self.waits: list[float] = []
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Recorder]:
         from medjax.models import onednn
 
+        dnn = onednn._load()
+        assert dnn is not None
+        if dnn.in_c:
+            yield self
+            return
         plan_run, handler_run = onednn._Plan.run, onednn._OneDNN.run
-        local = threading.local()  # the run time of this thread's call, for its lock wait
+        local = threading.local()  # this thread's call: its plan and run's times
 
         def timed_plan_run(plan, pointers) -> None:
-            local.run = 0.0
             if self.skip:
                 return
-            t = time.perf_counter()
+            local.began = time.perf_counter()
             plan_run(plan, pointers)
-            end = time.perf_counter()
-            local.run = end - t
-            self.inside[plan].append(local.run)
-            self.intervals.append((t, end, threading.get_ident()))
+            local.ended, local.plan = time.perf_counter(), plan
 
         def timed_handler_run(dnn, plan_id, pointers) -> None:
-            t = time.perf_counter()
+            called = time.perf_counter()
             handler_run(dnn, plan_id, pointers)
             if not self.skip:
-                self.waits.append(time.perf_counter() - t - local.run)
+                ident = threading.get_ident()
+                self.calls.append((local.plan, ident, called, local.began, local.ended))
 
         onednn._Plan.run, onednn._OneDNN.run = timed_plan_run, timed_handler_run
         try:
             yield self
         finally:
             onednn._Plan.run, onednn._OneDNN.run = plan_run, handler_run
+
+    def step(self, step: Callable[[], None], skip: bool) -> list[tuple]:
+        from medjax.models import onednn
+
+        dnn = onednn._load()
+        self.skip, self.calls = skip, []
+        if not dnn.in_c:
+            step()
+            return self.calls
+        dnn.native.medjax_onednn_skip(int(skip))
+        if skip:
+            step()
+            dnn.native.medjax_onednn_skip(0)
+            return []
+        record = (onednn._NativeCall * self.CAPACITY)()
+        dnn.native.medjax_onednn_record(record, self.CAPACITY)
+        step()
+        n = dnn.native.medjax_onednn_record(None, 0)
+        plans = {plan.handle: plan for plan in dnn._plans.values()}
+        return [(plans[c.plan], c.thread, c.called, c.began, c.ended) for c in record[:n]]
 
 
 def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
@@ -112,23 +137,24 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
         step()
     recorder = Recorder()
     full, xla, busy, threads = [], [], [], []
+    inside: dict[Any, list[float]] = collections.defaultdict(list)
+    waits: list[float] = []
     with recorder.installed():
         for _ in range(rounds):
-            recorder.skip = True
             t = time.perf_counter()
-            step()
+            recorder.step(step, skip=True)
             xla.append(time.perf_counter() - t)
-            recorder.skip = False
-            first = len(recorder.intervals)
             t = time.perf_counter()
-            step()
+            calls = recorder.step(step, skip=False)
             end = time.perf_counter()
             full.append(end - t)
-            calls = recorder.intervals[first:]
-            busy.append(busy_time([(a, b) for a, b, _ in calls], t, end))
-            threads.append(len({thread for _, _, thread in calls}))
+            for plan, _, called, began, ended in calls:
+                inside[plan].append(ended - began)
+                waits.append(began - called)
+            busy.append(busy_time([(c[3], c[4]) for c in calls], t, end))
+            threads.append(len({c[1] for c in calls}))
     plans = []
-    for plan, times in recorder.inside.items():
+    for plan, times in inside.items():
         alone = onednn._time_plans([plan], rounds=5)[0]
         calls = len(times) / rounds
         plans.append(
@@ -146,12 +172,13 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
     plans.sort(key=lambda r: -r["in_step_s"])
     return {
         "rounds": rounds,
+        "handler": "C" if onednn._load().in_c else "Python",
         "step_s": statistics.median(full),
         "xla_part_s": statistics.median(xla),
-        "onednn_calls_per_step": sum(len(v) for v in recorder.inside.values()) / rounds,
+        "onednn_calls_per_step": sum(len(v) for v in inside.values()) / rounds,
         "onednn_in_step_s": sum(r["in_step_s"] for r in plans),
         "onednn_alone_s": sum(r["alone_s"] for r in plans),
-        "lock_wait_s": sum(recorder.waits) / rounds,
+        "lock_wait_s": sum(waits) / rounds,
         "onednn_busy_s": statistics.median(busy),
         "outside_onednn_s": statistics.median(s - b for s, b in zip(full, busy, strict=True)),
         "calling_threads": max(threads),
@@ -162,7 +189,7 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
 def report(name: str, dtype: str, r: dict, top: int) -> str:
     ms = 1e3
     lines = [
-        f"{name} ({dtype}), {r['rounds']} rounds:",
+        f"{name} ({dtype}), {r['rounds']} rounds, oneDNN called from {r['handler']}:",
         f"  step {r['step_s'] * ms:.1f} ms; XLA part (oneDNN skipped) "
         f"{r['xla_part_s'] * ms:.1f} ms (medians)",
         f"  oneDNN: {r['onednn_calls_per_step']:.0f} calls a step, {r['onednn_in_step_s'] * ms:.1f}"

@@ -210,7 +210,10 @@ def test_busy_time_is_the_length_of_the_union_of_intervals_within_the_window():
     assert breakdown.busy_time([(2.0, 3.0)], 0.0, 1.0) == 0.0
 
 
-def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(monkeypatch):
+@pytest.mark.parametrize("handler", ["C", "Python"])
+def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(
+    monkeypatch, handler
+):
     import jax
     import jax.numpy as jnp
 
@@ -218,6 +221,10 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
 
     if not onednn.available():
         pytest.skip("oneDNN (the onednn-cpu-gomp wheel) is not installed")
+    dnn = onednn._load()
+    if handler == "C" and dnn.native is None:
+        pytest.skip("the C handler (medjax/models/_onednn_ffi.c) is not built here")
+    monkeypatch.setattr(dnn, "from_python", handler == "Python")
     pads = [(1, 1), (1, 1)]
 
     def loss(x, k):
@@ -228,7 +235,8 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
     k = jnp.full((3, 3, 8, 8), 0.01, jnp.float32)
     # the independent count: the FFI calls in XLA's compiled program (two forwards, and each
     # convolution's input and kernel gradients, less the first's unused input gradient)
-    calls = grad.lower(x, k).compile().as_text().count(f'custom_call_target="{onednn._TARGET}"')
+    target = onednn._TARGET if handler == "C" else onednn._TARGET_PYTHON
+    calls = grad.lower(x, k).compile().as_text().count(f'custom_call_target="{target}"')
     assert calls == 5
     plan_run, handler_run = onednn._Plan.run, onednn._OneDNN.run
 
@@ -236,6 +244,7 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
         jax.block_until_ready(grad(x, k))
 
     result = breakdown.breakdown(step, rounds=2, warmup=1)
+    assert result["handler"] == handler
     assert (onednn._Plan.run, onednn._OneDNN.run) == (plan_run, handler_run)
     assert result["onednn_calls_per_step"] == calls
     assert sum(p["calls_per_step"] for p in result["plans"]) == calls
@@ -251,21 +260,32 @@ def test_breakdown_times_each_onednn_call_of_the_step_and_restores_the_handler(m
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + min(3, len(result["plans"]))  # the header, a row per primitive
 
-    # skipped primitives are not run: a spy on the primitives sees none of the skipped step's
-    # calls, every one of the real step's, and the recorder records only the real step
+    # skipped primitives are not run: the C library records none of a skipped step's calls (it
+    # returns before it records), a spy on the Python handler's primitives sees none; both see
+    # every one of the real step's, and the recorder returns only the real step's
     ran = []
+    if handler == "C":
+        record = (onednn._NativeCall * 16)()
 
-    def spy(plan, pointers):
-        ran.append(plan.kind)
-        plan_run(plan, pointers)
+        def recorded(skip: bool) -> int:
+            dnn.native.medjax_onednn_skip(int(skip))
+            dnn.native.medjax_onednn_record(record, 16)
+            step()
+            dnn.native.medjax_onednn_skip(0)
+            return dnn.native.medjax_onednn_record(None, 0)
 
+        assert recorded(skip=True) == 0 and recorded(skip=False) == calls
+    else:
+
+        def spy(plan, pointers):
+            ran.append(plan.kind)
+            plan_run(plan, pointers)
+
+        monkeypatch.setattr(onednn._Plan, "run", spy)
     recorder = breakdown.Recorder()
-    monkeypatch.setattr(onednn._Plan, "run", spy)
     with recorder.installed():
-        recorder.skip = True
-        step()
-        assert not ran and not recorder.inside and not recorder.waits
-        recorder.skip = False
-        step()
-    assert len(ran) == calls and sum(map(len, recorder.inside.values())) == calls
-    assert len(recorder.waits) == calls == len(recorder.intervals)
+        assert recorder.step(step, skip=True) == [] and not ran
+        real = recorder.step(step, skip=False)
+    assert len(ran) == (calls if handler == "Python" else 0)
+    assert len(real) == calls and {c[0].kind for c in real} <= {"forward", "data", "weights"}
+    assert all(called <= began <= ended for _, _, called, began, ended in real)

@@ -13,6 +13,14 @@ The library comes from PyPI (``pip install 'medjax[onednn]'``, part of ``medjax[
 ``onednn-cpu-gomp`` wheel, oneDNN 3.2 built with GNU OpenMP). Its constants below are oneDNN
 3.2's; another version is not loaded. ``MEDJAX_ONEDNN=0`` turns the route off.
 
+XLA's calls run without Python where ``pip install`` could compile ``_onednn_ffi.c``
+(``setup.py``; a C compiler and nothing else): Python builds each primitive, its memory objects
+and packed arguments once and hands them to that library (:func:`_native`), whose FFI handler
+then only sets the arrays' addresses, executes and waits. The Python handler took 80-190 us a
+call inside a step (10-14 alone), on the step's critical path: Vox2Vox 1.045x, the classifier
+1.055x, DCGAN 1.03x faster in C (``BENCHMARKS.md``). Without the compiled library, or with
+``MEDJAX_ONEDNN_NATIVE=0``, the same primitives run from :func:`_execute` through ctypes.
+
 The convolution is bilinear, and its three oneDNN primitives (forward, backward data,
 backward weights) are each other's transposes, so every one carries a VJP made of the other
 two (:func:`conv`): gradients of gradients (a gradient penalty) work to any order. The
@@ -175,6 +183,74 @@ def _library_path() -> Path | None:
     return None
 
 
+_NATIVE_LIBRARY = "_onednn_ffi"
+_NATIVE_ABI = 1  # MEDJAX_ONEDNN_ABI in _onednn_ffi.c
+# oneDNN's functions that the C library calls, in medjax_onednn_init's order
+_NATIVE_CALLS = (
+    "dnnl_memory_set_data_handle",
+    "dnnl_primitive_execute",
+    "dnnl_stream_wait",
+    "dnnl_stream_create",
+)
+
+
+@functools.cache
+def _native() -> ctypes.CDLL | None:
+    """The compiled fast path (``_onednn_ffi.c``, built by ``setup.py`` where a C compiler
+    exists): XLA's calls run their primitives from C, without Python or its lock. None where it
+    was not built or ``MEDJAX_ONEDNN_NATIVE=0``; the primitives then run from Python."""
+    if os.environ.get("MEDJAX_ONEDNN_NATIVE", "1") == "0":
+        return None
+    here = Path(__file__).parent
+    for path in sorted(here.glob(f"{_NATIVE_LIBRARY}*.so")):
+        try:
+            lib = ctypes.CDLL(str(path))
+            if lib.medjax_onednn_abi() != _NATIVE_ABI:  # built from another version: rebuild
+                continue
+        except (OSError, AttributeError):
+            continue
+        lib.medjax_onednn_add.restype = _H
+        lib.medjax_onednn_add.argtypes = [_H, ctypes.c_int, _H, _H, ctypes.c_size_t, ctypes.c_int,
+                                          _H, _H, _H]  # fmt: skip
+        lib.medjax_onednn_bind.argtypes = [ctypes.c_int64, _H, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_int]  # fmt: skip
+        lib.medjax_onednn_run.argtypes = [_H, _H]
+        lib.medjax_onednn_init.argtypes = [_H, ctypes.c_uint, _H, _H, _H, _H, _H]
+        lib.medjax_onednn_skip.argtypes = [ctypes.c_int]
+        lib.medjax_onednn_record.argtypes = [_H, ctypes.c_int64]
+        lib.medjax_onednn_record.restype = ctypes.c_int64
+        lib.medjax_onednn_scratch.argtypes = [ctypes.c_size_t, _H, _H]
+        lib.medjax_onednn_scratch.restype = _H
+        lib.medjax_onednn_plan_generation.argtypes = [_H]
+        lib.medjax_onednn_plan_generation.restype = ctypes.c_uint64
+        return lib
+    return None
+
+
+class _NativeCall(ctypes.Structure):  # Call in _onednn_ffi.c: benchmarks/breakdown.py's record
+    _fields_ = [
+        ("plan", _H),
+        ("thread", ctypes.c_uint64),
+        ("called", ctypes.c_double),
+        ("began", ctypes.c_double),
+        ("ended", ctypes.c_double),
+    ]
+
+
+class _NativeLock:
+    """The C library's lock, held as ``with``: one primitive at a time, whether XLA's call
+    runs it from C or Python runs it (timing, the first call)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def __enter__(self) -> None:
+        self.lib.medjax_onednn_lock()  # ctypes releases the GIL while it waits
+
+    def __exit__(self, *exc) -> None:
+        self.lib.medjax_onednn_unlock()
+
+
 class _OneDNN:
     """The loaded library, its CPU engine, one stream per thread and the cached primitives."""
 
@@ -188,6 +264,19 @@ class _OneDNN:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._running = threading.Lock()  # one primitive at a time: each uses every core
+        self.native = _native()
+        self.handed: list[_Plan] = []  # the plans given to the C library
+        # XLA's calls (traced from now on) and every run go through the Python handler and
+        # ctypes even where the C library is built: for comparisons and tests
+        self.from_python = False
+        if self.native is not None:
+            self._running = _NativeLock(self.native)
+            address = ctypes.cast
+            self.native.medjax_onednn_init(
+                self.engine, _STREAM_IN_ORDER,
+                *(address(getattr(lib, f), _H) for f in _NATIVE_CALLS),
+                address(_HANDLER, _H),
+            )  # fmt: skip
         # the reorders' and scratchpads' memory, shared by every plan (they take turns)
         self._scratch: np.ndarray | None = None
         self._scratch_address, self._scratch_size, self._scratch_generation = 0, 0, 0
@@ -195,6 +284,12 @@ class _OneDNN:
         self._ids: dict[tuple, int] = {}
         self._keys: list[tuple] = []
         self._saved = _Choices(_choices_path())
+
+    @property
+    def in_c(self) -> bool:
+        """Whether XLA's calls and every run go through the C library: built, loaded and not
+        ``from_python``."""
+        return self.native is not None and not self.from_python
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -255,17 +350,25 @@ class _OneDNN:
         )
         return self.primitive(pd)
 
-    def scratch(self, size: int) -> tuple[int, int]:
-        """The page-aligned address of at least ``size`` bytes of scratch memory and its
-        generation, which changes when a larger call makes it move. One buffer serves every
-        plan's reorders and scratchpad: the primitives run one at a time (``_running``, held
-        by the caller)."""
+    def scratch(self, size: int) -> tuple[int, int, int]:
+        """The page-aligned address of at least ``size`` bytes of scratch memory, its
+        generation, which changes when a larger call makes it move, and its size. One buffer
+        serves every plan's reorders and scratchpad: the primitives run one at a time
+        (``_running``, held by the caller). The C library's where it is built."""
+        if self.native is not None:  # also when running from Python: one buffer, one count
+            n, generation = ctypes.c_size_t(), ctypes.c_uint64()
+            address = self.native.medjax_onednn_scratch(
+                size, ctypes.byref(n), ctypes.byref(generation)
+            )
+            if not address:
+                raise MemoryError(f"oneDNN's scratch memory: {size} bytes")
+            return address, generation.value, n.value
         if size > self._scratch_size:
             keep: list = []
             self._scratch_address = _aligned(size, keep)
             self._scratch, self._scratch_size = keep[0], size
             self._scratch_generation += 1
-        return self._scratch_address, self._scratch_generation
+        return self._scratch_address, self._scratch_generation, self._scratch_size
 
     def plan(self, key: tuple) -> _Plan:
         """The primitive for ``key`` = (kind, input, kernel and output shapes, strides, pads),
@@ -312,6 +415,17 @@ class _OneDNN:
         plan = self.plan(self.key(plan_id))
         with self._running:
             plan.run(pointers)
+
+    def hand_over(self, plan_id: int) -> None:
+        """XLA's calls for ``plan_id`` run from C from now on, where :func:`_native` is built."""
+        if self.native is None:
+            return
+        key = self.key(plan_id)
+        plan = self.plan(key)
+        if plan._steps is None:
+            plan._bind()
+        (a, b), out = _INPUTS[key[0]], _OUTPUT[key[0]]
+        self._check(self.native.medjax_onednn_bind(plan_id, plan.handle, a, b, out), "hand over")
 
     def prefers(self, key: tuple, other: tuple) -> bool:
         """Whether the primitive for ``other`` (the same convolution's other exact form), with
@@ -565,6 +679,7 @@ class _Plan:
         self.scratch_size = dnn.lib.dnnl_memory_desc_get_size(self.scratch_md) if scratch else 0
         self.primitive = dnn.primitive(pd)
         self._steps: list | None = None  # built at the first run (:meth:`_bind`)
+        self.handle: int | None = None  # in the C library (:func:`_native`), once built
 
     @property
     def reordered(self) -> tuple[bool, bool, bool]:
@@ -642,6 +757,28 @@ class _Plan:
             (primitive, len(a), (_ExecArg * len(a))(*(_ExecArg(k, m) for k, m in a)))
             for primitive, a in (*before, (self.primitive, args), *after)
         ]
+        native = dnn.native
+        if native is not None:  # the same objects, run from C from now on
+            n, steps = len(self._inner), len(self._steps)
+            self.handle = native.medjax_onednn_add(
+                (_H * 3)(*self._users), n,
+                (_H * n)(*(m for m, _ in self._inner)),
+                (ctypes.c_size_t * n)(*(o for _, o in self._inner)),
+                offset, steps,
+                (_H * steps)(*(p for p, _, _ in self._steps)),
+                (ctypes.c_int * steps)(*(k for _, k, _ in self._steps)),
+                (_H * steps)(*(ctypes.cast(a, _H) for _, _, a in self._steps)),
+            )  # fmt: skip
+            if not self.handle:
+                raise RuntimeError(f"oneDNN: could not hand {self.kind} {self.shapes} to C")
+            dnn.handed.append(self)  # C points at its objects: they live as long as the process
+
+    def generation(self) -> int:
+        """The generation of the scratch memory (:meth:`_OneDNN.scratch`) that its reorders'
+        arrays and scratchpad point into."""
+        if self.dnn.in_c and self.handle:
+            return self.dnn.native.medjax_onednn_plan_generation(self.handle)
+        return self._generation
 
     def run(self, pointers: Sequence[int]) -> None:
         """Runs the primitive on XLA's buffers: ``pointers`` to the (input, kernel, output)
@@ -650,8 +787,12 @@ class _Plan:
         dnn, lib = self.dnn, self.dnn.lib
         if self._steps is None:
             self._bind()
+        if dnn.in_c:
+            status = dnn.native.medjax_onednn_run(self.handle, (_H * 3)(*pointers))
+            dnn._check(status, f"convolution {self.kind} {self.shapes}")
+            return
         if self._scratch_need:
-            base, generation = dnn.scratch(self._scratch_need)
+            base, generation, _ = dnn.scratch(self._scratch_need)
             if generation != self._generation:
                 for memory, offset in self._inner:
                     dnn._check(lib.dnnl_memory_set_data_handle(memory, _H(base + offset)), "memory")
@@ -669,7 +810,8 @@ class _Plan:
 # copied on the way in or out.
 # --------------------------------------------------------------------------------------
 
-_TARGET = "medjax_onednn_convolution"
+_TARGET = "medjax_onednn_convolution"  # the C handler (:func:`_native`)
+_TARGET_PYTHON = "medjax_onednn_convolution_python"
 
 
 def _execute(frame: ffi.CallFrame) -> None:
@@ -707,7 +849,11 @@ def _load() -> _OneDNN | None:
     v = lib.dnnl_version().contents
     if (v.major, v.minor) != _VERSION:
         return None
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(_HANDLER), platform="cpu")
+    native = _native()
+    if native is not None:
+        handler = jax.ffi.pycapsule(native.medjax_onednn_handler)
+        jax.ffi.register_ffi_target(_TARGET, handler, platform="cpu")
+    jax.ffi.register_ffi_target(_TARGET_PYTHON, jax.ffi.pycapsule(_HANDLER), platform="cpu")
     return _OneDNN(lib)
 
 
@@ -813,8 +959,11 @@ def _call(kind: str, a: Array, b: Array, geometry: tuple) -> Array:
         assert b.shape == (*w[:-2], w[-1], w[-2]), (b.shape, w)
     result = jax.ShapeDtypeStruct(out_shape, key[6])
     dnn.plan(key)  # built (and its layouts chosen) now, not inside XLA's program
-    call = jax.ffi.ffi_call(_TARGET, result, vmap_method="sequential")
-    return call(a, b, plan=np.int64(dnn.plan_id(key)))
+    plan_id = dnn.plan_id(key)
+    dnn.hand_over(plan_id)
+    target = _TARGET if dnn.in_c else _TARGET_PYTHON
+    call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
+    return call(a, b, plan=np.int64(plan_id))
 
 
 def _flip(kernel: Array) -> Array:

@@ -3,6 +3,12 @@ gradients of gradients, and the route that medjax.models.layers.conv_nd takes to
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
+import shutil
+import sys
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -421,7 +427,7 @@ def test_strided_and_transposed_routes_take_the_thresholds_of_the_cpu_class(monk
 def _onednn_calls(fn, *args) -> int:
     """How many oneDNN calls the compiled ``fn`` makes (XLA has removed those whose results
     nothing uses)."""
-    return jax.jit(fn).lower(*args).compile().as_text().count(f'"{onednn._TARGET}"')
+    return jax.jit(fn).lower(*args).compile().as_text().count(f'"{onednn._TARGET}')
 
 
 @pytest.mark.parametrize(
@@ -508,12 +514,86 @@ def test_implementation_names_the_kernel():
     assert name and "ref" not in name
 
 
+@pytest.fixture(params=["C", "Python"])
+def handler(request, monkeypatch):
+    """XLA's calls go to the C handler (``_onednn_ffi.c``, where it is built) or to Python's."""
+    dnn = onednn._load()
+    if request.param == "C" and dnn.native is None:
+        pytest.skip("the C handler (medjax/models/_onednn_ffi.c) is not built here")
+    if request.param == "Python":
+        monkeypatch.setattr(dnn, "from_python", True)
+    return request.param
+
+
+def _targets(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return sorted(set(re.findall(r'custom_call_target="(medjax_onednn_[a-z_]+)"', text)))
+
+
+@pytest.mark.parametrize("shape,ks,strides,pads", [CASES[0], CASES[2], CASES[4]])
+def test_both_handlers_compute_the_convolution_and_its_gradients(handler, shape, ks, strides, pads):
+    # the same primitives, run from C or from Python, against lax (reorders into oneDNN's
+    # layouts and scratchpads included: the kernel gradient of a 3D convolution uses both)
+    x, k, ref, ours, y = _values_equal_lax(shape, ks, strides, pads)
+    _assert_gradients_equal(ours, ref, x, k, y.shape)
+    want = onednn._TARGET if handler == "C" else onednn._TARGET_PYTHON
+    assert _targets(ours, x, k) == [want]
+
+
+def test_the_c_handler_is_built_where_a_c_compiler_is():
+    # `pip install` builds it (setup.py) and skips it quietly where the build fails: this is
+    # where a failing build shows
+    if not sys.platform.startswith("linux") or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here: the Python handler runs the primitives")
+    if os.environ.get("MEDJAX_ONEDNN_NATIVE", "1") == "0":
+        pytest.skip("MEDJAX_ONEDNN_NATIVE=0")
+    assert onednn._native() is not None, "medjax/models/_onednn_ffi.c was not built or loaded"
+
+
+def test_a_call_the_c_handler_does_not_know_goes_to_python(monkeypatch):
+    # a plan never handed over to C (here: hand-over switched off) runs from the Python handler
+    dnn = onednn._load()
+    if dnn.native is None:
+        pytest.skip("the C handler is not built here")
+    ran = []
+    run = onednn._OneDNN.run
+
+    def spy(self, plan_id, pointers):
+        ran.append(plan_id)
+        run(self, plan_id, pointers)
+
+    monkeypatch.setattr(onednn._OneDNN, "hand_over", lambda self, plan_id: None)
+    monkeypatch.setattr(onednn._OneDNN, "run", spy)
+    x, k = randn((1, 7, 9, 3)), randn((3, 3, 3, 5), 1)  # a geometry of this test only
+    pads = [(1, 1), (1, 1)]
+    got = jax.jit(lambda x, k: onednn.conv(x, k, (1, 1), pads))(x, k)
+    np.testing.assert_allclose(got, _lax((1, 1), pads)(x, k), atol=1e-5, rtol=1e-5)
+    assert ran
+
+
+def test_a_failing_primitive_in_the_c_handler_is_an_error_naming_onednns_status():
+    # a primitive whose memory objects are missing: oneDNN refuses to take the arrays'
+    # addresses, and the call fails with its status instead of returning an unwritten output
+    dnn = onednn._load()
+    if dnn.native is None:
+        pytest.skip("the C handler is not built here")
+    none = (ctypes.c_void_p * 3)()
+    handle = dnn.native.medjax_onednn_add(none, 0, None, None, 0, 0, None, None, None)
+    plan_id = dnn.plan_id(("forward", (1, 3, 1), (1, 1, 1), (1, 3, 1), "a plan with no memory"))
+    assert dnn.native.medjax_onednn_bind(plan_id, handle, 0, 1, 2) == 0
+    call = jax.ffi.ffi_call(onednn._TARGET, jax.ShapeDtypeStruct((1, 3, 1), jnp.float32))
+    x, k = jnp.ones((1, 3, 1)), jnp.ones((1, 1, 1))
+    with pytest.raises(Exception, match=r"oneDNN failed running a convolution \(dnnl_status_t"):
+        jax.block_until_ready(jax.jit(lambda x, k: call(x, k, plan=np.int64(plan_id)))(x, k))
+
+
 def test_an_error_inside_onednn_reaches_the_caller(monkeypatch):
-    # the FFI handler hands an exception back to XLA as an error with its message: the call
-    # fails, it never returns an unwritten output
+    # the Python FFI handler hands an exception back to XLA as an error with its message: the
+    # call fails, it never returns an unwritten output
     def fail(self, plan_id, pointers):
         raise ValueError("the primitive failed")
 
+    monkeypatch.setattr(onednn._load(), "from_python", True)
     monkeypatch.setattr(onednn._OneDNN, "run", fail)
     x, k = randn((1, 5, 5, 5, 2)), randn((3, 3, 3, 2, 2), 1)
     with pytest.raises(Exception, match="ValueError: the primitive failed"):
@@ -621,7 +701,7 @@ def test_timing_runs_the_primitives(monkeypatch):
     assert len(times) == 2 and all(0 < t < 1 for t in times)
 
 
-def test_a_plan_follows_each_calls_arrays_and_the_moved_scratch_memory():
+def test_a_plan_follows_each_calls_arrays_and_the_moved_scratch_memory(handler):
     # a plan's memory objects are built once and pointed at each call's arrays; the scratch
     # memory of the reorders and scratchpads moves when a larger call needs more, and the
     # plans built before point their inner arrays at the new one
@@ -636,15 +716,16 @@ def test_a_plan_follows_each_calls_arrays_and_the_moved_scratch_memory():
     key = onednn._key("data", onednn._geometry(shape, (*ks, 32, 64), strides, pads))
     for seed in range(3):
         if seed == 2:
-            generation = dnn._scratch_generation
             with dnn._running:
-                dnn.scratch(dnn._scratch_size + onednn._ALIGN)
-            assert dnn._scratch_generation == generation + 1
+                _, generation, size = dnn.scratch(0)
+                dnn.scratch(size + onednn._ALIGN)
+                assert dnn.scratch(0)[1] == generation + 1
         x, k = randn(shape, seed), randn((*ks, 32, 64), seed + 10)
         for a, b in zip(ours(x, k), ref(x, k), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
     plan = dnn.plan(key)  # the input gradient: its kernel reordered, with a scratchpad
-    assert plan._scratch_need > 0 and plan._generation == dnn._scratch_generation
+    with dnn._running:
+        assert plan._scratch_need > 0 and plan.generation() == dnn.scratch(0)[1]
 
 
 @pytest.mark.parametrize("blocked_faster", [True, False])
