@@ -124,7 +124,7 @@ class Recorder:
         dnn.native.medjax_onednn_record(record, self.CAPACITY)
         step()
         n = dnn.native.medjax_onednn_record(None, 0)
-        plans = {plan.handle: plan for plan in dnn._plans.values()}
+        plans = {plan.handle: plan for plan in dnn.handed}
         return [(plans[c.plan], c.thread, c.called, c.began, c.ended) for c in record[:n]]
 
 

@@ -16,9 +16,10 @@ The library comes from PyPI (``pip install 'medjax[onednn]'``, part of ``medjax[
 XLA's calls run without Python where ``pip install`` could compile ``_onednn_ffi.c``
 (``setup.py``; a C compiler and nothing else): Python builds each primitive, its memory objects
 and packed arguments once and hands them to that library (:func:`_native`), whose FFI handler
-then only sets the arrays' addresses, executes and waits. The Python handler took 80-190 us a
-call inside a step (10-14 alone), on the step's critical path: Vox2Vox 1.045x, the classifier
-1.055x, DCGAN 1.03x faster in C (``BENCHMARKS.md``). Without the compiled library, or with
+then only sets the arrays' addresses, executes and waits: 2 us a call for a tiny convolution,
+against 11 through the Python handler, whose own work took 80-190 us a call inside a step, on
+its critical path. Steps in C: Vox2Vox 1.045x, the classifier 1.055x, DCGAN 1.03x as fast
+(``BENCHMARKS.md``). Without the compiled library, or with
 ``MEDJAX_ONEDNN_NATIVE=0``, the same primitives run from :func:`_execute` through ctypes.
 
 The convolution is bilinear, and its three oneDNN primitives (forward, backward data,
