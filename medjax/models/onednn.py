@@ -264,14 +264,14 @@ class _OneDNN:
         self._check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, 0), "engine")
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._running = threading.Lock()  # one primitive at a time: each uses every core
         self.native = _native()
         self.handed: list[_Plan] = []  # the plans given to the C library
         # XLA's calls (traced from now on) and every run go through the Python handler and
         # ctypes even where the C library is built: for comparisons and tests
         self.from_python = False
+        # one primitive at a time: each uses every core
+        self._running = threading.Lock() if self.native is None else _NativeLock(self.native)
         if self.native is not None:
-            self._running = _NativeLock(self.native)
             address = ctypes.cast
             self.native.medjax_onednn_init(
                 self.engine, _STREAM_IN_ORDER,
@@ -426,7 +426,8 @@ class _OneDNN:
         if plan._steps is None:
             plan._bind()
         (a, b), out = _INPUTS[key[0]], _OUTPUT[key[0]]
-        self._check(self.native.medjax_onednn_bind(plan_id, plan.handle, a, b, out), "hand over")
+        if self.native.medjax_onednn_bind(plan_id, plan.handle, a, b, out) != 0:
+            raise MemoryError(f"oneDNN: no memory to hand plan {plan_id} over to C")
 
     def prefers(self, key: tuple, other: tuple) -> bool:
         """Whether the primitive for ``other`` (the same convolution's other exact form), with
