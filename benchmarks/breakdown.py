@@ -64,16 +64,17 @@ class Recorder:
     """Times every oneDNN primitive that XLA's calls run while :meth:`installed`: :meth:`step`
     runs one step and returns its calls as ``(plan, thread, called, began, ended)``
     (``time.perf_counter`` seconds; the lock that makes the calls take turns was taken between
-    ``called`` and ``began``), or with ``skip`` runs it with the primitives skipped (the XLA
-    part's timing) and records nothing. The calls run from C where medjax's C handler is built
-    (``onednn._native``; it records them there), else from the Python handler (its methods
-    wrapped here)."""
+    ``called`` and ``began``) with the step's own beginning and end, or with ``skip`` runs it
+    with the primitives skipped (the XLA part's timing) and records nothing. The calls run
+    from C where medjax's C handler is built (``onednn._native``; it records them there), else
+    from the Python handler (its methods wrapped here)."""
 
     CAPACITY = 1 << 16
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, int, float, float, float]] = []
         self.skip = False
+        self._record: Any = None  # the C library's record, allocated once
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Recorder]:
@@ -107,25 +108,35 @@ class Recorder:
         finally:
             onednn._Plan.run, onednn._OneDNN.run = plan_run, handler_run
 
-    def step(self, step: Callable[[], None], skip: bool) -> list[tuple]:
+    def step(self, step: Callable[[], None], skip: bool) -> tuple[list[tuple], float, float]:
+        """Runs ``step`` once: its calls (none with ``skip``) and when it began and ended; the
+        recording's own set-up and read-back lie outside those times."""
         from medjax.models import onednn
 
         dnn = onednn._load()
         self.skip, self.calls = skip, []
         if not dnn.in_c:
-            step()
-            return self.calls
-        dnn.native.medjax_onednn_skip(int(skip))
+            return self.calls, *self._timed(step)
         if skip:
-            step()
-            dnn.native.medjax_onednn_skip(0)
-            return []
-        record = (onednn._NativeCall * self.CAPACITY)()
-        dnn.native.medjax_onednn_record(record, self.CAPACITY)
-        step()
+            dnn.native.medjax_onednn_skip(1)
+            try:
+                return [], *self._timed(step)
+            finally:
+                dnn.native.medjax_onednn_skip(0)
+        if self._record is None:
+            self._record = (onednn._NativeCall * self.CAPACITY)()
+        dnn.native.medjax_onednn_record(self._record, self.CAPACITY)
+        times = self._timed(step)
         n = dnn.native.medjax_onednn_record(None, 0)
         plans = {plan.handle: plan for plan in dnn.handed}
-        return [(plans[c.plan], c.thread, c.called, c.began, c.ended) for c in record[:n]]
+        calls = [(plans[c.plan], c.thread, c.called, c.began, c.ended) for c in self._record[:n]]
+        return calls, *times
+
+    @staticmethod
+    def _timed(step: Callable[[], None]) -> tuple[float, float]:
+        begin = time.perf_counter()
+        step()
+        return begin, time.perf_counter()
 
 
 def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
@@ -141,12 +152,9 @@ def breakdown(step: Callable[[], None], rounds: int, warmup: int = 2) -> dict:
     waits: list[float] = []
     with recorder.installed():
         for _ in range(rounds):
-            t = time.perf_counter()
-            recorder.step(step, skip=True)
-            xla.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            calls = recorder.step(step, skip=False)
-            end = time.perf_counter()
+            _, t, end = recorder.step(step, skip=True)
+            xla.append(end - t)
+            calls, t, end = recorder.step(step, skip=False)
             full.append(end - t)
             for plan, _, called, began, ended in calls:
                 inside[plan].append(ended - began)

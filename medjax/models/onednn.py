@@ -255,7 +255,7 @@ class _NativeLock:
 class _OneDNN:
     """The loaded library, its CPU engine, one stream per thread and the cached primitives."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, native: ctypes.CDLL | None):
         self.lib = lib
         lib.dnnl_primitive_desc_query_md.restype = _H
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
@@ -264,7 +264,7 @@ class _OneDNN:
         self._check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, 0), "engine")
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.native = _native()
+        self.native = native  # :func:`_native`
         self.handed: list[_Plan] = []  # the plans given to the C library
         # XLA's calls (traced from now on) and every run go through the Python handler and
         # ctypes even where the C library is built: for comparisons and tests
@@ -856,7 +856,7 @@ def _load() -> _OneDNN | None:
         handler = jax.ffi.pycapsule(native.medjax_onednn_handler)
         jax.ffi.register_ffi_target(_TARGET, handler, platform="cpu")
     jax.ffi.register_ffi_target(_TARGET_PYTHON, jax.ffi.pycapsule(_HANDLER), platform="cpu")
-    return _OneDNN(lib)
+    return _OneDNN(lib, native)
 
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("medjax_onednn", default=True)
